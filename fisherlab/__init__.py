@@ -1,0 +1,33 @@
+"""fisherlab: the curvature of neural networks in PyTorch.
+
+Exact Fisher blocks as ground truth, the captured layer statistics every approximation is built
+from, and (in later modules) block approximations, metrics, figures and optimizers.
+"""
+
+from fisherlab import data, models
+from fisherlab.capture import Capture, LayerCapture, capture
+from fisherlab.conventions import (
+    FISHER_TYPES,
+    FisherlabError,
+    MemoryBudgetError,
+    UnsupportedLayerError,
+)
+from fisherlab.exact import BlockDict, ExactFisher, exact_blocks, exact_fisher
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FISHER_TYPES",
+    "BlockDict",
+    "Capture",
+    "ExactFisher",
+    "FisherlabError",
+    "LayerCapture",
+    "MemoryBudgetError",
+    "UnsupportedLayerError",
+    "capture",
+    "data",
+    "exact_blocks",
+    "exact_fisher",
+    "models",
+]

@@ -1,0 +1,411 @@
+r"""Exact Fisher matrices: dense per-layer blocks and the full matrix, the ground truth.
+
+Both come from normalised square-root rows ``J̃ = J/√ν`` (one row per sample and output row,
+one column per parameter), so that ``F = J̃ᵀ J̃``. Two backends produce the rows:
+
+* ``"backpack"``: BackPACK's ``BatchGrad`` (empirical), ``SqrtGGNExact`` (true) or
+  ``SqrtGGNMC`` (mc), run on a deep copy of the model (the caller's model is never extended).
+  Used for ``nn.Sequential`` models of known modules, or graphs BackPACK's converter turns
+  into a chain of known modules.
+* ``"torch.func"``: ``vmap`` over samples of ``vjp`` of the network output with the output
+  rows of :mod:`fisherlab.losses`, for any graph.
+
+``backend="auto"`` takes BackPACK where it can and says so in ``result.backend``. The ``"mc"``
+rows are drawn the same way on both paths, so the same seed gives the same matrix.
+
+Example:
+    >>> import torch, fisherlab as fl
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])
+    >>> blocks = fl.exact_blocks(model, torch.nn.CrossEntropyLoss(), x, y, fisher_type="true")
+    >>> blocks["0"].shape, blocks.backend
+    (torch.Size([15, 15]), 'backpack')
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
+from fisherlab.problem import Problem
+
+BACKENDS = ("auto", "backpack", "torch.func")
+
+
+class BlockDict(dict):
+    """``{module_name: Tensor[P, P]}`` that also records how the blocks were computed.
+
+    Attributes:
+        fisher_type: The Fisher type.
+        mc_samples: Labels drawn per input (``"mc"`` only).
+        backend: ``"backpack"`` or ``"torch.func"``.
+        backend_reason: Why ``"auto"`` did not take BackPACK (empty otherwise).
+        normaliser: ``ν`` of the loss.
+    """
+
+    def __init__(
+        self,
+        blocks: dict[str, Tensor],
+        *,
+        fisher_type: str,
+        mc_samples: int,
+        backend: str,
+        backend_reason: str,
+        normaliser: float,
+    ):
+        super().__init__(blocks)
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self.backend = backend
+        self.backend_reason = backend_reason
+        self.normaliser = normaliser
+
+
+@dataclass(frozen=True)
+class ExactFisher:
+    """The full dense Fisher of a network's supported layers, in ``model.parameters()`` order.
+
+    Attributes:
+        matrix: ``Tensor[P, P]``.
+        slices: Where each layer's block sits, ``{module_name: slice}`` (weight then bias).
+        fisher_type: The Fisher type.
+        mc_samples: Labels drawn per input (``"mc"`` only).
+        backend: ``"backpack"`` or ``"torch.func"``.
+        backend_reason: Why ``"auto"`` did not take BackPACK (empty otherwise).
+        normaliser: ``ν`` of the loss.
+    """
+
+    matrix: Tensor = field(repr=False)
+    slices: dict[str, slice]
+    fisher_type: str
+    mc_samples: int
+    backend: str
+    backend_reason: str
+    normaliser: float
+
+    def block(self, name: str) -> Tensor:
+        """The diagonal block of one layer."""
+        s = self.slices[name]
+        return self.matrix[s, s]
+
+
+def symmetric_gram(rows: Tensor, tile: int = 1024) -> Tensor:
+    """``rowsᵀ rows`` computed on the upper triangle of tiles only, then mirrored.
+
+    Args:
+        rows: ``[M, P]``.
+        tile: Column tile width; the product costs about ``(k+1)/(2k)`` of the full one for
+            ``k = ⌈P/tile⌉`` tiles.
+
+    Returns:
+        The symmetric ``[P, P]`` matrix.
+    """
+    p = rows.shape[1]
+    if p <= tile:
+        return rows.T @ rows
+    out = rows.new_empty(p, p)
+    starts = range(0, p, tile)
+    for i in starts:
+        left = rows[:, i : i + tile].T
+        right = rows[:, i:]
+        out[i : i + tile, i:] = left @ right
+        out[i + tile :, i : i + tile] = out[i : i + tile, i + tile :].T
+    return out
+
+
+# ---------------------------------------------------------------------------- rows: backpack
+#: Leaf modules the BackPACK path accepts (tested against the torch.func path).
+_BACKPACK_LEAVES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Flatten,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.Identity,
+)
+
+
+def _backpack_leaves() -> tuple[type[nn.Module], ...]:
+    from backpack.custom_module.branching import SumModule
+    from backpack.custom_module.permute import Permute
+    from backpack.custom_module.scale_module import ScaleModule
+
+    return (*_BACKPACK_LEAVES, SumModule, ScaleModule, Permute)
+
+
+def _leaf_problem(name: str, module: nn.Module) -> str:
+    """Why BackPACK cannot take this leaf module (empty if it can)."""
+    if type(module) not in _backpack_leaves():
+        return f"module {name!r} ({type(module).__name__}) is not supported"
+    if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
+        # BackPACK 1.7 returns wrong second-order blocks for string padding (tested)
+        return f"module {name!r} uses padding={module.padding!r}"
+    return ""
+
+
+def _chain_problem(net: nn.Module) -> str:
+    """Why BackPACK cannot take ``net`` as a chain of known modules (empty if it can)."""
+    if isinstance(net, torch.fx.GraphModule):
+        for node in net.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            if node.op != "call_module":
+                return f"graph node {node.name!r} ({node.op} {node.target}) is not a module"
+            reason = _leaf_problem(node.target, net.get_submodule(node.target))
+            if reason:
+                return reason
+        return ""
+    for name, module in net.named_modules():
+        reason = "" if isinstance(module, nn.Sequential) else _leaf_problem(name, module)
+        if reason:
+            return reason
+    return ""
+
+
+def _backpack_net(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """A BackPACK-extended deep copy of ``model``, or ``None`` and the reason."""
+    from backpack import extend
+
+    net = copy.deepcopy(model)
+    if not isinstance(net, nn.Sequential):
+        try:
+            with warnings.catch_warnings():  # we vet the converted graph ourselves below
+                warnings.simplefilter("ignore")
+                net = extend(net, use_converter=True)
+        except Exception as err:  # the converter's tracer refuses many graphs
+            return None, f"BackPACK's converter rejected the model ({type(err).__name__}: {err})"
+    reason = _chain_problem(net)
+    if reason:
+        return None, "BackPACK cannot take the model: " + reason
+    return net, ""
+
+
+def _rows_backpack(problem: Problem, net: nn.Module) -> tuple[dict[str, Tensor], float]:
+    """Normalised rows ``[M, numel]`` per parameter name and ``ν``, from BackPACK on a copy."""
+    from backpack import backpack, extend
+    from backpack.context import CTX
+    from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
+
+    names = {id(p): n for n, p in net.named_parameters()}
+    wanted = {
+        _key(layer_name, p_name)
+        for layer_name, layer in problem.layers.items()
+        for p_name, _ in layer.module.named_parameters(recurse=False)
+    }
+    extension, savefield = {
+        "empirical": (BatchGrad(), "grad_batch"),
+        "true": (SqrtGGNExact(), "sqrt_ggn_exact"),
+        "mc": (SqrtGGNMC(mc_samples=problem.mc_samples), "sqrt_ggn_mc"),
+    }[problem.fisher_type]
+    n_handles = len(CTX.hook_handles)
+    try:
+        net = extend(net)
+        loss_fn = extend(copy.deepcopy(problem.loss_fn))
+        for p in net.parameters():
+            p.requires_grad_(True)
+        with backpack(extension), torch.enable_grad(), warnings.catch_warnings():
+            # BackPACK's full backward hooks warn when no input requires grad; that is intended
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            outputs = net(problem.inputs)
+            problem.loss.check_outputs(outputs, problem.targets)
+            loss_fn(outputs, problem.targets).backward()
+        scale = math.sqrt(problem.loss.normaliser(outputs))
+        rows = {}
+        for p in net.parameters():
+            name = names[id(p)]
+            if name not in wanted:
+                continue
+            value = getattr(p, savefield)
+            if problem.fisher_type == "empirical":  # BatchGrad carries the reduction's 1/ν
+                rows[name] = value.flatten(start_dim=1) * scale
+            else:  # square roots already carry 1/√ν
+                rows[name] = value.flatten(start_dim=2).flatten(end_dim=1)
+        return rows, scale**2
+    finally:
+        for handle in CTX.hook_handles[n_handles:]:
+            handle.remove()
+        del CTX.hook_handles[n_handles:]
+
+
+# -------------------------------------------------------------------------- rows: torch.func
+def _rows_torch_func(problem: Problem) -> tuple[dict[str, Tensor], float]:
+    """Normalised rows ``[M, numel]`` per parameter name and ``ν``, by ``vmap`` of ``vjp``."""
+    from torch.func import functional_call, vjp, vmap
+
+    model = problem.model
+    wanted = {
+        _key(layer_name, p_name): p.detach()
+        for layer_name, layer in problem.layers.items()
+        for p_name, p in layer.module.named_parameters(recurse=False)
+    }
+    with torch.no_grad():
+        outputs = model(problem.inputs)
+    problem.loss.check_outputs(outputs, problem.targets)
+    out_rows = problem.loss.output_rows(
+        outputs, problem.targets, problem.fisher_type, problem.mc_samples
+    )  # [R, N, ...]
+
+    def per_sample(x: Tensor, s: Tensor) -> dict[str, Tensor]:
+        def f(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, params, (x.unsqueeze(0),), strict=False).squeeze(0)
+
+        _, pullback = vjp(f, wanted)
+        return vmap(pullback)(s)[0]
+
+    rows = vmap(per_sample, in_dims=(0, 1))(problem.inputs, out_rows)  # name -> [N, R, ...]
+    normaliser = problem.loss.normaliser(outputs)
+    scale = 1.0 / math.sqrt(normaliser)
+    rows = {name: r.flatten(start_dim=2).flatten(end_dim=1) * scale for name, r in rows.items()}
+    return rows, normaliser
+
+
+# ------------------------------------------------------------------------------ public API
+def _key(layer_name: str, param_name: str) -> str:
+    return f"{layer_name}.{param_name}" if layer_name else param_name
+
+
+def _rows(problem: Problem, backend: str) -> tuple[dict[str, Tensor], float, str, str]:
+    """Normalised rows per parameter name, ``ν``, the backend used and why not BackPACK."""
+    if backend not in BACKENDS:
+        raise FisherlabError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
+    if backend in ("auto", "backpack"):
+        net, reason = _backpack_net(problem.model)
+        if net is not None:
+            rows, normaliser = _rows_backpack(problem, net)
+            return rows, normaliser, "backpack", ""
+        if backend == "backpack":
+            raise FisherlabError(reason + "; use backend='torch.func' or 'auto'")
+    else:
+        reason = "backend='torch.func' requested"
+    rows, normaliser = _rows_torch_func(problem)
+    return rows, normaliser, "torch.func", reason
+
+
+def _layer_rows(problem: Problem, rows: dict[str, Tensor], name: str) -> Tensor:
+    """One layer's rows ``[M, P]`` in parameter order (weight, then bias)."""
+    layer = problem.layers[name]
+    keys = [_key(name, "weight")] + ([_key(name, "bias")] if layer.has_bias else [])
+    return torch.cat([rows[k] for k in keys], dim=1)
+
+
+def _itemsize(inputs: Tensor) -> int:
+    return inputs.element_size() if inputs.is_floating_point() else 4
+
+
+def exact_blocks(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    fisher_type: str = "true",
+    mc_samples: int = 1,
+    backend: str = "auto",
+    skip_unsupported: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> BlockDict:
+    """Dense exact per-layer Fisher blocks ``(1/ν) Σ j jᵀ`` in parameter order.
+
+    Args:
+        model: The network (left unchanged).
+        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (``reduction`` ``"mean"``/``"sum"``).
+        inputs: Batch inputs ``[N, ...]``.
+        targets: Batch targets.
+        fisher_type: ``"true"``, ``"mc"`` or ``"empirical"``.
+        mc_samples: Labels drawn per input for ``"mc"``.
+        backend: ``"auto"`` (BackPACK where it can), ``"backpack"`` or ``"torch.func"``.
+        skip_unsupported: Leave out unsupported parametrised modules with a warning.
+        max_bytes: Memory budget for the dense blocks (default 2 GiB).
+
+    Returns:
+        A :class:`BlockDict` ``{module_name: Tensor[P, P]}`` recording the Fisher type and
+        the backend used.
+
+    Raises:
+        MemoryBudgetError: when the blocks would exceed ``max_bytes`` (the message gives the
+            size).
+    """
+    problem = Problem.build(
+        model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported
+    )
+    sizes = {name: layer.num_params for name, layer in problem.layers.items()}
+    check_memory(
+        "the dense blocks " + ", ".join(f"{n!r} ({p}×{p})" for n, p in sizes.items()),
+        sum(p * p for p in sizes.values()) * _itemsize(inputs),
+        max_bytes,
+        "raise max_bytes= if the machine has the memory",
+    )
+    rows, normaliser, used, reason = _rows(problem, backend)
+    blocks = {name: symmetric_gram(_layer_rows(problem, rows, name)) for name in problem.layers}
+    return BlockDict(
+        blocks,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        backend=used,
+        backend_reason=reason,
+        normaliser=normaliser,
+    )
+
+
+def exact_fisher(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    fisher_type: str = "true",
+    mc_samples: int = 1,
+    backend: str = "auto",
+    skip_unsupported: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> ExactFisher:
+    """The full dense Fisher of all supported layers, in ``model.parameters()`` order.
+
+    Arguments as for :func:`exact_blocks`. Parameters of skipped layers are left out.
+
+    Raises:
+        MemoryBudgetError: when the ``P×P`` matrix would exceed ``max_bytes`` (the message
+            states ``P`` and the size).
+    """
+    problem = Problem.build(
+        model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported
+    )
+    owner = {}
+    for name, layer in problem.layers.items():
+        for p_name, p in layer.module.named_parameters(recurse=False):
+            owner[id(p)] = (name, _key(name, p_name))
+    order = [owner[id(p)] for p in model.parameters() if id(p) in owner]
+    total = sum(p.numel() for p in model.parameters() if id(p) in owner)
+    check_memory(
+        f"the full Fisher ({total}×{total})",
+        total * total * _itemsize(inputs),
+        max_bytes,
+        "raise max_bytes= if the machine has the memory, or use fl.exact_blocks(...) for the "
+        "per-layer blocks",
+    )
+    rows, normaliser, used, reason = _rows(problem, backend)
+    parts, starts, offset = [], {}, 0
+    for name, key in order:
+        starts.setdefault(name, offset)
+        parts.append(rows[key])
+        offset += rows[key].shape[1]
+    slices = {name: slice(start, start + problem.layers[name].num_params)
+              for name, start in starts.items()}
+    return ExactFisher(
+        matrix=symmetric_gram(torch.cat(parts, dim=1)),
+        slices=slices,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        backend=used,
+        backend_reason=reason,
+        normaliser=normaliser,
+    )
