@@ -4,7 +4,8 @@ For every supported layer, :func:`capture` returns the homogeneous inputs ``Ã``
 gradient rows ``G`` of a batch, such that the rows of the Fisher's square root are
 
 .. math::
-    j_{n,r} = \operatorname{vec}(G_{r,n}^\top Ã_n), \qquad F = \frac{1}{ν}\sum_{n,r} j_{n,r} j_{n,r}^\top,
+    j_{n,r} = \operatorname{vec}(G_{r,n}^\top Ã_n), \qquad
+    F = \frac{1}{ν}\sum_{n,r} j_{n,r} j_{n,r}^\top,
 
 with ``ν`` the loss's normaliser (:meth:`fisherlab.losses.LossSpec.normaliser`). Shapes:
 ``A: [N, T, d_in (+1)]`` and ``G: [R, N, T, d_out]``, with ``R`` rows per sample for the Fisher
@@ -42,8 +43,10 @@ class LayerRecorder:
     output gradients can be taken without changing any parameter's ``requires_grad``.
     """
 
-    def __init__(self, layers: Mapping[str, Layer]):
+    def __init__(self, layers: Mapping[str, Layer], record_inputs: bool = True):
         self.layers = layers
+        self.record_inputs = record_inputs
+        self.calls: dict[str, int] = {}
         self.inputs: dict[str, Tensor] = {}
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -68,11 +71,14 @@ class LayerRecorder:
 
     def _hook(self, name: str, layer: Layer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if name in self.inputs:
+            if name in self.calls:
                 raise FisherlabError(
                     f"module {name!r} ({layer.kind}) was called more than once in one forward "
                     "pass (shared weights); its Fisher block is not defined per call"
                 )
+            self.calls[name] = 1
+            if not self.record_inputs:
+                return None
             self.inputs[name] = layer.adapter.homogeneous_inputs(module, args[0].detach())
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
@@ -183,6 +189,17 @@ def capture(
     return capture_problem(problem)
 
 
+def checked_forward(problem: Problem) -> Tensor:
+    """The network outputs of the batch (no graph), checking that every layer runs once."""
+    with LayerRecorder(problem.layers, record_inputs=False) as recorder, torch.no_grad():
+        outputs = problem.model(problem.inputs)
+    missing = [name for name in problem.layers if name not in recorder.calls]
+    if missing:
+        raise FisherlabError(f"layers {missing} were not called in the forward pass")
+    problem.loss.check_outputs(outputs, problem.targets)
+    return outputs
+
+
 def capture_problem(problem: Problem) -> Capture:
     """:func:`capture` for an already validated :class:`~fisherlab.problem.Problem`."""
     with LayerRecorder(problem.layers) as recorder, torch.enable_grad():
@@ -200,7 +217,10 @@ def capture_problem(problem: Problem) -> Capture:
     for r in range(rows.shape[0]):
         per_row.append(
             torch.autograd.grad(
-                outputs, zs, grad_outputs=rows[r], retain_graph=r < rows.shape[0] - 1,
+                outputs,
+                zs,
+                grad_outputs=rows[r],
+                retain_graph=r < rows.shape[0] - 1,
                 allow_unused=True,
             )
         )

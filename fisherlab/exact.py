@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fisherlab.capture import checked_forward
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
 from fisherlab.problem import Problem
 
@@ -220,7 +221,8 @@ def _rows_backpack(problem: Problem, net: nn.Module) -> tuple[dict[str, Tensor],
             outputs = net(problem.inputs)
             problem.loss.check_outputs(outputs, problem.targets)
             loss_fn(outputs, problem.targets).backward()
-        scale = math.sqrt(problem.loss.normaliser(outputs))
+        normaliser = problem.loss.normaliser(outputs)
+        scale = math.sqrt(normaliser)
         rows = {}
         for p in net.parameters():
             name = names[id(p)]
@@ -231,7 +233,7 @@ def _rows_backpack(problem: Problem, net: nn.Module) -> tuple[dict[str, Tensor],
                 rows[name] = value.flatten(start_dim=1) * scale
             else:  # square roots already carry 1/√ν
                 rows[name] = value.flatten(start_dim=2).flatten(end_dim=1)
-        return rows, scale**2
+        return rows, normaliser
     finally:
         for handle in CTX.hook_handles[n_handles:]:
             handle.remove()
@@ -239,7 +241,7 @@ def _rows_backpack(problem: Problem, net: nn.Module) -> tuple[dict[str, Tensor],
 
 
 # -------------------------------------------------------------------------- rows: torch.func
-def _rows_torch_func(problem: Problem) -> tuple[dict[str, Tensor], float]:
+def _rows_torch_func(problem: Problem, outputs: Tensor) -> tuple[dict[str, Tensor], float]:
     """Normalised rows ``[M, numel]`` per parameter name and ``ν``, by ``vmap`` of ``vjp``."""
     from torch.func import functional_call, vjp, vmap
 
@@ -249,9 +251,6 @@ def _rows_torch_func(problem: Problem) -> tuple[dict[str, Tensor], float]:
         for layer_name, layer in problem.layers.items()
         for p_name, p in layer.module.named_parameters(recurse=False)
     }
-    with torch.no_grad():
-        outputs = model(problem.inputs)
-    problem.loss.check_outputs(outputs, problem.targets)
     out_rows = problem.loss.output_rows(
         outputs, problem.targets, problem.fisher_type, problem.mc_samples
     )  # [R, N, ...]
@@ -279,6 +278,7 @@ def _rows(problem: Problem, backend: str) -> tuple[dict[str, Tensor], float, str
     """Normalised rows per parameter name, ``ν``, the backend used and why not BackPACK."""
     if backend not in BACKENDS:
         raise FisherlabError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
+    outputs = checked_forward(problem)
     if backend in ("auto", "backpack"):
         net, reason = _backpack_net(problem.model)
         if net is not None:
@@ -288,7 +288,7 @@ def _rows(problem: Problem, backend: str) -> tuple[dict[str, Tensor], float, str
             raise FisherlabError(reason + "; use backend='torch.func' or 'auto'")
     else:
         reason = "backend='torch.func' requested"
-    rows, normaliser = _rows_torch_func(problem)
+    rows, normaliser = _rows_torch_func(problem, outputs)
     return rows, normaliser, "torch.func", reason
 
 
@@ -398,8 +398,10 @@ def exact_fisher(
         starts.setdefault(name, offset)
         parts.append(rows[key])
         offset += rows[key].shape[1]
-    slices = {name: slice(start, start + problem.layers[name].num_params)
-              for name, start in starts.items()}
+    slices = {
+        name: slice(start, start + problem.layers[name].num_params)
+        for name, start in starts.items()
+    }
     return ExactFisher(
         matrix=symmetric_gram(torch.cat(parts, dim=1)),
         slices=slices,

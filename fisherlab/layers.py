@@ -157,10 +157,10 @@ class Layer:
         return index
 
     def gradients_from_rows(self, A: Tensor, G: Tensor) -> Tensor:
-        """Per-row gradients in parameter order, ``[..., P]``, from ``A [N,T,D]``, ``G [...,N,T,d_out]``.
+        """Per-row gradients in parameter order, ``[..., P]``, from ``A`` and ``G``.
 
-        ``G_nᵀ Ã_n`` is split into the weight gradient (flattened row-major in the weight's own
-        shape) and the bias gradient.
+        Shapes: ``A [N, T, D]`` and ``G [..., N, T, d_out]``. ``G_nᵀ Ã_n`` is split into the
+        weight gradient (flattened row-major in the weight's own shape) and the bias gradient.
         """
         m = torch.einsum("...ntd,nte->...nde", G, A)
         grads = m[..., : self.d_in].flatten(start_dim=-2)
@@ -198,9 +198,11 @@ def find_layers(model: nn.Module, skip_unsupported: bool = False) -> dict[str, L
             continue
         adapter = adapter_for(module)
         if adapter is None:
-            reason = "this layer type is not supported (supported: " + ", ".join(
-                t.__name__ for t in ADAPTERS
-            ) + ")"
+            reason = (
+                "this layer type is not supported (supported: "
+                + ", ".join(t.__name__ for t in ADAPTERS)
+                + ")"
+            )
         else:
             reason = adapter.unsupported_reason(module)
             extra = {n for n, _ in own} - {"weight", "bias"}

@@ -82,7 +82,9 @@ class LossSpec:
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
             raise FisherlabError("inputs and targets must be torch tensors")
         if inputs.ndim == 0 or inputs.shape[0] == 0:
-            raise FisherlabError(f"inputs must hold a non-empty batch, got shape {tuple(inputs.shape)}")
+            raise FisherlabError(
+                f"inputs must hold a non-empty batch, got shape {tuple(inputs.shape)}"
+            )
         check_finite("inputs", inputs)
         check_finite("targets", targets)
         if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:

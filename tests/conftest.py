@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from cases import BATCH_SIZES, CASE_IDS, CASES
 
 

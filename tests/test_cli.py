@@ -1,0 +1,48 @@
+"""The command line, end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fisherlab import cli
+
+
+def test_exact_prints_and_saves_a_per_layer_table(tmp_path, capsys):
+    code = cli.main(
+        ["exact", "--model", "cnn", "--batch-size", "16", "--out", str(tmp_path), "--quiet"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "exact true Fisher of cnn on digits: batch 16, float64, backend backpack" in out
+    saved = json.loads((tmp_path / "exact-cnn-digits-true.json").read_text())
+    assert [r["layer"] for r in saved["rows"]] == ["0", "2", "5"]
+    assert saved["meta"]["backend"] == "backpack"
+    row = saved["rows"][0]
+    assert row["P"] == 8 * 9 + 8 and 0 < row["lambda_max"] <= row["trace"]
+    assert (tmp_path / "exact-cnn-digits-true.csv").read_text().startswith("layer,type,weight")
+
+
+def test_bad_input_is_reported_not_raised(tmp_path, capsys):
+    code = cli.main(["exact", "--fisher-type", "mc", "--mc-samples", "0", "--out", str(tmp_path)])
+    assert code == 2
+    assert "mc_samples must be a positive integer" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "fisherlab", "exact", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--fisher-type" in result.stdout
+
+
+def test_largest_eigenvalue_by_lobpcg_matches_dense():
+    import torch
+
+    torch.manual_seed(0)
+    rows = torch.randn(40, 3000, dtype=torch.float64)
+    block = rows.T @ rows
+    assert cli._largest_eigenvalue(block) == pytest.approx(
+        float(torch.linalg.eigvalsh(block)[-1]), rel=1e-8
+    )
