@@ -12,6 +12,7 @@ from fisherlab.conventions import (
     MemoryBudgetError,
     UnsupportedLayerError,
 )
+from fisherlab.curvature import METHODS, CurvatureDict, curvature
 from fisherlab.exact import BlockDict, ExactFisher, exact_blocks, exact_fisher
 
 __version__ = "0.1.0"
@@ -20,12 +21,15 @@ __all__ = [
     "FISHER_TYPES",
     "BlockDict",
     "Capture",
+    "CurvatureDict",
     "ExactFisher",
     "FisherlabError",
+    "METHODS",
     "LayerCapture",
     "MemoryBudgetError",
     "UnsupportedLayerError",
     "capture",
+    "curvature",
     "data",
     "exact_blocks",
     "exact_fisher",
