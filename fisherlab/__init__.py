@@ -19,12 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FISHER_TYPES",
+    "METHODS",
     "BlockDict",
     "Capture",
     "CurvatureDict",
     "ExactFisher",
     "FisherlabError",
-    "METHODS",
     "LayerCapture",
     "MemoryBudgetError",
     "UnsupportedLayerError",

@@ -219,9 +219,10 @@ def curvature(
 
     Example:
         >>> import torch, fisherlab as fl
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
         >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-        >>> curv = fl.curvature("ekfac", model, torch.nn.CrossEntropyLoss(), x, y)
+        >>> curv = fl.curvature("ekfac", model, nn.CrossEntropyLoss(), x, y)
         >>> curv["0"].solve(torch.ones(15), damping=1e-3).shape
         torch.Size([15])
     """

@@ -31,7 +31,7 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def reduce_positions(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ā, ḡ)`` as ``[N, 1, D]`` and ``[R, N, 1, d_out]``: position mean of ``A``, sum of ``G``."""
+    """``(ā, ḡ)``, ``[N, 1, D]`` and ``[R, N, 1, d_out]``: position mean of ``A``, sum of ``G``."""
     return A.mean(dim=1, keepdim=True), G.sum(dim=2, keepdim=True)
 
 

@@ -122,7 +122,7 @@ class WoodburyBlock(CurvatureBlock):
         return torch.cat([values.new_zeros(self.size - len(values)), values])
 
     def _nbytes(self) -> int:
-        held = [self.A, self.G] + [self.__dict__.get("gram")]
+        held = [self.A, self.G, self.__dict__.get("gram")]
         held += list(self.__dict__.get("gram_eig", ()))
         return tensor_bytes(*held)
 
