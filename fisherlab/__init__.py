@@ -4,16 +4,18 @@ Exact Fisher blocks as ground truth, the captured layer statistics every approxi
 from, and (in later modules) block approximations, metrics, figures and optimizers.
 """
 
-from fisherlab import data, models
+from fisherlab import data, metrics, models, zoo
+from fisherlab.blocks import METHODS, CurvatureDict, curvature
 from fisherlab.capture import Capture, LayerCapture, capture
+from fisherlab.comparison import compare
 from fisherlab.conventions import (
     FISHER_TYPES,
     FisherlabError,
     MemoryBudgetError,
     UnsupportedLayerError,
 )
-from fisherlab.curvature import METHODS, CurvatureDict, curvature
 from fisherlab.exact import BlockDict, ExactFisher, exact_blocks, exact_fisher
+from fisherlab.verification import verify
 
 __version__ = "0.1.0"
 
@@ -29,9 +31,13 @@ __all__ = [
     "MemoryBudgetError",
     "UnsupportedLayerError",
     "capture",
+    "compare",
     "curvature",
     "data",
     "exact_blocks",
     "exact_fisher",
+    "metrics",
     "models",
+    "verify",
+    "zoo",
 ]

@@ -15,9 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fisherlab import data, models
+from fisherlab.comparison import DEFAULT_METHODS, compare
 from fisherlab.conventions import FISHER_TYPES, FisherlabError
 from fisherlab.exact import BACKENDS, exact_blocks
 from fisherlab.report import format_table, save_table
+from fisherlab.verification import verify
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -47,17 +49,22 @@ def block_summary(name: str, module: torch.nn.Module, block: torch.Tensor) -> di
     }
 
 
-def cmd_exact(args: argparse.Namespace) -> int:
-    """Exact per-layer Fisher blocks of a reference model on a batch of data."""
+def _reference_problem(args: argparse.Namespace):
     dtype = DTYPES[args.dtype]
     split = data.load(args.data, seed=args.seed, dtype=dtype)
     torch.manual_seed(args.seed)
     model = models.build(args.model).to(dtype).eval()
     x, y = split.x_train[: args.batch_size], split.y_train[: args.batch_size]
+    return model, torch.nn.CrossEntropyLoss(), x, y
+
+
+def cmd_exact(args: argparse.Namespace) -> int:
+    """Exact per-layer Fisher blocks of a reference model on a batch of data."""
+    model, loss_fn, x, y = _reference_problem(args)
     start = time.perf_counter()
     blocks = exact_blocks(
         model,
-        torch.nn.CrossEntropyLoss(),
+        loss_fn,
         x,
         y,
         fisher_type=args.fisher_type,
@@ -89,6 +96,71 @@ def cmd_exact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Every approximation against the exact Fisher, per layer, on a reference model."""
+    model, loss_fn, x, y = _reference_problem(args)
+    rows = compare(
+        model,
+        loss_fn,
+        x,
+        y,
+        methods=args.methods,
+        fisher_type=args.fisher_type,
+        damping=args.damping,
+        mc_samples=args.mc_samples,
+        progress=not args.quiet,
+    )
+    print(
+        f"approximations of the {args.fisher_type} Fisher of {args.model} on {args.data}: "
+        f"batch {x.shape[0]}, {args.dtype}, damping {args.damping:g} (exact reference: woodbury)"
+    )
+    print(format_table(rows))
+    meta = {"command": "compare", **{k: v for k, v in vars(args).items() if k != "func"}}
+    paths = save_table(
+        rows, f"{args.out}/compare-{args.model}-{args.data}-{args.fisher_type}", meta
+    )
+    print("saved " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check EKFAC ≤ KFAC, Woodbury's solve, SKFAC = KFAC⁻¹ and one-sample KFAC exactness."""
+    if args.model:
+        report = verify(
+            *_reference_problem(args), fisher_types=args.fisher_types, progress=not args.quiet
+        )
+        where = f"{args.model} on {args.data}, batch {args.batch_size}"
+    else:
+        report = verify(
+            batch_sizes=args.batch_sizes,
+            fisher_types=args.fisher_types,
+            seeds=args.seeds,
+            progress=not args.quiet,
+        )
+        where = f"the zoo, batch sizes {args.batch_sizes}, seeds {args.seeds}"
+    print(f"verify on {where}, Fisher types {args.fisher_types}")
+    print(format_table(report.summary()))
+    paths = save_table(report.rows(), f"{args.out}/verify", {"command": "verify", "where": where})
+    print("saved " + ", ".join(str(p) for p in paths))
+    for check in report.violations:
+        print(
+            f"VIOLATION {check.check} on {check.problem} layer {check.layer!r}: "
+            f"{check.value:.3e} > {check.tolerance:.0e}",
+            file=sys.stderr,
+        )
+    return 0 if report.ok else 1
+
+
+def _add_problem_arguments(p: argparse.ArgumentParser, model_default: str | None = "mlp") -> None:
+    p.add_argument("--model", choices=sorted(models.MODELS), default=model_default)
+    p.add_argument("--data", choices=sorted(data.DATASETS), default="digits")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results", help="folder for the CSV/JSON tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fisherlab`` command."""
     parser = argparse.ArgumentParser(
@@ -96,17 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     exact = sub.add_parser("exact", help="exact per-layer Fisher blocks, summarised per layer")
-    exact.add_argument("--model", choices=sorted(models.MODELS), default="mlp")
-    exact.add_argument("--data", choices=sorted(data.DATASETS), default="digits")
+    _add_problem_arguments(exact)
     exact.add_argument("--fisher-type", choices=FISHER_TYPES, default="true")
     exact.add_argument("--mc-samples", type=int, default=1)
-    exact.add_argument("--batch-size", type=int, default=128)
     exact.add_argument("--backend", choices=BACKENDS, default="auto")
-    exact.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
-    exact.add_argument("--seed", type=int, default=0)
-    exact.add_argument("--out", default="results", help="folder for the CSV/JSON table")
-    exact.add_argument("--quiet", action="store_true", help="no progress bar")
     exact.set_defaults(func=cmd_exact)
+
+    comp = sub.add_parser("compare", help="approximations vs the exact Fisher, per layer")
+    _add_problem_arguments(comp)
+    comp.add_argument("--fisher-type", choices=FISHER_TYPES, default="true")
+    comp.add_argument("--mc-samples", type=int, default=1)
+    comp.add_argument("--damping", type=float, default=1e-3)
+    comp.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="method specs, e.g. kfac skfac:conv_reduction=subsample,spatial_samples=8",
+    )
+    comp.set_defaults(func=cmd_compare)
+
+    ver = sub.add_parser("verify", help="numerical checks of the approximations' theory")
+    _add_problem_arguments(ver, model_default=None)
+    ver.add_argument("--fisher-types", nargs="+", choices=FISHER_TYPES, default=list(FISHER_TYPES))
+    ver.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 3, 17, 128])
+    ver.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ver.set_defaults(func=cmd_verify)
     return parser
 
 

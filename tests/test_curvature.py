@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fisherlab as fl
-from fisherlab.curvature import build
-from fisherlab.curvature.kfac import factored_pi
+from fisherlab.blocks import build
+from fisherlab.blocks.kfac import factored_pi
 
 DAMPING = 1e-2
 

@@ -22,8 +22,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.curvature.base import CurvatureBlock, tensor_bytes
-from fisherlab.curvature.factors import gradient_rows, sample_chunks, symmetric_eigh
+from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import gradient_rows, sample_chunks, symmetric_eigh
 from fisherlab.exact import symmetric_gram
 
 GRAM_ROUTES = ("auto", "covariance", "gradients")

@@ -27,10 +27,10 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import symmetric_eigh
+from fisherlab.blocks.kfac import factored_pi
 from fisherlab.conventions import FisherlabError
-from fisherlab.curvature.base import CurvatureBlock, tensor_bytes
-from fisherlab.curvature.factors import symmetric_eigh
-from fisherlab.curvature.kfac import factored_pi
 
 CONV_REDUCTIONS = ("sum", "subsample")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fisherlab.curvature.base import CurvatureBlock, tensor_bytes
-from fisherlab.curvature.factors import gradient_rows, sample_chunks
+from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import gradient_rows, sample_chunks
 
 
 def fisher_diagonal(A: Tensor, G: Tensor, normaliser: float) -> Tensor:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import sample_chunks
 from fisherlab.conventions import FisherlabError
-from fisherlab.curvature.base import CurvatureBlock, tensor_bytes
-from fisherlab.curvature.factors import sample_chunks
 
 
 def kfe_scalings(

@@ -2,7 +2,7 @@
 
 ``fl.curvature(method, model, loss_fn, inputs, targets, fisher_type=..., **options)`` captures
 ``Ã`` and ``G`` once and returns ``{module_name: block}``; every block implements
-:class:`~fisherlab.curvature.base.CurvatureBlock` (``to_dense``, ``matvec``, ``solve``,
+:class:`~fisherlab.blocks.base.CurvatureBlock` (``to_dense``, ``matvec``, ``solve``,
 ``eigvalsh``, ``nbytes``, ``as_linear_operator``). ``build(method, capture, **options)`` builds
 from an existing :class:`~fisherlab.capture.Capture`, so several methods share one capture.
 
@@ -25,13 +25,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fisherlab.capture import Capture, LayerCapture, capture
-from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
-from fisherlab.curvature.base import CurvatureBlock, check_damping
-from fisherlab.curvature.diag import DiagBlock, fisher_diagonal
-from fisherlab.curvature.ekfac import EKFACBlock, kfe_scalings
-from fisherlab.curvature.exact import ExactBlock, dense_from_rows
-from fisherlab.curvature.factors import (
+from fisherlab.blocks.base import CurvatureBlock, check_damping
+from fisherlab.blocks.diag import DiagBlock, fisher_diagonal
+from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
+from fisherlab.blocks.exact import ExactBlock, dense_from_rows
+from fisherlab.blocks.factors import (
     KFAC_APPROX,
     check_choice,
     gradient_factor,
@@ -39,9 +37,11 @@ from fisherlab.curvature.factors import (
     reduce_positions,
     symmetric_eigh,
 )
-from fisherlab.curvature.kfac import DAMPING_MODES, KronBlock
-from fisherlab.curvature.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
-from fisherlab.curvature.woodbury import CONV_GRAMS, GRAM_ROUTES, WoodburyBlock, choose_gram_route
+from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
+from fisherlab.blocks.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
+from fisherlab.blocks.woodbury import CONV_GRAMS, GRAM_ROUTES, WoodburyBlock, choose_gram_route
+from fisherlab.capture import Capture, LayerCapture, capture
+from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "exact": {},
@@ -187,6 +187,29 @@ def build(
     return CurvatureDict(blocks, method, cap.fisher_type, resolved, cap.normaliser)
 
 
+def build_block(
+    method: str, cap: Capture, name: str, max_bytes: int = DEFAULT_MAX_BYTES, **options: Any
+) -> CurvatureBlock:
+    """One layer's block of one method from an existing capture."""
+    return _build_block(method, cap[name], cap, _resolve_options(method, options), max_bytes)
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"woodbury:conv_gram=reduce_sum,gram_route=auto"`` → ``("woodbury", {...})``.
+
+    Values that read as integers become ``int``.
+    """
+    method, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FisherlabError(f"option {item!r} in method {spec!r} is not of the form key=value")
+        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    _resolve_options(method, options)
+    return method, options
+
+
 def curvature(
     method: str,
     model: nn.Module,
@@ -230,4 +253,13 @@ def curvature(
     return build(method, cap, max_bytes=max_bytes, **options)
 
 
-__all__ = ["METHODS", "CurvatureBlock", "CurvatureDict", "build", "check_damping", "curvature"]
+__all__ = [
+    "METHODS",
+    "CurvatureBlock",
+    "CurvatureDict",
+    "build",
+    "build_block",
+    "check_damping",
+    "curvature",
+    "parse_method",
+]

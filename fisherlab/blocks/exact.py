@@ -6,8 +6,8 @@ from functools import cached_property
 
 from torch import Tensor
 
-from fisherlab.curvature.base import CurvatureBlock, tensor_bytes
-from fisherlab.curvature.factors import gradient_rows, symmetric_eigh
+from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import gradient_rows, symmetric_eigh
 from fisherlab.exact import symmetric_gram
 
 

@@ -15,8 +15,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.curvature.base import CurvatureBlock, tensor_bytes
-from fisherlab.curvature.factors import symmetric_eigh
+from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import symmetric_eigh
 
 DAMPING_MODES = ("eigen", "factored")
 
