@@ -24,9 +24,9 @@ from fisherlab.verification import verify
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _largest_eigenvalue(block: torch.Tensor) -> float:
+def _largest_eigenvalue(block: torch.Tensor, dense_limit: int = 2048) -> float:
     """λ_max of a symmetric PSD block: dense for small blocks, LOBPCG for large ones."""
-    if block.shape[0] <= 2048:
+    if block.shape[0] <= dense_limit:
         return float(torch.linalg.eigvalsh(block)[-1])
     torch.manual_seed(0)
     values, _ = torch.lobpcg(block, k=1, niter=200, tol=1e-8)
