@@ -4,7 +4,7 @@ Exact Fisher blocks as ground truth, the captured layer statistics every approxi
 from, and (in later modules) block approximations, metrics, figures and optimizers.
 """
 
-from fisherlab import data, metrics, models, zoo
+from fisherlab import data, metrics, models, optim, zoo
 from fisherlab.blocks import METHODS, CurvatureDict, curvature
 from fisherlab.capture import Capture, LayerCapture, capture
 from fisherlab.comparison import compare
@@ -38,6 +38,7 @@ __all__ = [
     "exact_fisher",
     "metrics",
     "models",
+    "optim",
     "verify",
     "zoo",
 ]

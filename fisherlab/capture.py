@@ -244,3 +244,130 @@ def capture_problem(problem: Problem) -> Capture:
         normaliser=problem.loss.normaliser(outputs),
         outputs=outputs.detach(),
     )
+
+
+class TrainingRecorder:
+    """Persistent hooks that collect ``Ã`` and ``G`` during ordinary training steps.
+
+    On every forward pass with grad enabled (which starts the step's statistics anew), each
+    layer's homogeneous inputs are stored and a hook is put on its output; the loss's own
+    backward then delivers ``G``. One forward and one backward per optimizer step. Gradients of a
+    reduced loss carry ``1/ν``; :meth:`pop` undoes it (``G = ν·∂L/∂z``), so the rows are in
+    units of the per-sample summed loss, as everywhere in fisherlab. :meth:`sample_backward`
+    runs one extra backward with labels sampled from the model (``"mc"`` Fisher), for the
+    statistics only (no parameter's ``.grad`` is touched).
+
+    Args:
+        model: The network.
+        layers: Its supported layers.
+        loss: The loss, if known: it gives ``ν`` (else ``ν = N``, a mean over the batch) and
+            the distribution to sample labels from.
+        dtype: Dtype the statistics are stored in.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, Layer],
+        loss: LossSpec | None,
+        dtype: torch.dtype,
+    ):
+        self.layers, self.loss, self.dtype = layers, loss, dtype
+        self._sampling = False
+        self.clear()
+        self._handles = [
+            model.register_forward_pre_hook(self._root_pre_hook),
+            model.register_forward_hook(self._root_hook),
+        ]
+        for name, layer in layers.items():
+            self._handles.append(layer.module.register_forward_hook(self._layer_hook(name, layer)))
+
+    def clear(self) -> None:
+        """Forget the statistics of the last step."""
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.grads: dict[str, Tensor] = {}
+        self.sampled: dict[str, Tensor] = {}
+        self.network_output: Tensor | None = None
+
+    def remove(self) -> None:
+        """Remove all hooks (the model is then as before)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():  # a new forward pass: the statistics of the step start anew
+            self.clear()
+
+    def _root_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if torch.is_grad_enabled() and isinstance(output, Tensor):
+            self.network_output = output
+
+    def _layer_hook(self, name: str, layer: Layer):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            if name in self.inputs:
+                raise FisherlabError(
+                    f"module {name!r} ({layer.kind}) was called more than once in one forward "
+                    "pass (shared weights); its statistics are not defined per call"
+                )
+            self.inputs[name] = layer.adapter.homogeneous_inputs(module, args[0].detach()).to(
+                self.dtype
+            )
+            self.outputs[name] = output
+
+            def grad_hook(g: Tensor) -> None:
+                rows = layer.adapter.output_rows(module, g.detach()).to(self.dtype)
+                (self.sampled if self._sampling else self.grads)[name] = rows
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def sample_backward(self) -> None:
+        """One extra backward with labels drawn from the model (``"mc"``, one sample)."""
+        if self.loss is None or self.network_output is None:
+            raise FisherlabError(
+                "the Monte-Carlo Fisher needs the loss (pass loss_fn= to the optimizer) and a "
+                "forward pass with grad enabled before mc_backward()"
+            )
+        out = self.network_output
+        rows = self.loss.output_rows(out, out.detach(), "mc", 1)[0]
+        names = list(self.outputs)
+        self._sampling = True
+        try:
+            torch.autograd.grad(
+                out, [self.outputs[n] for n in names], rows, retain_graph=True, allow_unused=True
+            )
+        finally:
+            self._sampling = False
+
+    def pop(self, fisher_type: str) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+        """``{name: (A [N,T,D], G [1,N,T,d_out])}`` of the last step and ``ν``; then clears.
+
+        Layers that were not used in the last forward/backward are left out.
+        """
+        out = self.network_output
+        if out is None or not self.inputs:
+            self.clear()
+            return {}, 1.0
+        normaliser = self.loss.normaliser(out) if self.loss is not None else float(out.shape[0])
+        if fisher_type == "mc":
+            if not self.sampled:
+                raise FisherlabError(
+                    "fisher_type='mc' needs optimizer.mc_backward() after the forward pass and "
+                    "before loss.backward()"
+                )
+            source, scale = self.sampled, 1.0
+        else:
+            source, scale = self.grads, normaliser
+        stats = {
+            name: (self.inputs[name], (source[name] * scale).unsqueeze(0))
+            for name in self.inputs
+            if name in source
+        }
+        self.clear()
+        return stats, normaliser

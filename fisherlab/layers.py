@@ -169,13 +169,17 @@ class Layer:
         return grads
 
 
-def find_layers(model: nn.Module, skip_unsupported: bool = False) -> dict[str, Layer]:
+def find_layers(
+    model: nn.Module, skip_unsupported: bool = False, allow_batch_coupling: bool = False
+) -> dict[str, Layer]:
     """The supported layers of a model, keyed by their names in ``model.named_modules()``.
 
     Args:
         model: Any ``nn.Module`` graph.
         skip_unsupported: Skip modules with parameters that fisherlab does not support (with a
             warning naming them) instead of raising.
+        allow_batch_coupling: Accept BatchNorm in training mode (optimizers, which approximate
+            anyway, train such models; exact per-sample quantities are then undefined).
 
     Raises:
         UnsupportedLayerError: naming the module and its type, when a module with parameters
@@ -188,7 +192,8 @@ def find_layers(model: nn.Module, skip_unsupported: bool = False) -> dict[str, L
     skipped: list[str] = []
     owner: dict[int, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        coupling = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        if coupling and not allow_batch_coupling:
             raise FisherlabError(
                 f"module {name!r} ({type(module).__name__}) is in training mode and couples the "
                 "samples of a batch, so per-sample gradients are undefined; call model.eval()"

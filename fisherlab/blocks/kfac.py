@@ -32,9 +32,23 @@ class KronBlock(CurvatureBlock):
 
     method = "kfac"
 
-    def __init__(self, layer, gamma: Tensor, omega: Tensor, fisher_type: str, options: dict):
+    def __init__(
+        self,
+        layer,
+        gamma: Tensor,
+        omega: Tensor,
+        fisher_type: str,
+        options: dict,
+        eig_gamma: tuple[Tensor, Tensor] | None = None,
+        eig_omega: tuple[Tensor, Tensor] | None = None,
+    ):
         super().__init__(layer, fisher_type, options)
         self.gamma, self.omega = gamma, omega
+        # eigen-decompositions computed earlier (e.g. by an optimizer's inverse update)
+        if eig_gamma is not None:
+            self.__dict__["eig_gamma"] = eig_gamma
+        if eig_omega is not None:
+            self.__dict__["eig_omega"] = eig_omega
 
     def _reference(self) -> Tensor:
         return self.gamma

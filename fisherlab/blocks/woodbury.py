@@ -129,3 +129,30 @@ class WoodburyBlock(CurvatureBlock):
     def _dense_kron(self) -> Tensor:
         rows = gradient_rows(self.A, self.G).reshape(self.rows, -1)
         return symmetric_gram(rows) / self.normaliser
+
+    # ---------------------------------------------------- the natural gradient of the batch
+    def coefficients(self, damping: float) -> Tensor:
+        """``w = (νλI + K)⁻¹ 1`` (Cholesky, float64 for float32 statistics), ``[M]``.
+
+        For the empirical Fisher the batch gradient is ``g = Jᵀ1/ν``, so ``Jg = K1/ν`` and
+        ``(F + λI)⁻¹ g = Jᵀ w``: the natural gradient is a weighted sum of per-sample gradients
+        (TENGraD, FNGD) and needs no ``Jv``.
+        """
+        k = self.gram
+        work = k.double() if k.dtype != torch.float64 else k
+        system = work + self.normaliser * damping * torch.eye(
+            len(work), dtype=work.dtype, device=work.device
+        )
+        chol, info = torch.linalg.cholesky_ex(system)
+        ones = torch.ones(len(work), 1, dtype=work.dtype, device=work.device)
+        if int(info) != 0:  # pragma: no cover - λ > 0 makes the system positive definite
+            return torch.linalg.solve(system, ones).squeeze(1).to(k.dtype)
+        return torch.cholesky_solve(ones, chol).squeeze(1).to(k.dtype)
+
+    def weighted_gradient(self, weights: Tensor) -> Tensor:
+        """``Jᵀ w`` in parameter order, ``[P]``, for weights ``[M]`` over the rows."""
+        return self._to_param(self.jtu(weights.unsqueeze(0)), vector=True)
+
+    def natural_gradient(self, damping: float) -> Tensor:
+        """``(F + λI)⁻¹ g = Jᵀ(νλI + K)⁻¹1`` for the batch gradient ``g = Jᵀ1/ν`` (empirical)."""
+        return self.weighted_gradient(self.coefficients(damping))

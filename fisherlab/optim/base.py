@@ -1,0 +1,264 @@
+"""The shared machinery of fisherlab's optimizers: hooks, safety, momentum, state.
+
+Every optimizer is a ``torch.optim.Optimizer`` used in the ordinary loop::
+
+    opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); opt.step()
+
+With ``fisher_type="mc"`` the loop adds one extra backward with sampled labels, for the
+statistics only::
+
+    opt.zero_grad(); loss = loss_fn(model(x), y); opt.mc_backward(); loss.backward(); opt.step()
+
+The statistics ``Ã`` and ``G`` come from :class:`fisherlab.capture.TrainingRecorder` (hooks
+that live until :meth:`CurvatureOptimizer.close` or garbage collection); the preconditioners
+are the blocks of :mod:`fisherlab.blocks`. Subclasses implement one method,
+``_direction(name, layer, A, G, ν, g)``, returning the preconditioned gradient of one layer in
+parameter order.
+
+Shared behaviour:
+
+* Layers fisherlab does not precondition (BatchNorm, LayerNorm, Embedding, …) get the plain
+  gradient step, with a one-time warning naming them.
+* Weight decay is decoupled (``θ ← θ − lr·wd·θ``); momentum is heavy-ball on the update.
+* A step whose gradients or statistics hold NaN/Inf is skipped for all parameters, with a
+  warning naming the layers; nothing is updated, neither parameters nor statistics. Checking
+  costs one host synchronisation per step.
+* Statistics live on the parameters' device, in float64 for float64 models, else float32.
+* ``state_dict()`` holds the per-layer statistics too, so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fisherlab.capture import TrainingRecorder
+from fisherlab.conventions import FisherlabError, check_finite
+from fisherlab.layers import Layer, find_layers
+from fisherlab.losses import LossSpec
+
+OPTIM_FISHER_TYPES = ("empirical", "mc")
+
+
+def check_hyper(
+    name: str, value: Any, low: float, high: float | None = None, open_low: bool = False
+) -> None:
+    """Clear error unless ``low ≤ value`` (``<`` when ``open_low``) and ``value < high``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low}, {high if high is not None else '∞'})"
+        raise FisherlabError(f"{name} must lie in {bounds}, got {value!r}")
+
+
+def check_frequency(name: str, value: Any) -> None:
+    """Clear error unless ``value`` is an integer ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FisherlabError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base class: see the module docstring.
+
+    Args:
+        model: The network; its supported layers are preconditioned.
+        lr: Learning rate.
+        damping: ``λ > 0`` added to each curvature block.
+        momentum: Heavy-ball momentum in ``[0, 1)``.
+        weight_decay: Decoupled weight decay ``≥ 0``.
+        fisher_type: ``"empirical"`` (no extra pass) or ``"mc"`` (see module docstring).
+        loss_fn: The loss (``CrossEntropyLoss``/``MSELoss``); needed for ``"mc"`` and for MSE's
+            normaliser ``N·C``. Without it, the loss is taken to be a mean over the batch.
+        **defaults: Further per-optimizer hyper-parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        fisher_type: str = "empirical",
+        loss_fn: nn.Module | None = None,
+        **defaults: Any,
+    ):
+        if not isinstance(model, nn.Module):
+            raise FisherlabError(
+                "fisherlab optimizers take the model (its modules are needed), got "
+                f"{type(model).__name__}"
+            )
+        check_hyper("lr", lr, 0.0)
+        check_hyper("damping", damping, 0.0, open_low=True)
+        check_hyper("momentum", momentum, 0.0, 1.0)
+        check_hyper("weight_decay", weight_decay, 0.0)
+        if fisher_type not in OPTIM_FISHER_TYPES:
+            raise FisherlabError(
+                f"fisher_type {fisher_type!r} is not available in optimizers; choose one of "
+                f"{OPTIM_FISHER_TYPES}"
+            )
+        loss = LossSpec.from_module(loss_fn) if loss_fn is not None else None
+        if fisher_type == "mc" and loss is None:
+            raise FisherlabError("fisher_type='mc' needs loss_fn= to sample labels from the model")
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(
+            params,
+            dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, **defaults),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layers = find_layers(model, skip_unsupported=True, allow_batch_coupling=True)
+        if caught:
+            warnings.warn(
+                "these layers get the plain gradient step (not preconditioned): "
+                + str(caught[0].message).removeprefix("skipping unsupported layers: "),
+                UserWarning,
+                stacklevel=3,
+            )
+        trainable = {id(p) for p in params}
+        self.layers: dict[str, Layer] = {
+            name: layer
+            for name, layer in layers.items()
+            if all(id(p) in trainable for p in layer.parameters())
+        }
+        self.model = model
+        self.fisher_type = fisher_type
+        self.stat_dtype = (
+            torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        )
+        self.layer_state: dict[str, dict[str, Any]] = {name: {} for name in self.layers}
+        self.steps = 0
+        self._recorder = TrainingRecorder(model, self.layers, loss, self.stat_dtype)
+
+    # ----------------------------------------------------------------- the loop
+    def mc_backward(self) -> None:
+        """The extra backward of ``fisher_type="mc"``: after the forward, before ``backward()``."""
+        self._recorder.sample_backward()
+
+    def _direction(
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
+    ) -> Tensor:
+        """The preconditioned gradient of one layer, ``[P]`` in parameter order."""
+        raise NotImplementedError
+
+    def _scale(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> Tensor | float:
+        """A factor applied to all preconditioned directions (KL-clipping in KFAC)."""
+        return 1.0
+
+    def _all_finite(self, stats: dict[str, tuple[Tensor, Tensor]]) -> bool:
+        flags = [
+            torch.isfinite(p.grad).all()
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
+        flags += [torch.isfinite(t).all() for pair in stats.values() for t in pair]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def _report_non_finite(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
+        bad = [
+            name
+            for name, pair in stats.items()
+            if not all(bool(torch.isfinite(t).all()) for t in pair)
+        ]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        bad_grads = [
+            names.get(id(p), "?")
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        warnings.warn(
+            f"step {self.steps} skipped: non-finite statistics in layers {bad} and non-finite "
+            f"gradients of {bad_grads}; parameters and statistics are unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of all parameters (see the module docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stats, normaliser = self._recorder.pop(self.fisher_type)
+        if not self._all_finite(stats):
+            self._report_non_finite(stats)
+            return loss
+        group = self.param_groups[0]
+        updates: dict[int, Tensor] = {}
+        directions, grads = {}, {}
+        for name, layer in self.layers.items():
+            params = layer.parameters()
+            if name not in stats or any(p.grad is None for p in params):
+                continue
+            grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
+            A, G = stats[name]
+            directions[name] = self._direction(name, layer, A, G, normaliser, grad)
+            grads[name] = grad
+        scale = self._scale(directions, grads) if directions else 1.0
+        for name, d in directions.items():
+            offset = 0
+            for p in self.layers[name].parameters():
+                updates[id(p)] = (d[offset : offset + p.numel()] * scale).view_as(p).to(p.dtype)
+                offset += p.numel()
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            update = updates.get(id(p), p.grad)
+            if wd:
+                p.mul_(1 - lr * wd)
+            if mom:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = update.clone()
+                else:
+                    state["momentum_buffer"].mul_(mom).add_(update)
+                update = state["momentum_buffer"]
+            p.add_(update, alpha=-lr)
+        self.steps += 1
+        return loss
+
+    # --------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Remove the optimizer's hooks from the model (also done on garbage collection)."""
+        recorder = getattr(self, "_recorder", None)
+        if recorder is not None:
+            recorder.remove()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state plus the per-layer curvature statistics and the step count."""
+        state = super().state_dict()
+        state["fisherlab"] = {"steps": self.steps, "layers": _clone(self.layer_state)}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (statistics moved to the parameters' device)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("fisherlab")
+        super().load_state_dict(state_dict)
+        device = next(iter(self.layers.values())).module.weight.device if self.layers else None
+        self.steps = extra["steps"]
+        self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
+
+
+def _clone(value: Any, device: torch.device | None = None) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone().to(device) if device is not None else value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_clone(v, device) for v in value)
+    return value
+
+
+__all__ = ["CurvatureOptimizer", "check_finite", "check_frequency", "check_hyper"]

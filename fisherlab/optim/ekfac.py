@@ -1,0 +1,69 @@
+"""EKFAC and EKFAC-ra (George et al. 2018): KFAC's eigenbasis with refreshed scalings."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
+from fisherlab.blocks.factors import symmetric_eigh
+from fisherlab.layers import Layer
+from fisherlab.optim.base import check_frequency
+from fisherlab.optim.kfac import KFAC, update_average
+
+
+class EKFAC(KFAC):
+    """EKFAC: KFAC's eigenbasis with scalings refreshed every step.
+
+    The basis of the running-average KFAC factors is recomputed every ``basis_update_freq``
+    steps; the scalings ``s`` come from every batch (``running_average=False``) or are a running
+    average with ``stat_decay`` (EKFAC-ra, reset when the basis changes).
+
+    Args:
+        basis_update_freq: Steps between eigen-decompositions of the factors.
+        running_average: EKFAC-ra.
+        Other arguments: as :class:`~fisherlab.optim.KFAC` (without ``damping_mode`` and
+            ``kl_clip``: damping is ``1/(s + λ)`` in the basis).
+    """
+
+    def __init__(
+        self,
+        model,
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        stat_decay: float = 0.95,
+        factor_update_freq: int = 1,
+        basis_update_freq: int = 10,
+        running_average: bool = False,
+        kfac_approx: str = "expand",
+        fisher_type: str = "empirical",
+        loss_fn=None,
+    ):
+        check_frequency("basis_update_freq", basis_update_freq)
+        super().__init__(
+            model, lr, damping, momentum, weight_decay, stat_decay, factor_update_freq,
+            inv_update_freq=basis_update_freq, kfac_approx=kfac_approx,
+            fisher_type=fisher_type, loss_fn=loss_fn,
+        )  # fmt: skip
+        self.param_groups[0]["running_average"] = bool(running_average)
+
+    def _direction(
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
+    ) -> Tensor:
+        group = self.param_groups[0]
+        state = self._update_factors(name, A, G, normaliser)
+        new_basis = self.steps % group["inv_update_freq"] == 0 or "u_gamma" not in state
+        if new_basis:
+            state["u_gamma"] = symmetric_eigh(state["gamma"])[1]
+            state["u_omega"] = symmetric_eigh(state["omega"])[1]
+        s = kfe_scalings(A, G, state["u_gamma"], state["u_omega"], normaliser)
+        decay = 0.0 if new_basis or not group["running_average"] else group["stat_decay"]
+        s = update_average(state, "scalings", s, decay)
+        block = EKFACBlock(layer, state["u_gamma"], state["u_omega"], s, self.fisher_type, {})
+        return block.solve(grad, group["damping"])
+
+
+def EKFACra(model, **kwargs) -> EKFAC:
+    """EKFAC-ra: :class:`EKFAC` with running-average scalings."""
+    return EKFAC(model, running_average=True, **kwargs)

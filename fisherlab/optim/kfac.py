@@ -1,0 +1,103 @@
+"""KFAC (Martens & Grosse 2015): running-average Kronecker factors, periodic eigen-decomposition."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fisherlab.blocks.factors import check_choice, gradient_factor, input_factor, symmetric_eigh
+from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
+from fisherlab.layers import Layer
+from fisherlab.optim.base import CurvatureOptimizer, check_frequency, check_hyper
+
+
+def update_average(state: dict, key: str, value: Tensor, decay: float) -> Tensor:
+    """``state[key] ← decay·state[key] + (1 − decay)·value`` (set on first use or shape change)."""
+    old = state.get(key)
+    if old is None or old.shape != value.shape or decay == 0:
+        state[key] = value.clone()
+    else:
+        state[key] = old.mul(decay).add_(value, alpha=1 - decay)
+    return state[key]
+
+
+class KFAC(CurvatureOptimizer):
+    """KFAC with the factors of :mod:`fisherlab.blocks.factors` and the ``kfac`` block's solve.
+
+    Args:
+        model: The network.
+        lr: Learning rate.
+        damping: ``λ``: ``1/(λ_Γλ_Ω + λ)`` in the eigenbasis, or factored Tikhonov damping with
+            ``damping_mode="factored"``.
+        momentum: Heavy-ball momentum.
+        weight_decay: Decoupled weight decay.
+        stat_decay: Running-average decay of the factors, in ``[0, 1)``.
+        factor_update_freq: Steps between factor updates.
+        inv_update_freq: Steps between eigen-decompositions.
+        damping_mode: ``"eigen"`` or ``"factored"``.
+        kl_clip: Scale updates so that ``lr²·Σ dᵀg ≤ kl_clip`` (``None``: off).
+        kfac_approx: ``"expand"`` or ``"reduce"`` factors for convolutions.
+        fisher_type: ``"empirical"`` or ``"mc"``.
+        loss_fn: The loss (needed for ``"mc"`` and MSE).
+    """
+
+    def __init__(
+        self,
+        model,
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        stat_decay: float = 0.95,
+        factor_update_freq: int = 1,
+        inv_update_freq: int = 10,
+        damping_mode: str = "eigen",
+        kl_clip: float | None = None,
+        kfac_approx: str = "expand",
+        fisher_type: str = "empirical",
+        loss_fn=None,
+    ):
+        check_hyper("stat_decay", stat_decay, 0.0, 1.0)
+        check_frequency("factor_update_freq", factor_update_freq)
+        check_frequency("inv_update_freq", inv_update_freq)
+        check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        check_choice("kfac_approx", kfac_approx, ("expand", "reduce"))
+        if kl_clip is not None:
+            check_hyper("kl_clip", kl_clip, 0.0, open_low=True)
+        super().__init__(
+            model, lr, damping, momentum, weight_decay, fisher_type, loss_fn,
+            stat_decay=stat_decay, factor_update_freq=factor_update_freq,
+            inv_update_freq=inv_update_freq, damping_mode=damping_mode, kl_clip=kl_clip,
+            kfac_approx=kfac_approx,
+        )  # fmt: skip
+
+    def _update_factors(self, name: str, A: Tensor, G: Tensor, normaliser: float) -> dict:
+        group, state = self.param_groups[0], self.layer_state[name]
+        if self.steps % group["factor_update_freq"] == 0 or "gamma" not in state:
+            approx, decay = group["kfac_approx"], group["stat_decay"]
+            update_average(state, "gamma", gradient_factor(G, normaliser, approx), decay)
+            update_average(state, "omega", input_factor(A, approx), decay)
+        return state
+
+    def _direction(
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
+    ) -> Tensor:
+        group = self.param_groups[0]
+        state = self._update_factors(name, A, G, normaliser)
+        if self.steps % group["inv_update_freq"] == 0 or "eig_gamma" not in state:
+            state["eig_gamma"] = symmetric_eigh(state["gamma"])
+            state["eig_omega"] = symmetric_eigh(state["omega"])
+        block = KronBlock(
+            layer, state["gamma"], state["omega"], self.fisher_type,
+            {"damping_mode": group["damping_mode"]},
+            eig_gamma=state["eig_gamma"], eig_omega=state["eig_omega"],
+        )  # fmt: skip
+        return block.solve(grad, group["damping"])
+
+    def _scale(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> Tensor | float:
+        group = self.param_groups[0]
+        if group["kl_clip"] is None:
+            return 1.0
+        vg = sum((directions[n] * grads[n]).sum() for n in directions) * group["lr"] ** 2
+        # no host synchronisation: the factor stays a tensor
+        return torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp_min(1e-30)), max=1.0)

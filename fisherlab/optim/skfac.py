@@ -1,0 +1,69 @@
+"""SKFAC (Tang et al. 2021): Kronecker factors from moving averages of their rows, SMW-inverted."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fisherlab.blocks.factors import check_choice
+from fisherlab.blocks.kfac import DAMPING_MODES
+from fisherlab.blocks.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
+from fisherlab.layers import Layer
+from fisherlab.optim.base import CurvatureOptimizer, check_hyper
+from fisherlab.optim.kfac import update_average
+
+
+class SKFAC(CurvatureOptimizer):
+    """SKFAC: moving averages of the factor rows and the ``skfac`` block's SMW solve.
+
+    The rows ``X`` (from ``Ã``) and ``Y`` (from ``G``) of the Kronecker factors are averaged over
+    steps, as in the paper.
+
+    Args:
+        model: The network.
+        lr: Learning rate.
+        damping: ``λ``.
+        momentum: Heavy-ball momentum.
+        weight_decay: Decoupled weight decay.
+        stat_decay: Moving-average decay of the rows, in ``[0, 1)`` (reset when the batch size
+            changes).
+        conv_reduction: ``"sum"`` (reduce-sum) or ``"subsample"`` for layers with ``T > 1``.
+        spatial_samples: Positions per sample for ``"subsample"``.
+        damping_mode: ``"eigen"`` (KFAC's damped inverse) or ``"factored"`` (as in the paper).
+        fisher_type: ``"empirical"`` or ``"mc"``.
+        loss_fn: The loss (needed for ``"mc"`` and MSE).
+    """
+
+    def __init__(
+        self,
+        model,
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        stat_decay: float = 0.95,
+        conv_reduction: str = "sum",
+        spatial_samples: int | None = None,
+        damping_mode: str = "eigen",
+        fisher_type: str = "empirical",
+        loss_fn=None,
+    ):
+        check_hyper("stat_decay", stat_decay, 0.0, 1.0)
+        check_choice("conv_reduction", conv_reduction, CONV_REDUCTIONS)
+        check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        super().__init__(
+            model, lr, damping, momentum, weight_decay, fisher_type, loss_fn,
+            stat_decay=stat_decay, conv_reduction=conv_reduction,
+            spatial_samples=spatial_samples, damping_mode=damping_mode,
+        )  # fmt: skip
+
+    def _direction(
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
+    ) -> Tensor:
+        group, state = self.param_groups[0], self.layer_state[name]
+        X, Y = skfac_rows(A, G, group["conv_reduction"], group["spatial_samples"], seed=self.steps)
+        X = update_average(state, "X", X, group["stat_decay"])
+        Y = update_average(state, "Y", Y, group["stat_decay"])
+        block = SKFACBlock(
+            layer, X, Y, normaliser, self.fisher_type, {"damping_mode": group["damping_mode"]}
+        )
+        return block.solve(grad, group["damping"])
