@@ -150,7 +150,7 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_state_dict_round_trip_resumes_bit_identically(name):
-    model, loss_fn, x, y = _problem("cnn", n=24)
+    _, loss_fn, x, y = _problem("cnn", n=24)
     batches = [(x[i : i + 8], y[i : i + 8]) for i in (0, 8, 16, 0, 8, 16, 0)]
     reference = _problem("cnn", n=24)[0]
     opt = OPTIMIZERS[name](reference)
@@ -281,7 +281,7 @@ def test_hooks_are_removed_by_close_and_by_garbage_collection():
 
 
 def test_evaluation_under_no_grad_records_nothing():
-    model, loss_fn, x, y = _problem("mlp")
+    model, _, x, _ = _problem("mlp")
     opt = fl.optim.KFAC(model)
     with torch.no_grad():
         model(x)
