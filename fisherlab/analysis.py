@@ -39,7 +39,9 @@ from torch import Tensor, nn
 from fisherlab import data as datasets
 from fisherlab import models
 from fisherlab.blocks import build_block, parse_method
+from fisherlab.blocks.base import CurvatureBlock
 from fisherlab.blocks.kfac import KronBlock
+from fisherlab.blocks.woodbury import WoodburyBlock
 from fisherlab.capture import Capture, capture
 from fisherlab.comparison import batch_gradients
 from fisherlab.conventions import FisherlabError
@@ -51,6 +53,7 @@ from fisherlab.metrics import (
     frobenius_error,
     kfe_correlation,
     sample_correlation,
+    spectrum,
     spectrum_distance,
 )
 
@@ -282,12 +285,7 @@ def figure_batches(
     return out
 
 
-def has_positions(cap: Capture) -> bool:
-    """Whether some layer shares its weight over several positions (a convolution)."""
-    return any(lc.positions > 1 for lc in cap.values())
-
-
-def default_methods(model: nn.Module, x: Tensor, base: Sequence[str] = APPROXIMATIONS) -> list[str]:
+def default_methods(model: nn.Module, base: Sequence[str] = APPROXIMATIONS) -> list[str]:
     """``base``, plus Woodbury reduce-sum when the model has convolutions (it is exact else)."""
     convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
     return [*base, CONV_EXTRA] if convs else list(base)
@@ -300,6 +298,36 @@ def choose_layer(cap: Capture, max_params: int = 200) -> str:
     if fitting:
         return max(fitting, key=sizes.get)
     return min(sizes, key=sizes.get)
+
+
+def exact_reference(cap: Capture, name: str) -> CurvatureBlock:
+    """The exact block of a layer in its cheaper form for solves.
+
+    ``ExactBlock`` (dense ``P×P``) when ``P`` is at most the number of rows ``M = R·N`` of ``J``,
+    else ``woodbury`` (the same matrix through the ``M×M`` Gram).
+    """
+    lc = cap[name]
+    rows = lc.G.shape[0] * lc.G.shape[1]
+    return build_block("exact" if lc.layer.num_params <= rows else "woodbury", cap, name)
+
+
+def exact_spectrum(cap: Capture, name: str) -> Tensor:
+    """All ``P`` eigenvalues of the exact block, descending, from the smaller of ``F`` and ``K``.
+
+    The non-zero eigenvalues of ``F = JᵀJ/ν`` are those of ``K/ν`` (``K = JJᵀ`` the Gram of the
+    ``woodbury`` block); the rest are zero.
+    """
+    block = exact_reference(cap, name)
+    if isinstance(block, WoodburyBlock):
+        values = torch.linalg.eigvalsh(block.gram).clamp_min(0) / block.normaliser
+        size = block.size
+        values = (
+            values[-size:]
+            if len(values) >= size
+            else torch.cat([values.new_zeros(size - len(values)), values])
+        )
+        return values.flip(0)
+    return spectrum(block.matrix)
 
 
 def _layer_info(cap: Capture, name: str) -> dict[str, Any]:
@@ -444,8 +472,9 @@ def spectra(
 ) -> FigureData:
     """All eigenvalues, descending, of the exact block and of each approximation, per layer.
 
-    The exact spectrum comes from the Gram of the ``woodbury`` block (exact; zeros beyond its
-    rank ``R·N``), the approximations' from their own ``eigvalsh``.
+    The exact spectrum comes from :func:`exact_spectrum` (the dense block or the Gram of the
+    ``woodbury`` block, whichever is smaller; zeros beyond the rank ``R·N``), the
+    approximations' from their own ``eigvalsh``.
 
     Returns:
         Tables ``eigenvalues`` (``layer, method, index, eigenvalue``; method ``"exact"`` for
@@ -455,7 +484,7 @@ def spectra(
     cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
     rows, distance = [], []
     for name in cap:
-        exact = build_block("woodbury", cap, name).eigvalsh().flip(0)
+        exact = exact_spectrum(cap, name)
         values = {"exact": exact}
         for spec in methods:
             method, options = parse_method(spec)
@@ -566,22 +595,22 @@ def kfe_decorrelation(
 
     Returns:
         Tables ``correlation`` (wide rows ``basis, row, c0…`` for the chosen layer, at most
-        ``max_params`` coordinates of each basis) and ``summary`` (``layer, P, basis,
+        ``max_params`` coordinates of each basis; NaN for coordinates below ``floor``, counted
+        in ``meta["masked"]``) and ``summary`` (``layer, P, basis,
         mean_abs_offdiag, coordinates``) for every layer.
     """
     cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
     chosen = layer if layer is not None else choose_layer(cap, max_params)
-    summary, matrices = [], {}
+    summary, matrices, masked = [], {}, {}
     for name in cap:
         exact = build_block("exact", cap, name)
         ekfac = build_block("ekfac", cap, name)
         corr = kfe_correlation(exact.matrix, ekfac)
         order = torch.argsort(ekfac.scalings.flatten(), descending=True, stable=True)
         in_kfe = corr.kfe[order][:, order]
-        q = torch.kron(ekfac.u_gamma, ekfac.u_omega)
-        variances = {
+        variances = {  # the diagonals of F and of QᵀFQ (= EKFAC's scalings)
             "parameter": exact.matrix.diagonal(),
-            "kfe": (q.T @ exact.matrix @ q).diagonal()[order],
+            "kfe": ekfac.scalings.flatten()[order],
         }
         for basis, c in (("parameter", corr.parameter_basis), ("kfe", in_kfe)):
             v = variances[basis]
@@ -597,14 +626,21 @@ def kfe_decorrelation(
             )
         if name == chosen:
             shown = min(exact.size, max_params)
-            matrices = {"parameter": corr.parameter_basis[:shown, :shown]}
-            matrices["kfe"] = in_kfe[:shown, :shown]
+            for basis, c in (("parameter", corr.parameter_basis), ("kfe", in_kfe)):
+                v = variances[basis]
+                null = (v <= floor * v.max())[:shown]
+                m = c[:shown, :shown].clone()
+                m[null, :] = math.nan
+                m[:, null] = math.nan
+                matrices[basis] = m
+                masked[basis] = int(null.sum())
     meta = {
         **_layer_info(cap, chosen),
         "shown": len(matrices["kfe"]),
         "fisher_type": fisher_type,
         "batch_size": len(x),
         "floor": floor,
+        "masked": masked,
     }
     tables = {"correlation": matrix_rows(matrices, key="basis"), "summary": summary}
     return FigureData("kfe_correlation", tables, meta)
@@ -631,7 +667,8 @@ def training_errors(
     r"""KFAC and EKFAC with a stale basis against the exact block along SGD (EKFAC Fig. 3, 5c).
 
     The model is trained in place by :func:`train_sgd`. Before every update, the current batch
-    is captured and, per layer, compared with its exact block (``woodbury``, same batch):
+    is captured and, per layer, compared with its exact block on the same batch (Frobenius
+    error from the Gram of the ``woodbury`` block, spectrum from :func:`exact_spectrum`):
 
     * ``kfac``: factors ``Γ, Ω`` of the current batch (recomputed every step);
     * ``kfac_amortized``: factors recomputed every ``basis_every`` steps only (the KFAC of the
@@ -671,8 +708,7 @@ def training_errors(
                 "kfac_amortized": KronBlock(lc.layer, gamma, omega, fisher_type, kfac.options),
                 "ekfac_amortized": build_block("ekfac", cap, name, basis={name: basis}),
             }
-            exact = build_block("woodbury", cap, name)
-            exact_spectrum = exact.eigvalsh().flip(0)
+            reference = exact_spectrum(cap, name)
             f_sq = fisher_norm_sq(lc, cap.normaliser)
             for series, block in blocks.items():
                 error, norm = frobenius_at_scale(block, lc, cap.normaliser, f_sq)
@@ -685,9 +721,7 @@ def training_errors(
                         "layer": name,
                         "method": series,
                         "rel_frobenius": error / norm if norm > 0 else 0.0,
-                        "spectrum_distance": spectrum_distance(
-                            exact_spectrum, block.eigvalsh().flip(0)
-                        ),
+                        "spectrum_distance": spectrum_distance(reference, block.eigvalsh().flip(0)),
                     }
                 )
         if bar is not None:
@@ -698,8 +732,10 @@ def training_errors(
     finally:
         if bar is not None:
             bar.close()
-    layers = sorted({r["layer"] for r in rows}, key=[r["layer"] for r in rows].index)
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    cap = capture(model, loss_fn, x_train[:2], y_train[:2], fisher_type="empirical")
     meta = {
+        "layer_info": [_layer_info(cap, name) for name in layers],
         "fisher_type": fisher_type,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -724,8 +760,8 @@ def direction_quality_vs_damping(
     r"""Cosine of each method's preconditioned gradient to the exact natural gradient vs ``λ``.
 
     Per layer, with ``g`` the mini-batch loss gradient (:func:`fisherlab.comparison.
-    batch_gradients`), compares ``(F̂+λI)⁻¹g`` with ``(F+λI)⁻¹g`` from the exact ``woodbury``
-    block (:func:`fisherlab.metrics.direction_quality`).
+    batch_gradients`), compares ``(F̂+λI)⁻¹g`` with ``(F+λI)⁻¹g`` from the exact block
+    (:func:`exact_reference`; :func:`fisherlab.metrics.direction_quality`).
 
     Args:
         model: The network.
@@ -744,7 +780,7 @@ def direction_quality_vs_damping(
     grads = batch_gradients(capture(model, loss_fn, x, y, fisher_type="empirical"))
     rows = []
     for name in cap:
-        exact = build_block("woodbury", cap, name)
+        exact = exact_reference(cap, name)
         for spec in methods:
             method, options = parse_method(spec)
             block = build_block(method, cap, name, **options)
@@ -778,6 +814,8 @@ __all__ = [
     "choose_layer",
     "default_methods",
     "direction_quality_vs_damping",
+    "exact_reference",
+    "exact_spectrum",
     "figure_batches",
     "figure_model",
     "figure_problem",

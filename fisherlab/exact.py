@@ -96,7 +96,7 @@ class ExactFisher:
         return self.matrix[s, s]
 
 
-def symmetric_gram(rows: Tensor, tile: int = 1024) -> Tensor:
+def symmetric_gram(rows: Tensor, tile: int = 512) -> Tensor:
     """``rowsᵀ rows`` computed on the upper triangle of tiles only, then mirrored.
 
     Args:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from torch import nn
 
@@ -73,3 +75,67 @@ def build(name: str, **kwargs) -> nn.Sequential:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def three_conv_one_fc(
+    in_channels: int = 1,
+    image_size: int = 8,
+    num_classes: int = 10,
+    channels: Sequence[int] = (16, 32, 64),
+    activation: str = "relu",
+    bias: bool = True,
+) -> nn.Sequential:
+    """Three 3×3 convolutions, each followed by 2×2 max-pooling, then one linear layer ("3c1f").
+
+    A network in the spirit of the TENGraD paper's 3C1F benchmark (three convolutional layers and
+    one fully connected layer), sized by ``image_size``: 8×8 digits pool to 1×1, 28×28
+    (Fashion-)MNIST to 3×3, 32×32 CIFAR-10 to 4×4.
+
+    Example:
+        >>> three_conv_one_fc(3, 32)(__import__("torch").zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    layers: list[nn.Module] = []
+    width, size = in_channels, image_size
+    for c in channels:
+        layers += [
+            nn.Conv2d(width, c, 3, padding=1, bias=bias),
+            _activation(activation),
+            nn.MaxPool2d(2),
+        ]
+        width, size = c, size // 2
+    if size < 1:
+        raise ValueError(f"image_size {image_size} is too small for {len(channels)} poolings")
+    layers += [nn.Flatten(), nn.Linear(width * size * size, num_classes, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+MODELS["3c1f"] = three_conv_one_fc
+
+
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """The model factory named by ``"path/to/file.py:factory"`` (a function or class in that file).
+
+    The file is imported as a fresh module (its top-level code runs, so only load your own
+    files). The factory is called by :mod:`fisherlab.experiments` with the keyword arguments
+    ``input_shape`` and ``num_classes`` that its signature accepts.
+
+    Raises:
+        ValueError: If the spec is malformed, the file is missing, or the name is not callable.
+    """
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ValueError(f"model spec {spec!r} must look like 'path/to/file.py:factory'")
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"model file {str(file)!r} (from {spec!r}) does not exist")
+    module_name = f"fisherlab_user_model_{abs(hash(str(file.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, file)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"cannot import {str(file)!r} as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"{str(file)!r} has no callable {name!r}")
+    return factory

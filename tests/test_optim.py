@@ -287,3 +287,36 @@ def test_evaluation_under_no_grad_records_nothing():
         model(x)
     assert opt._recorder.inputs == {}
     opt.close()
+
+
+TRAINING = {  # lr 0.003, momentum 0.9, batch 64, 4 epochs on digits (seeded)
+    "kfac": lambda m, spe: fl.optim.KFAC(m, lr=0.003, damping=0.01, momentum=0.9),
+    "ekfac": lambda m, spe: fl.optim.EKFAC(m, lr=0.003, damping=0.01, momentum=0.9),
+    "ekfac-ra": lambda m, spe: fl.optim.EKFACra(m, lr=0.003, damping=0.01, momentum=0.9),
+    "tengrad": lambda m, spe: fl.optim.TENGraD(m, lr=0.003, damping=0.01, momentum=0.9),
+    "skfac": lambda m, spe: fl.optim.SKFAC(m, lr=0.003, damping=0.1, momentum=0.9),
+    "fngd": lambda m, spe: fl.optim.FNGD(m, spe, lr=0.003, damping=0.01, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINING))
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_trains_digits_to_90_percent_in_four_epochs(name, model_name):
+    split = fl.data.load_digits()
+    torch.manual_seed(0)
+    model = fl.models.build(model_name)
+    n, batch = len(split.x_train), 64
+    opt = TRAINING[name](model, -(-n // batch))
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, batch):
+            idx = order[i : i + batch]
+            opt.zero_grad()
+            loss_fn(model(split.x_train[idx]), split.y_train[idx]).backward()
+            opt.step()
+    opt.close()
+    with torch.no_grad():
+        accuracy = (model(split.x_test).argmax(1) == split.y_test).float().mean().item()
+    assert accuracy >= 0.90, accuracy

@@ -89,13 +89,19 @@ class CurvatureBlock(ABC):
                 f"expected a vector [{self.size}] or a matrix [{self.size}, k] in parameter "
                 f"order for layer {self.layer.name!r}, got shape {tuple(v.shape)}"
             )
-        cols = v.reshape(self.size, -1).T.to(self.dtype)
-        kron = torch.empty_like(cols)
-        kron[:, self._index.to(cols.device)] = cols
-        return kron.reshape(-1, *self.kron_shape), vector
+        cols = v.reshape(self.size, -1).T.to(self.dtype)  # [k, P]
+        d_out, d_in = self.layer.d_out, self.layer.d_in
+        kron = cols[:, : d_out * d_in].reshape(-1, d_out, d_in)
+        if self.layer.has_bias:  # [W | b]: the bias is the last column
+            kron = torch.cat([kron, cols[:, d_out * d_in :].unsqueeze(-1)], dim=-1)
+        return kron, vector
 
     def _to_param(self, u: Tensor, vector: bool) -> Tensor:
-        out = u.reshape(u.shape[0], -1)[:, self._index.to(u.device)].T
+        d_in = self.layer.d_in
+        out = u[..., :d_in].reshape(u.shape[0], -1)
+        if self.layer.has_bias:
+            out = torch.cat([out, u[..., d_in]], dim=-1)
+        out = out.T
         return out.squeeze(1) if vector else out
 
     # ------------------------------------------------------------- public API

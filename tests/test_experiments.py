@@ -1,0 +1,294 @@
+"""The experiment runner end to end: train, grid, compare-optimizers and curves on digits."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import fisherlab as fl
+from fisherlab import experiments as ex
+from fisherlab import models, train_cli
+from fisherlab.conventions import FisherlabError
+
+TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--quiet"]
+"""One short epoch: 3 steps on a digits subset."""
+
+LOG_KEYS = set(ex.ROW_KEYS)
+
+
+def run_cli(*argv):
+    return train_cli.main([str(a) for a in argv])
+
+
+def read_log(folder):
+    payload = json.loads((folder / "log.json").read_text())
+    with (folder / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return payload, rows
+
+
+@pytest.mark.parametrize("optimizer", ex.OPTIMIZER_NAMES)
+def test_train_cli_writes_complete_logs_for_every_optimizer(tmp_path, optimizer, capsys):
+    out = tmp_path / optimizer
+    code = run_cli("train", "--optimizer", optimizer, "--epochs", 1, "--out", out, *TINY)
+    assert code == 0
+    assert f"{optimizer} mlp digits seed 0: finished" in capsys.readouterr().out
+    payload, rows = read_log(out)
+    assert payload["status"] == "finished" and len(payload["rows"]) == 2
+    assert set(rows[0]) == LOG_KEYS and [r["epoch"] for r in rows] == ["0", "1"]
+    last = payload["rows"][-1]
+    assert last["steps"] == 3 and last["skipped_steps"] == 0
+    assert 0 < last["step_time_s"] <= last["epoch_time_s"] == last["time_s"]
+    assert math.isfinite(last["train_loss"]) and 0 <= last["test_accuracy"] <= 1
+    assert float(rows[1]["train_loss"]) == last["train_loss"]
+    config = json.loads((out / "config.json").read_text())
+    cfg = ex.RunConfig.from_dict(config["run"])
+    assert cfg.optimizer == optimizer and cfg.lr == ex.DEFAULT_HYPER[optimizer]["lr"]
+    assert (cfg.damping is None) == (optimizer in ("sgd", "adam"))
+    assert config["environment"]["torch"] == torch.__version__
+
+
+def small(**kwargs):
+    base = dict(epochs=2, train_subset=128, test_subset=64, batch_size=32)
+    return ex.RunConfig(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("optimizer, model", [("kfac", "cnn"), ("fngd", "mlp"), ("adam", "mlp")])
+def test_same_config_and_seed_give_identical_losses(tmp_path, optimizer, model):
+    first = ex.train(small(optimizer=optimizer, model=model), tmp_path / "a", progress=False)
+    # the run is repeated from the config file it wrote
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())["run"]
+    again = ex.train(ex.RunConfig.from_dict(saved), progress=False)
+    other = ex.train(small(optimizer=optimizer, model=model, seed=1), progress=False)
+    keys = ("train_loss", "train_loss_running", "test_loss", "test_accuracy")
+    losses = [[r[k] for k in keys] for r in first.rows]
+    assert losses == [[r[k] for k in keys] for r in again.rows]
+    assert losses != [[r[k] for k in keys] for r in other.rows]
+
+
+INTERRUPTING_MODEL = """
+import torch
+
+class Interrupting(torch.nn.Module):
+    def __init__(self, input_shape, num_classes, after):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(input_shape[-1] ** 2, num_classes)
+        )
+        self.calls, self.after = 0, after
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+        return self.net(x)
+
+def factory(input_shape, num_classes):
+    return Interrupting(input_shape, num_classes, after=7)  # 3 steps per epoch: dies in epoch 3
+"""
+
+
+def test_ctrl_c_keeps_the_finished_epochs(tmp_path, capsys):
+    model_file = tmp_path / "interrupting.py"
+    model_file.write_text(INTERRUPTING_MODEL)
+    out = tmp_path / "run"
+    code = run_cli(
+        "train", "--optimizer", "kfac", "--model", f"{model_file}:factory", "--epochs", 5,
+        "--out", out, *TINY,
+    )  # fmt: skip
+    assert code == train_cli.INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+    payload, rows = read_log(out)
+    assert payload["status"] == "interrupted" and "during epoch 3" in payload["note"]
+    assert [r["epoch"] for r in payload["rows"]] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert not list(out.glob("*.tmp"))
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["environment"]["model_file_sha256"]) == 64
+
+
+def test_user_model_factory_gets_shape_and_classes(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "def make(num_classes, input_shape):\n"
+        "    c, h, w = input_shape\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c*h*w, num_classes))\n"
+        "def no_args():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
+        "def not_a_model(**kwargs):\n"
+        "    return 3\n"
+    )
+    for name in ("make", "no_args"):
+        model = ex.build_model(f"{tmp_path / 'net.py'}:{name}", (1, 8, 8), 10)
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    result = ex.train(small(model=f"{tmp_path / 'net.py'}:make", epochs=1), progress=False)
+    assert result.status == "finished"
+    with pytest.raises(FisherlabError, match=r"returned int, not a torch\.nn\.Module"):
+        ex.build_model(f"{tmp_path / 'net.py'}:not_a_model", (1, 8, 8), 10)
+    with pytest.raises(FisherlabError, match="has no callable 'missing'"):
+        ex.build_model(f"{tmp_path / 'net.py'}:missing", (1, 8, 8), 10)
+    with pytest.raises(FisherlabError, match="does not exist"):
+        ex.build_model(f"{tmp_path / 'nope.py'}:make", (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="must look like"):
+        models.load_factory("no-colon.py")
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_three_conv_one_fc_fits_every_data_set(shape):
+    model = ex.build_model("3c1f", shape, 10)
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert len(convs) == 3 and len(linears) == 1
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+    assert models.MODELS["3c1f"] is models.three_conv_one_fc
+    assert list(fl.capture(model, torch.nn.CrossEntropyLoss(), torch.randn(2, *shape),
+                           torch.tensor([0, 1])))  # fmt: skip
+
+
+def test_divergence_stops_the_run_and_is_logged(tmp_path):
+    out = tmp_path / "sgd"
+    argv = ["--optimizer", "sgd", "--model", "cnn", "--lr", 1e4, "--epochs", 3, "--out", out]
+    assert run_cli("train", *argv, *TINY) == 1
+    payload, _ = read_log(out)
+    assert payload["status"] == "diverged" and "non-finite" in payload["note"]
+    assert len(payload["rows"]) < 4
+
+
+def test_an_optimizer_crash_is_logged_as_failed(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = fl.optim.KFAC._direction
+
+    def flaky(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise RuntimeError("linalg broke")
+        return original(self, *args)
+
+    monkeypatch.setattr(fl.optim.KFAC, "_direction", flaky)
+    with pytest.warns(RuntimeWarning, match="failed at step 2: RuntimeError: linalg broke"):
+        result = ex.train(small(epochs=3), tmp_path / "k", progress=False)
+    assert result.status == "failed"
+    payload, _ = read_log(tmp_path / "k")
+    assert payload["status"] == "failed" and "linalg broke" in payload["note"]
+
+
+def test_bad_settings_are_clear_errors(tmp_path, capsys):
+    assert run_cli("train", "--device", "cuda", "--out", tmp_path, *TINY) == (
+        0 if torch.cuda.is_available() else 2
+    )
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in capsys.readouterr().err
+    code = run_cli("train", "--data", "fashion-mnist", "--data-dir", tmp_path, "--out", tmp_path)
+    assert code == 2
+    assert "train-images-idx3-ubyte" in capsys.readouterr().err
+    with pytest.raises(FisherlabError, match="unknown run setting"):
+        ex.RunConfig.from_dict({"optimiser": "kfac"})
+    with pytest.raises(FisherlabError, match="unknown optimizer"):
+        ex.train(ex.RunConfig(optimizer="lbfgs"), progress=False)
+    with pytest.raises(FisherlabError, match="batch_size must be an integer"):
+        ex.RunConfig(batch_size=0).resolved()
+
+
+def test_grid_search_selects_per_epoch_and_writes_tables(tmp_path):
+    base = small(optimizer="kfac", epochs=2)
+    grid = ex.grid_search(base, [1e-3, 1e-2], [1e-2, 1.0], out=tmp_path, progress=False)
+    assert len(grid.points) == 4 and [r["epoch"] for r in grid.per_epoch] == [1, 2]
+    for row in grid.per_epoch:
+        scores = [
+            ex.load_run(tmp_path / ex._point_name(p["lr"], p["damping"]) / "seed0").rows[
+                row["epoch"]
+            ]["train_loss"]
+            for p in grid.points
+        ]
+        assert row["train_loss"] == min(scores)
+    best = min(grid.points, key=lambda p: p["final_train_loss"])
+    assert grid.best == {"lr": best["lr"], "damping": best["damping"]}
+    assert (tmp_path / "grid.csv").is_file() and (tmp_path / "grid-per-epoch.json").is_file()
+    sgd = ex.grid_search(small(optimizer="sgd", epochs=1), [0.01, 0.1], [1.0], progress=False)
+    assert [p["damping"] for p in sgd.points] == [None, None]
+
+
+def test_train_cli_grid(tmp_path, capsys):
+    code = run_cli(
+        "train", "--optimizer", "ekfac", "--grid", "--grid-lr", 0.001, 0.01, "--grid-damping",
+        0.1, "--epochs", 1, "--out", tmp_path, *TINY,
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "per-epoch best (train_loss)" in out and "best at the last epoch: lr" in out
+    assert len(ex.find_runs([tmp_path])) == 2
+
+
+def test_time_to_target_and_summary():
+    rows = [
+        {"epoch": 0, "test_accuracy": 0.1, "time_s": 0.0},
+        {"epoch": 1, "test_accuracy": 0.8, "time_s": 1.5},
+        {"epoch": 2, "test_accuracy": 0.95, "time_s": 3.0},
+    ]
+    assert ex.time_to_target(rows, 0.9) == (3.0, 2)
+    assert ex.time_to_target(rows, 0.8) == (1.5, 1)
+    assert ex.time_to_target(rows, 0.99) is None
+
+
+def test_compare_optimizers_and_curves_end_to_end(tmp_path, capsys):
+    config = {
+        "out": str(tmp_path / "runs"),
+        "seeds": [0, 1],
+        "target_accuracy": 0.3,
+        "train": {"epochs": 2, "batch_size": 32, "train_subset": 96, "test_subset": 64},
+        "grid": {"*": {"lr": [0.003], "damping": [0.01, 0.1]}, "sgd": {"lr": [0.03, 0.1]}},
+        "experiments": [
+            {"model": "mlp", "optimizers": {"sgd": {"lr": 0.05}, "tengrad": {"lr": 0.003}}}
+        ],
+    }
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config))
+    figures = tmp_path / "figs"
+    args = ["compare-optimizers", "--config", path, "--figures", figures, "--quiet"]
+    assert run_cli(*args, "--grid", "--update-config") == 0
+    out = capsys.readouterr().out
+    assert "grid search, best at the last epoch" in out and "| digits | mlp | sgd |" in out
+    tuned = json.loads(path.read_text())["experiments"][0]["optimizers"]
+    assert tuned["sgd"]["lr"] in (0.03, 0.1) and tuned["tengrad"]["damping"] in (0.01, 0.1)
+    for name in ("curves-digits-mlp", "optimizers-digits-step-time"):
+        assert (figures / f"{name}.png").stat().st_size > 10_000
+        assert (figures / f"{name}.pdf").is_file()
+    table = json.loads((figures / "optimizers-digits-time-to-target.json").read_text())
+    assert [r["optimizer"] for r in table["rows"]] == ["sgd", "tengrad"]
+    assert all(r["seeds"] == 2 and r["reached"].endswith("/2") for r in table["rows"])
+    assert table["rows"][0]["vs_sgd"] == 1.0
+
+    # a second call reuses the finished runs; curves redraws from the folders
+    assert run_cli(*args) == 0
+    assert capsys.readouterr().out.count("reusing") == 4
+    assert (
+        run_cli("curves", tmp_path / "runs", "--out", tmp_path / "again", "--formats", "png") == 0
+    )
+    assert "4 runs" in capsys.readouterr().out  # the grid runs are left out
+    assert (tmp_path / "again" / "curves-digits-mlp.png").is_file()
+    assert run_cli("curves", tmp_path / "nothing-here", "--out", tmp_path) == 2
+
+
+def test_bad_experiment_files_are_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"experiments": [{"model": "mlp", "optimizers": {"lbfgs": {}}}]}))
+    with pytest.raises(FisherlabError, match="unknown: \\['lbfgs'\\]"):
+        ex.load_experiment(path)
+    path.write_text(json.dumps({"experiment": []}))
+    with pytest.raises(FisherlabError, match="unknown key"):
+        ex.load_experiment(path)
+    path.write_text("{not json")
+    with pytest.raises(FisherlabError, match="not valid JSON"):
+        ex.load_experiment(path)
+
+
+def test_the_shipped_digits_config_is_valid():
+    from pathlib import Path
+
+    config = ex.load_experiment(Path(__file__).parents[1] / "configs" / "digits.json")
+    names = [set(e["optimizers"]) for e in config["experiments"]]
+    assert all(n == set(ex.OPTIMIZER_NAMES) for n in names)
+    assert config["seeds"] == [0, 1, 2]
