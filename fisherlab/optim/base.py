@@ -34,10 +34,11 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisherlab.capture import TrainingRecorder
-from fisherlab.conventions import FisherlabError, check_finite
+from fisherlab.conventions import FisherlabError
 from fisherlab.layers import Layer, find_layers
 from fisherlab.losses import LossSpec
 
@@ -61,8 +62,44 @@ def check_frequency(name: str, value: Any) -> None:
         raise FisherlabError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def distributed() -> bool:
+    """Whether ``torch.distributed`` runs with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over all ranks (itself without ``torch.distributed``)."""
+    if distributed():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def gather_samples(
+    stats: dict[str, tuple[Tensor, Tensor]], normaliser: float
+) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    """All ranks' ``Ã`` and ``G`` concatenated along the samples, and the global ``ν``.
+
+    Every rank must use the same local batch size.
+    """
+    gathered = {}
+    for name, (A, G) in stats.items():
+        parts_a = [torch.empty_like(A) for _ in range(dist.get_world_size())]
+        parts_g = [torch.empty_like(G) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts_a, A.contiguous())
+        dist.all_gather(parts_g, G.contiguous())
+        gathered[name] = (torch.cat(parts_a, dim=0), torch.cat(parts_g, dim=1))
+    return gathered, normaliser * dist.get_world_size()
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: see the module docstring.
+
+    Under ``torch.distributed`` (gradients averaged across ranks, e.g. by DDP), statistics are
+    combined so that ``W`` ranks with batch ``b`` give the step of one process with batch
+    ``W·b``: optimizers that need every sample (TENGraD, FNGD, SKFAC) gather ``Ã`` and ``G``
+    (``gather_samples = True``); KFAC and EKFAC average their batch factors and scalings.
 
     Args:
         model: The network; its supported layers are preconditioned.
@@ -75,6 +112,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             normaliser ``N·C``. Without it, the loss is taken to be a mean over the batch.
         **defaults: Further per-optimizer hyper-parameters.
     """
+
+    gather_samples: bool = True
 
     def __init__(
         self,
@@ -187,6 +226,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stats, normaliser = self._recorder.pop(self.fisher_type)
+        if self.gather_samples and distributed():
+            stats, normaliser = gather_samples(stats, normaliser)
         if not self._all_finite(stats):
             self._report_non_finite(stats)
             return loss
@@ -261,4 +302,11 @@ def _clone(value: Any, device: torch.device | None = None) -> Any:
     return value
 
 
-__all__ = ["CurvatureOptimizer", "check_finite", "check_frequency", "check_hyper"]
+__all__ = [
+    "CurvatureOptimizer",
+    "all_reduce_mean",
+    "check_frequency",
+    "check_hyper",
+    "distributed",
+    "gather_samples",
+]

@@ -7,7 +7,7 @@ from torch import Tensor
 from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
 from fisherlab.blocks.factors import symmetric_eigh
 from fisherlab.layers import Layer
-from fisherlab.optim.base import check_frequency
+from fisherlab.optim.base import all_reduce_mean, check_frequency
 from fisherlab.optim.kfac import KFAC, update_average
 
 
@@ -57,7 +57,7 @@ class EKFAC(KFAC):
         if new_basis:
             state["u_gamma"] = symmetric_eigh(state["gamma"])[1]
             state["u_omega"] = symmetric_eigh(state["omega"])[1]
-        s = kfe_scalings(A, G, state["u_gamma"], state["u_omega"], normaliser)
+        s = all_reduce_mean(kfe_scalings(A, G, state["u_gamma"], state["u_omega"], normaliser))
         decay = 0.0 if new_basis or not group["running_average"] else group["stat_decay"]
         s = update_average(state, "scalings", s, decay)
         block = EKFACBlock(layer, state["u_gamma"], state["u_omega"], s, self.fisher_type, {})

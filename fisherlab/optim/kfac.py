@@ -8,7 +8,12 @@ from torch import Tensor
 from fisherlab.blocks.factors import check_choice, gradient_factor, input_factor, symmetric_eigh
 from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
 from fisherlab.layers import Layer
-from fisherlab.optim.base import CurvatureOptimizer, check_frequency, check_hyper
+from fisherlab.optim.base import (
+    CurvatureOptimizer,
+    all_reduce_mean,
+    check_frequency,
+    check_hyper,
+)
 
 
 def update_average(state: dict, key: str, value: Tensor, decay: float) -> Tensor:
@@ -40,6 +45,8 @@ class KFAC(CurvatureOptimizer):
         fisher_type: ``"empirical"`` or ``"mc"``.
         loss_fn: The loss (needed for ``"mc"`` and MSE).
     """
+
+    gather_samples = False  # batch factors are averaged across ranks instead
 
     def __init__(
         self,
@@ -75,8 +82,9 @@ class KFAC(CurvatureOptimizer):
         group, state = self.param_groups[0], self.layer_state[name]
         if self.steps % group["factor_update_freq"] == 0 or "gamma" not in state:
             approx, decay = group["kfac_approx"], group["stat_decay"]
-            update_average(state, "gamma", gradient_factor(G, normaliser, approx), decay)
-            update_average(state, "omega", input_factor(A, approx), decay)
+            gamma = all_reduce_mean(gradient_factor(G, normaliser, approx))
+            update_average(state, "gamma", gamma, decay)
+            update_average(state, "omega", all_reduce_mean(input_factor(A, approx)), decay)
         return state
 
     def _direction(
