@@ -4,7 +4,7 @@ Exact Fisher blocks as ground truth, the captured layer statistics every approxi
 from, and (in later modules) block approximations, metrics, figures and optimizers.
 """
 
-from fisherlab import data, metrics, models, optim, zoo
+from fisherlab import analysis, data, metrics, models, optim, plots, zoo
 from fisherlab.blocks import METHODS, CurvatureDict, curvature
 from fisherlab.capture import Capture, LayerCapture, capture
 from fisherlab.comparison import compare
@@ -30,6 +30,7 @@ __all__ = [
     "LayerCapture",
     "MemoryBudgetError",
     "UnsupportedLayerError",
+    "analysis",
     "capture",
     "compare",
     "curvature",
@@ -39,6 +40,7 @@ __all__ = [
     "metrics",
     "models",
     "optim",
+    "plots",
     "verify",
     "zoo",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fisherlab import data, models
+from fisherlab import data, figures_cli, models
 from fisherlab.comparison import DEFAULT_METHODS, compare
 from fisherlab.conventions import FISHER_TYPES, FisherlabError
 from fisherlab.exact import BACKENDS, exact_blocks
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 3, 17, 128])
     ver.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ver.set_defaults(func=cmd_verify)
+
+    figures_cli.add_parser(sub)
     return parser
 
 

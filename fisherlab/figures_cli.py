@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from fisherlab import analysis as an
@@ -188,6 +189,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--from-data", action="store_true", help="redraw from saved CSV/JSON, no computing"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the matrices are small, and on a busy 2-core "
+        "machine 2 threads made eigendecompositions up to 30× slower)",
+    )
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
@@ -195,7 +203,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     models = MODELS if args.model == "all" else (args.model,)
     families = getattr(args, "only", None) or tuple(FAMILIES)
-    paths = run(families, models, args.out, args.seed, args.quick, not args.quiet, args.from_data)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        paths = run(
+            families, models, args.out, args.seed, args.quick, not args.quiet, args.from_data
+        )
+    finally:
+        torch.set_num_threads(previous)
     pngs = sorted(str(p) for p in paths if p.suffix == ".png")
     print(f"{len(pngs)} figures in {time.perf_counter() - start:.1f} s: " + ", ".join(pngs))
     return 0

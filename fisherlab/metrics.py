@@ -58,8 +58,8 @@ def spectrum(
     block larger than ``dense_limit`` and no structured ``eigvalsh`` uses Lanczos (scipy
     ``eigsh``) through the block's linear operator.
     """
-    if isinstance(block, Tensor):
-        values = torch.linalg.eigvalsh(block).flip(0)
+    if isinstance(block, Tensor):  # PSD up to rounding, as the blocks' own eigvalsh
+        values = torch.linalg.eigvalsh(block).clamp_min(0).flip(0)
         return values if k is None else values[:k]
     structured = not (block.method == "exact" and block.size > dense_limit)
     if structured or k is None:
@@ -102,9 +102,14 @@ def direction_quality(
 
 
 def correlation_matrix(matrix: Tensor) -> Tensor:
-    """``C_ij = M_ij / √(M_ii M_jj)`` (zero rows and columns stay zero)."""
-    scale = matrix.diagonal().clamp_min(0).sqrt()
-    scale = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    """``C_ij = M_ij / √(M_ii M_jj)``.
+
+    Rows and columns whose variance ``M_ii`` is zero up to rounding (below
+    ``n·eps·max M_ii``) are set to zero rather than to correlations of rounding noise.
+    """
+    diag = matrix.diagonal().clamp_min(0)
+    tiny = len(diag) * torch.finfo(matrix.dtype).eps * diag.max().clamp_min(0)
+    scale = torch.where(diag > tiny, 1.0 / diag.sqrt(), torch.zeros_like(diag))
     return matrix * scale.unsqueeze(0) * scale.unsqueeze(1)
 
 
@@ -136,9 +141,13 @@ def kfe_correlation(
     Args:
         exact_kron: The exact block in Kronecker order (e.g. ``ExactBlock.matrix``).
         ekfac: The EKFAC block whose basis ``U_Γ ⊗ U_Ω`` defines the KFE.
-        coordinates: Keep the first ``coordinates`` coordinates of each basis (all if None).
+        coordinates: Keep this many coordinates of each basis (all if None): the parameter
+            basis in its own order, the KFE ordered by decreasing scaling ``s`` (the most
+            important directions first).
     """
     q = torch.kron(ekfac.u_gamma, ekfac.u_omega)
+    order = torch.argsort(ekfac.scalings.flatten(), descending=True, stable=True)
+    q = q[:, order]
     in_kfe = q.T @ exact_kron @ q
     keep = slice(None) if coordinates is None else slice(0, coordinates)
     return KFECorrelation(

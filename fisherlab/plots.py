@@ -250,9 +250,23 @@ def plot_frobenius(data: FigureData) -> Figure:
             capsize=0.1,
             err_kws={"linewidth": 1},
         )
-        sns.stripplot(
-            **common, palette=palette, dodge=True, size=2.5, color="k", legend=False, jitter=0.15
-        )
+        # seaborn jitters with numpy's legacy global generator: seed it, so that redrawing from
+        # saved data gives the same picture, and restore the user's state afterwards
+        state = np.random.get_state()  # noqa: NPY002
+        np.random.seed(0)  # noqa: NPY002
+        try:
+            sns.stripplot(
+                **common,
+                palette=palette,
+                dodge=True,
+                size=3,
+                linewidth=0.5,
+                edgecolor="0.15",
+                legend=False,
+                jitter=0.15,
+            )
+        finally:
+            np.random.set_state(state)  # noqa: NPY002
         ax.set_xlabel("layer (module name, parameters P)")
         ax.set_ylabel("‖F̂ − F‖_F / ‖F‖_F (dimensionless)")
         ax.set_ylim(0, max(1.05, max(y) * 1.08))
@@ -296,7 +310,7 @@ def plot_spectra(data: FigureData, floor: float = 1e-10) -> Figure:
                 idx = np.arange(1, len(values) + 1)[keep]
                 text = label(method)
                 if (name, method) in distance:
-                    text += f" ({distance[name, method]:.2f})"
+                    text += f" ({distance[name, method]:.2g})"
                 ax.plot(
                     idx,
                     values[keep],
@@ -369,7 +383,12 @@ def plot_sample_correlations(data: FigureData) -> Figure:
                 ax.axvline(b, color="0.3", lw=0.3)
             ax.set_xlabel("sample, grouped by digit label")
             ax.set_ylabel("sample, grouped by digit label")
-        fig.colorbar(image, ax=axes[:n], shrink=0.85, label="correlation of per-sample gradients")
+        fig.colorbar(
+            image,
+            ax=axes[:n],
+            shrink=0.85,
+            label="correlation of per-sample gradients (dimensionless)",
+        )
         ax = axes[n]
         sns.heatmap(
             table,

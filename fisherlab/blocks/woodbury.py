@@ -116,7 +116,13 @@ class WoodburyBlock(CurvatureBlock):
         return (V - self.jtu(w)) / damping
 
     def _eigvalsh(self) -> Tensor:
-        values = self.gram_eig[0] / self.normaliser
+        if "gram_eig" in self.__dict__:
+            values = self.gram_eig[0]
+        elif self.size < self.rows:  # the P×P block is the smaller matrix
+            return torch.linalg.eigvalsh(self._dense_kron()).clamp_min(0)
+        else:
+            values = torch.linalg.eigvalsh(self.gram.double()).clamp_min(0).to(self.gram.dtype)
+        values = values / self.normaliser
         if len(values) >= self.size:
             return values[-self.size :]
         return torch.cat([values.new_zeros(self.size - len(values)), values])

@@ -1,0 +1,367 @@
+"""Figures: the data behind each figure (shapes, invariants) and readable PNGs (quick path)."""
+
+import argparse
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fisherlab import analysis as an
+from fisherlab import figures_cli, plots
+from fisherlab.blocks import build_block
+from fisherlab.capture import capture
+from fisherlab.metrics import frobenius_error
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("mlp", "cnn")
+EXACT = 1e-10  # relative tolerance of quantities that are equal in exact arithmetic
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def figure_data():
+    """Every family's data for both quick models, computed once (float64)."""
+    problems = figures_cli._Problems(figures_cli.Settings(seed=0, quick=True, progress=False))
+    cache = {}
+
+    def get(model, family):
+        if (model, family) not in cache:
+            cache[model, family] = figures_cli.FAMILIES[family](problems, model)
+        return cache[model, family]
+
+    get.problems = problems
+    return get
+
+
+def _layers(figure_data, model):
+    prob = figure_data.problems.get(model)
+    ((x, y),) = an.figure_batches(prob, 8)
+    return capture(prob.model, prob.loss_fn, x, y)
+
+
+# ---------------------------------------------------------------------------------- setup
+@pytest.mark.parametrize("model", MODELS)
+def test_figure_problem_is_float64_and_seeded(model):
+    a = an.figure_problem(model, seed=3, quick=True)
+    b = an.figure_problem(model, seed=3, quick=True)
+    assert all(p.dtype == torch.float64 for p in a.model.parameters())
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    (x1, _), (x2, _) = an.figure_batches(a, 16, count=2)
+    assert x1.shape == (16, 1, 8, 8) and not torch.equal(x1, x2)
+
+
+def test_exact_spectrum_matches_dense_eigenvalues(figure_data):
+    cap = _layers(figure_data, "mlp")  # N=8, R=10: layer 1 has P=520 > M=80 (Gram route)
+    for name in cap:
+        dense = torch.linalg.eigvalsh(build_block("exact", cap, name).to_dense()).flip(0)
+        got = an.exact_spectrum(cap, name)
+        assert got.shape == dense.shape
+        assert torch.allclose(got, dense.clamp_min(0), rtol=0, atol=EXACT * float(dense[0]))
+
+
+# ------------------------------------------------------------------------------- 1. heatmaps
+@pytest.mark.parametrize("model", MODELS)
+def test_heatmap_data(figure_data, model):
+    data = figure_data(model, "heatmaps")
+    meta = data.meta
+    matrices = an.rows_to_matrices(data.rows("inverse"))
+    assert list(matrices) == ["exact", *an.HEATMAP_METHODS]
+    for m in matrices.values():
+        assert m.shape == (meta["shown"], meta["shown"])
+        assert torch.allclose(m, m.T, rtol=0, atol=1e-8 * float(m.abs().max()))
+    assert meta["damping"] > 0 and meta["P"] <= 200
+    summary = {r["method"]: r for r in data.rows("summary")}
+    assert summary["woodbury"]["rel_frobenius_inverse"] < EXACT
+    assert summary["woodbury"]["rel_frobenius_block"] < EXACT
+    assert summary["ekfac"]["rel_frobenius_block"] <= summary["kfac"]["rel_frobenius_block"]
+    # the damped inverse of the exact block really is (F + λI)⁻¹
+    prob = figure_data.problems.get(model)
+    ((x, y),) = an.figure_batches(prob, figures_cli.Settings(quick=True).batch_size)
+    cap = capture(prob.model, prob.loss_fn, x, y)
+    dense = build_block("exact", cap, meta["layer"]).to_dense()
+    eye = torch.eye(len(dense), dtype=dense.dtype)
+    reference = torch.linalg.inv(dense + meta["damping"] * eye)[: meta["shown"], : meta["shown"]]
+    assert frobenius_error(reference, matrices["exact"]) < 1e-7  # CSV-free, float64
+
+
+def test_heatmaps_crop_large_layers():
+    prob = an.figure_problem("mlp", quick=True)
+    ((x, y),) = an.figure_batches(prob, 8)
+    data = an.block_heatmaps(prob.model, prob.loss_fn, x, y, layer="1", max_params=30)
+    assert data.meta["P"] == 520 and data.meta["shown"] == 30
+    assert all(m.shape == (30, 30) for m in an.rows_to_matrices(data.rows("inverse")).values())
+
+
+# ------------------------------------------------------------------------------ 2. Frobenius
+@pytest.mark.parametrize("model", MODELS)
+def test_frobenius_data(figure_data, model):
+    data = figure_data(model, "frobenius")
+    rows = data.rows("errors")
+    settings = figures_cli.Settings(quick=True)
+    layers = {r["layer"] for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    assert methods == an.default_methods(figure_data.problems.get(model).model)
+    assert len(rows) == settings.seeds * settings.batches * len(layers) * len(methods)
+    assert all(r["rel_frobenius"] >= 0 and math.isfinite(r["rel_frobenius"]) for r in rows)
+    err = {(r["seed"], r["batch"], r["layer"], r["method"]): r["rel_frobenius"] for r in rows}
+    for (seed, batch, layer, method), value in err.items():
+        if method == "ekfac":  # EKFAC's theorem, on every layer, seed and batch
+            assert value <= err[seed, batch, layer, "kfac"] * (1 + EXACT) + EXACT
+
+
+def test_frobenius_at_scale_agrees_with_dense_blocks():
+    prob = an.figure_problem("cnn", quick=True)
+    batches = an.figure_batches(prob, 8)
+    methods = an.default_methods(prob.model)
+    rows = an.frobenius_errors([prob.model], prob.loss_fn, batches, methods).rows("errors")
+    cap = capture(prob.model, prob.loss_fn, *batches[0])
+    for r in rows:
+        from fisherlab.blocks import parse_method
+
+        method, options = parse_method(r["method"])
+        exact = build_block("exact", cap, r["layer"]).to_dense()
+        approx = build_block(method, cap, r["layer"], **options).to_dense()
+        assert r["rel_frobenius"] == pytest.approx(frobenius_error(exact, approx), rel=1e-6)
+
+
+# -------------------------------------------------------------------------------- 3. spectra
+@pytest.mark.parametrize("model", MODELS)
+def test_spectra_data(figure_data, model):
+    data = figure_data(model, "spectra")
+    rows = data.rows("eigenvalues")
+    sizes = {info["layer"]: info["P"] for info in data.meta["layers"]}
+    methods = ["exact", *an.default_methods(figure_data.problems.get(model).model)]
+    for layer, size in sizes.items():
+        for method in methods:
+            values = np.array(
+                [r["eigenvalue"] for r in rows if r["layer"] == layer and r["method"] == method]
+            )
+            assert len(values) == size
+            assert np.all(np.diff(values) <= 0), (layer, method)
+            assert values.min() >= -EXACT * values.max(), (layer, method)
+    assert {(r["layer"], r["method"]) for r in data.rows("distance")} == {
+        (layer, m) for layer in sizes for m in methods[1:]
+    }
+
+
+# --------------------------------------------------------------------- 4. sample correlation
+@pytest.mark.parametrize("model", MODELS)
+def test_sample_correlation_data(figure_data, model):
+    data = figure_data(model, "sample_correlation")
+    n = figures_cli.Settings(quick=True).correlation_batch
+    matrices = an.rows_to_matrices(data.rows("correlation"), key="layer")
+    assert list(matrices) == [info["layer"] for info in data.meta["layers"]]
+    for c in matrices.values():
+        assert c.shape == (n, n)
+        assert torch.allclose(c.diagonal(), torch.ones(n, dtype=c.dtype), rtol=0, atol=EXACT)
+        assert torch.allclose(c, c.T, rtol=0, atol=EXACT) and c.abs().max() <= 1 + EXACT
+    labels = [r["label"] for r in data.rows("labels")]
+    assert labels == sorted(labels) and len(labels) == n
+    sim = {(r["layer_a"], r["layer_b"]): r for r in data.rows("similarity")}
+    for (a, b), r in sim.items():
+        assert r["pearson"] == pytest.approx(sim[b, a]["pearson"], abs=EXACT)
+        assert r["adjacent"] == (abs(list(matrices).index(a) - list(matrices).index(b)) == 1)
+        if a == b:
+            assert r["pearson"] == pytest.approx(1.0, abs=EXACT) and r["rel_distance"] == 0
+
+
+# ---------------------------------------------------------------------- 5. KFE correlation
+@pytest.mark.parametrize("model", MODELS)
+def test_kfe_correlation_data(figure_data, model):
+    data = figure_data(model, "kfe_correlation")
+    matrices = an.rows_to_matrices(data.rows("correlation"), key="basis")
+    shown = data.meta["shown"]
+    assert set(matrices) == {"parameter", "kfe"}
+    for basis, c in matrices.items():
+        assert c.shape == (shown, shown)
+        defined = ~torch.isnan(c.diagonal())
+        assert int((~defined).sum()) == data.meta["masked"][basis]
+        d = c.diagonal()[defined]
+        assert torch.allclose(d, torch.ones_like(d), rtol=0, atol=EXACT)
+        keep = c[defined][:, defined]
+        assert torch.allclose(keep, keep.T, rtol=0, atol=EXACT) and keep.abs().max() <= 1 + 1e-8
+    summary = data.rows("summary")
+    assert len(summary) == 2 * len({r["layer"] for r in summary})
+    assert all(0 <= r["mean_abs_offdiag"] <= 1 for r in summary)
+
+
+def test_kfe_correlation_masks_the_null_directions_of_the_last_layer():
+    # softmax output gradients sum to zero over classes, so Γ of the last layer is singular
+    prob = an.figure_problem("mlp", quick=True)
+    ((x, y),) = an.figure_batches(prob, 32)
+    data = an.kfe_decorrelation(prob.model, prob.loss_fn, x, y, layer="5")
+    assert data.meta["masked"]["kfe"] == 7  # one null direction of Γ × (6 inputs + bias)
+
+
+# ------------------------------------------------------------------------------ 6. training
+@pytest.mark.parametrize("model", MODELS)
+def test_training_data_and_the_ekfac_invariant(figure_data, model):
+    data = figure_data(model, "training")
+    meta, rows = data.meta, data.rows("curves")
+    k = meta["basis_every"]
+    layers = meta["layers"]
+    assert len(rows) == meta["steps"] * len(layers) * len(an.TRAINING_SERIES)
+    assert {r["step"] for r in rows if r["basis_step"]} == set(range(0, meta["steps"], k))
+    err = {(r["step"], r["layer"], r["method"]): r for r in rows}
+    for (step, layer, method), r in err.items():
+        assert r["rel_frobenius"] >= 0 and r["spectrum_distance"] >= 0
+        if method != "ekfac_amortized" or not r["basis_step"]:
+            continue
+        kfac = err[step, layer, "kfac"]
+        # at a step whose basis was just computed: EKFAC ≤ KFAC, and amortized KFAC = KFAC
+        assert r["rel_frobenius"] <= kfac["rel_frobenius"] * (1 + EXACT) + EXACT
+        amortized = err[step, layer, "kfac_amortized"]["rel_frobenius"]
+        assert amortized == pytest.approx(kfac["rel_frobenius"], rel=EXACT, abs=EXACT)
+    # between recomputations the stale blocks differ from the fresh KFAC
+    stale = [r for r in rows if not r["basis_step"] and r["method"] == "kfac_amortized"]
+    assert any(
+        abs(r["rel_frobenius"] - err[r["step"], r["layer"], "kfac"]["rel_frobenius"]) > 1e-3
+        for r in stale
+    )
+    losses = [err[s, layers[0], "kfac"]["loss"] for s in range(meta["steps"])]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])  # SGD trains
+
+
+# ---------------------------------------------------------------------------- 7. directions
+@pytest.mark.parametrize("model", MODELS)
+def test_direction_data(figure_data, model):
+    data = figure_data(model, "directions")
+    rows = data.rows("directions")
+    assert all(-1 - EXACT <= r["cosine"] <= 1 + EXACT for r in rows)
+    lams = sorted({r["damping"] for r in rows})
+    assert len(lams) == 15
+    # with damping much larger than the curvature every direction is the gradient
+    assert all(r["cosine"] > 0.99 for r in rows if r["damping"] == lams[-1])
+
+
+def test_direction_of_the_exact_block_is_exact():
+    prob = an.figure_problem("mlp", quick=True)
+    ((x, y),) = an.figure_batches(prob, 8)
+    rows = an.direction_quality_vs_damping(
+        prob.model, prob.loss_fn, x, y, methods=["woodbury", "exact"], dampings=[1e-4, 1e-1]
+    ).rows("directions")
+    assert all(abs(r["cosine"] - 1) < 1e-8 and r["relative_error"] < 1e-7 for r in rows)
+
+
+# ------------------------------------------------------------------------- data round trip
+def test_figure_data_round_trip(figure_data, tmp_path):
+    for family in ("kfe_correlation", "training"):
+        data = figure_data("mlp", family)
+        data.save(tmp_path, family)
+        back = an.FigureData.load(tmp_path, family)
+        assert back.name == data.name and back.meta == data.meta
+        for key, rows in data.tables.items():
+            assert len(back.tables[key]) == len(rows)
+            for a, b in zip(rows, back.tables[key]):
+                assert a.keys() == b.keys()
+                for column, value in a.items():
+                    assert type(b[column]) is type(value)  # layer names stay strings
+                    if isinstance(value, float) and not math.isnan(value):
+                        assert b[column] == pytest.approx(value, rel=1e-7, abs=1e-300)
+                    elif not isinstance(value, float):
+                        assert b[column] == value
+
+
+def test_matrix_rows_round_trip():
+    m = {"a": torch.randn(3, 3, dtype=torch.float64), "b": torch.eye(3, dtype=torch.float64)}
+    back = an.rows_to_matrices(an.matrix_rows(m))
+    assert all(torch.equal(back[k], m[k]) for k in m)
+
+
+# ---------------------------------------------------------------------------------- figures
+def _check_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 10_000
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 500
+    assert pixels.std() > 5  # not blank
+
+
+@pytest.mark.parametrize("family", list(figures_cli.FAMILIES))
+def test_every_figure_function_writes_a_readable_png(figure_data, family, tmp_path):
+    data = figure_data("cnn" if family in ("heatmaps", "frobenius") else "mlp", family)
+    data.meta["model"] = "test model"
+    fig = plots.PLOTS[family](data)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    paths = plots.save_figure(fig, tmp_path / family, formats=("png",))
+    assert paths == [tmp_path / f"{family}.png"]
+    _check_png(paths[0])
+    assert fig.get_suptitle().endswith("test model")
+    labels = " ".join(ax.get_xlabel() + " " + ax.get_ylabel() for ax in fig.axes)
+    assert any(ax.get_xlabel() for ax in fig.axes) and any(ax.get_ylabel() for ax in fig.axes)
+    assert "[" in labels or "dimensionless" in labels or "index" in labels  # units
+
+
+def test_plots_do_not_touch_pyplot_state():
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    prob = an.figure_problem("mlp", quick=True)
+    ((x, y),) = an.figure_batches(prob, 8)
+    plots.plot_spectra(an.spectra(prob.model, prob.loss_fn, x, y))
+    assert plt.get_fignums() == before
+
+
+# ---------------------------------------------------------------------------------- command
+def _parser():
+    parser = argparse.ArgumentParser()
+    figures_cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_command_writes_figures_data_and_redraws_from_data(tmp_path, capsys):
+    out = tmp_path / "figs"
+    argv = ["figures", "--quick", "--quiet", "--model", "mlp", "--out", str(out)]
+    args = _parser().parse_args([*argv, "--only", "sample_correlation"])
+    assert args.model == "mlp" and args.threads == 1 and args.seed == 0
+    threads = torch.get_num_threads()
+    assert args.func(args) == 0
+    assert torch.get_num_threads() == threads
+    names = {p.name for p in out.iterdir()}
+    stem = "mlp-sample_correlation"
+    assert {f"{stem}.png", f"{stem}.pdf", f"{stem}.json", f"{stem}-correlation.csv"} <= names
+    assert (out / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    png = out / f"{stem}.png"
+    png.unlink()
+    args = _parser().parse_args([*argv, "--only", "sample_correlation", "--from-data"])
+    assert args.func(args) == 0
+    _check_png(png)
+    assert "1 figures in" in capsys.readouterr().out
+
+
+def test_parser_defaults():
+    args = _parser().parse_args(["figures"])
+    assert (args.model, args.out, args.quick, args.only) == ("all", "figures", False, None)
+
+
+def test_analysis_script_runs(tmp_path, monkeypatch):
+    script = ROOT / "analyses" / "sample_correlation.py"
+    argv = [str(script), "--quick", "--quiet", "--model", "cnn", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code == 0
+    _check_png(tmp_path / "cnn-sample_correlation.png")
+
+
+def test_every_family_has_a_script():
+    assert {p.stem for p in (ROOT / "analyses").glob("*.py")} >= set(figures_cli.FAMILIES)
