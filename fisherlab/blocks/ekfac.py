@@ -26,6 +26,8 @@ def kfe_scalings(
     """``s`` as ``[d_out, D]``: second moments of the gradient rows in the basis ``U_Γ ⊗ U_Ω``."""
     A_rot = A @ u_omega  # [N, T, D]
     G_rot = G @ u_gamma  # [R, N, T, d_out]
+    if A.shape[1] == 1:  # one position: (g ⊗ a)² = g² ⊗ a², a single product
+        return torch.einsum("rnd,ne->de", G_rot[:, :, 0] ** 2, A_rot[:, 0] ** 2) / normaliser
     s = A.new_zeros(u_gamma.shape[0], u_omega.shape[0])
     row = G.shape[0] * u_gamma.shape[0] * u_omega.shape[0]
     for chunk in sample_chunks(A.shape[0], row):
