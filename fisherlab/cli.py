@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fisherlab import data, figures_cli, models
+from fisherlab import data, figures_cli, models, train_cli
 from fisherlab.comparison import DEFAULT_METHODS, compare
 from fisherlab.conventions import FISHER_TYPES, FisherlabError
 from fisherlab.exact import BACKENDS, exact_blocks
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=cmd_verify)
 
     figures_cli.add_parser(sub)
+    train_cli.add_parsers(sub)
     return parser
 
 

@@ -73,19 +73,22 @@ OPTIMIZER_NAMES: tuple[str, ...] = (*FIRST_ORDER, *optim.OPTIMIZERS)
 BUILTIN_MODELS = ("mlp", "cnn", "3c1f")
 
 DEFAULT_HYPER: dict[str, dict[str, float | None]] = {
-    "sgd": {"lr": 0.03, "damping": None},
-    "adam": {"lr": 0.001, "damping": None},
-    "kfac": {"lr": 0.003, "damping": 0.01},
-    "ekfac": {"lr": 0.003, "damping": 0.01},
-    "ekfac-ra": {"lr": 0.003, "damping": 0.01},
-    "tengrad": {"lr": 0.003, "damping": 0.01},
-    "skfac": {"lr": 0.003, "damping": 0.01},
-    "fngd": {"lr": 0.003, "damping": 0.01},
+    "sgd": {"lr": 0.3, "damping": None},
+    "adam": {"lr": 0.01, "damping": None},
+    "kfac": {"lr": 0.3, "damping": 1.0},
+    "ekfac": {"lr": 3e-4, "damping": 1e-4},
+    "ekfac-ra": {"lr": 0.3, "damping": 1.0},
+    "tengrad": {"lr": 0.3, "damping": 1.0},
+    "skfac": {"lr": 0.03, "damping": 0.1},
+    "fngd": {"lr": 0.3, "damping": 1.0},
 }
-"""Learning rate and damping used when a run gives none (momentum 0.9, batch 64, digits MLP).
+"""Learning rate and damping used when a run gives none: the grid search's choice for the digits
+MLP (10 epochs, batch 64, momentum 0.9; lowest training loss over 42 lr × damping points).
 
-Tuned by the grid search of ``configs/digits.json``, which keeps the per-model values; other data
-sets and models deserve their own search (``fisherlab train --grid``).
+``configs/digits.json`` keeps the per-model values (the small CNN's differ); other data sets and
+models deserve their own search (``fisherlab train --grid``). On digits the curvature
+optimizers' results depend mostly on ``lr/damping``: e.g. KFAC reaches almost the same loss at
+(0.3, 1), (0.03, 0.1) and (0.003, 0.01).
 """
 
 DEFAULT_GRID: dict[str, dict[str, list[float]]] = {
@@ -146,7 +149,8 @@ class RunConfig:
         eval_train: Evaluate the whole training set after each epoch (else ``train_loss`` is
             the running mean of the mini-batch losses).
         eval_batch_size: Batch size of the evaluations.
-        threads: ``torch.set_num_threads`` for the run (``None``: leave as is).
+        threads: ``torch.set_num_threads`` during the run, restored after it (``None``: leave
+            as is). One thread gives the steadiest timings of small models on a busy machine.
         tag: Free label; runs tagged ``"grid"`` are left out of curves by default.
     """
 
@@ -454,8 +458,24 @@ def train(
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise FisherlabError("--device cuda was asked for but torch sees no CUDA device")
     device = torch.device(cfg.device)
-    if cfg.threads is not None:
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None and cfg.threads != threads_before:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, device, out, progress, split, on_epoch)
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+
+
+def _train(
+    cfg: RunConfig,
+    device: torch.device,
+    out: str | os.PathLike | None,
+    progress: bool,
+    split: Split | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> RunResult:
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -586,7 +606,7 @@ def train(
                 on_epoch(row)
             if status in ("diverged", "failed"):
                 if status == "failed":
-                    warnings.warn(f"{cfg.label} failed at {note}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(f"{cfg.label} failed at {note}", RuntimeWarning, stacklevel=3)
                 break
     except KeyboardInterrupt:
         status = "interrupted"
@@ -646,8 +666,9 @@ class GridResult:
     """Outcome of :func:`grid_search`.
 
     Attributes:
-        points: One row per grid point: ``lr``, ``damping``, final metrics (mean over seeds),
-            ``diverged`` (seeds that diverged) and the run folders.
+        points: One row per grid point: ``lr``, ``damping``, final metrics (mean over seeds;
+            the worst value when a seed stopped early), ``diverged`` and ``failed`` (seeds that
+            did) and the run folders.
         per_epoch: One row per epoch: the best point at that epoch and its metrics.
         best: The point best at the last epoch: ``{"lr": …, "damping": …}``.
         select: The criterion.
@@ -700,6 +721,7 @@ def grid_search(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     split: Split | None = None,
+    force: bool = False,
 ) -> GridResult:
     """Train every ``lr × damping`` pair for ``base``'s budget and select per epoch.
 
@@ -710,9 +732,11 @@ def grid_search(
         seeds: Seeds of every point; scores are means over them.
         select: A key of :data:`SELECT_CRITERIA`.
         out: Folder for the runs (``out/lr=…,damping=…/seed…``) and ``grid.csv/json``,
-            ``grid-per-epoch.csv/json``.
+            ``grid-per-epoch.csv/json``. Finished runs of the same config found there are
+            reused, so a grid can be extended or resumed.
         progress: Progress bars.
         split: Preloaded data.
+        force: Retrain points that are already there.
 
     Returns:
         The points, the per-epoch best selection and the point best at the last epoch.
@@ -737,7 +761,10 @@ def grid_search(
                 if out is not None:
                     folder = Path(out) / _point_name(lr, damping) / f"seed{seed}"
                     folders[key].append(str(folder))
-                result = train(cfg, folder, progress=progress, split=split)
+                if folder is not None and not force and _same_run(folder, cfg.resolved()):
+                    result = load_run(folder)  # a finished point of an earlier search
+                else:
+                    result = train(cfg, folder, progress=progress, split=split)
                 runs[key].append(result.rows)
                 statuses[key].append(result.status)
     epochs = base.epochs
@@ -755,6 +782,7 @@ def grid_search(
                 **{f"final_{k}": v for k, v in final.items()},
                 "time_s": float(np.mean([r[-1]["time_s"] for r in rows_by_seed])),
                 "diverged": statuses[(lr, damping)].count("diverged"),
+                "failed": statuses[(lr, damping)].count("failed"),
                 "runs": ";".join(folders[(lr, damping)]),
             }
         )
@@ -850,7 +878,8 @@ def summarise(runs: Sequence[RunResult], target: float | None = None) -> list[di
     over the seeds that reached the target), ``reached`` (``k/n`` seeds), ``epochs_to_target``,
     ``vs_sgd`` (time to target ÷ SGD's in the same group), ``final_test_accuracy`` (± std),
     ``final_train_loss`` (± std), ``time_per_epoch_s``, ``step_share`` (time inside
-    ``optimizer.step()`` ÷ training time) and the settings.
+    ``optimizer.step()`` ÷ training time), ``diverged`` and ``failed`` (runs that stopped
+    early; their last epoch counts as final) and the settings.
     """
     table = []
     for (data, model), by_label in group_runs(runs).items():
@@ -888,6 +917,7 @@ def summarise(runs: Sequence[RunResult], target: float | None = None) -> list[di
                     "time_per_epoch_s": float(np.mean([t / e for t, e in zip(total, epochs)])),
                     "step_share": float(np.mean([s / max(t, 1e-12) for s, t in zip(step, total)])),
                     "diverged": sum(r.status == "diverged" for r in rs),
+                    "failed": sum(r.status == "failed" for r in rs),
                 }
             )
         sgd = next((r for r in group_rows if r["optimizer"] == "sgd"), None)
@@ -915,8 +945,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     )
     lines = [head, "|" + "---|" * 13]
     for r in rows:
+        stopped = [f"{r[k]}/{r['seeds']} {k}" for k in ("diverged", "failed") if r.get(k)]
+        name = r["optimizer"] + (f" ({', '.join(stopped)})" if stopped else "")
         lines.append(
-            f"| {r['data']} | {r['model']} | {r['optimizer']} | {r['lr']:g} | "
+            f"| {r['data']} | {r['model']} | {name} | {r['lr']:g} | "
             f"{'—' if r['damping'] is None else format(r['damping'], 'g')} | "
             f"{pm(r['time_to_target_s'], r['time_to_target_std'], '.2f')} | {r['reached']} | "
             f"{num(r['epochs_to_target'], '.1f')} | {num(r['vs_sgd'], '.2f')} | "
@@ -951,16 +983,34 @@ def _aggregate(rs: Sequence[RunResult], key: str) -> tuple[np.ndarray, ...]:
         )
 
 
-def curves_figure(by_label: dict[str, list[RunResult]], title: str, target: float | None = None):
+def _seconds(value: float, _pos: int) -> str:
+    """Tick label of a log time axis: ``0.1``, ``1``, ``10``."""
+    return f"{value:g}"
+
+
+def curves_figure(
+    by_label: dict[str, list[RunResult]],
+    title: str,
+    target: float | None = None,
+    log_time: bool = True,
+):
     """Training loss vs epoch and vs wall-clock, test accuracy vs wall-clock; one line per label.
 
     Lines are means over seeds, bands their min–max; on the wall-clock axes each point sits at
     the mean cumulative training time of its epoch.
 
+    Args:
+        by_label: Runs over seeds per curve label (:func:`group_runs`).
+        title: Figure title.
+        target: Test accuracy drawn as a dotted line.
+        log_time: Logarithmic wall-clock axes (the optimizers' costs differ by orders of
+            magnitude); they then start at epoch 1.
+
     Returns:
         A matplotlib ``Figure``.
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -986,30 +1036,41 @@ def curves_figure(by_label: dict[str, list[RunResult]], title: str, target: floa
             kw = dict(color=color, linestyle=style, linewidth=1.8, marker="o", markersize=2.5)
             axes[0].plot(epochs, loss, label=legend, **kw)
             axes[0].fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
-            axes[1].plot(wall, loss, **kw)
-            axes[1].fill_between(wall, lo, hi, color=color, alpha=0.15, linewidth=0)
-            axes[2].plot(wall, 100 * acc, **kw)
-            axes[2].fill_between(wall, 100 * acc_lo, 100 * acc_hi, color=color, alpha=0.15, lw=0)
+            t = slice(1, None) if log_time else slice(None)  # time 0 has no place on a log axis
+            axes[1].plot(wall[t], loss[t], **kw)
+            axes[1].fill_between(wall[t], lo[t], hi[t], color=color, alpha=0.15, linewidth=0)
+            axes[2].plot(wall[t], 100 * acc[t], **kw)
+            axes[2].fill_between(
+                wall[t], 100 * acc_lo[t], 100 * acc_hi[t], color=color, alpha=0.15, lw=0
+            )
         top = 3 * max((v for v in start_losses if math.isfinite(v)), default=10.0)
         for ax in axes[:2]:
             ax.set_yscale("log")
             ax.set_ylim(top=top)  # diverged runs leave the plot upwards
             ax.set_ylabel("training loss (cross-entropy, whole training set)")
         axes[0].set_xlabel("epoch")
-        axes[1].set_xlabel("training wall-clock time (s)")
-        axes[2].set_xlabel("training wall-clock time (s)")
+        for ax in axes[1:]:
+            ax.set_xlabel(
+                "training wall-clock time (s" + (", log scale, from epoch 1)" if log_time else ")")
+            )
+            if log_time:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_seconds))
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes[2].set_ylabel("test accuracy (%)")
         finals = [100 * _aggregate(rs, "test_accuracy")[1][-1] for rs in by_label.values() if rs]
         if finals and all(math.isfinite(f) for f in finals):
             low = min(min(finals) - 5, 100 * target - 3 if target else 100)
-            axes[2].set_ylim(max(low, 0), 100)
+            high = max(max(finals) + 3, 100 * target + 2 if target else 0)
+            axes[2].set_ylim(max(low, 0), min(high, 100))  # the target line stays inside
+        axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if target is not None:
             axes[2].axhline(100 * target, color="0.3", linewidth=1, linestyle=":")
             axes[2].annotate(
                 f"target {100 * target:g}%",
-                (0.98, 100 * target),
+                (0.02, 100 * target),
                 xycoords=("axes fraction", "data"),
-                ha="right",
+                ha="left",
                 va="bottom",
                 fontsize=9,
                 color="0.3",
@@ -1042,9 +1103,10 @@ def step_time_figure(runs_by_model: dict[str, dict[str, list[RunResult]]], title
     palette = _palette()
     n = len(runs_by_model)
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
+        bars = max(len(v) for v in runs_by_model.values())
         fig, axes = plt.subplots(
-            1, n, figsize=(5.5 * n, 0.45 * max(len(v) for v in runs_by_model.values()) + 1.6),
-            constrained_layout=True, squeeze=False,
+            1, n, figsize=(5.5 * n, max(4.0, 0.45 * bars + 1.6)), constrained_layout=True,
+            squeeze=False,
         )  # fmt: skip
         for ax, (model, by_label) in zip(axes[0], runs_by_model.items()):
             labels = list(by_label)
@@ -1271,6 +1333,7 @@ def compare_optimizers(
                     out=out / "grid" / folder.name / name,
                     progress=progress,
                     split=splits[key],
+                    force=force,
                 )
                 grids[(exp["model"], name)] = g
                 base = dataclasses.replace(base, **g.best)

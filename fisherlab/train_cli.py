@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,21 @@ def _option(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def dump_json(value: Any) -> str:
+    """JSON with two-space indents; lists of numbers and dicts of plain values on one line."""
+    text = json.dumps(value, indent=2)
+
+    def one_line(match: re.Match) -> str:
+        return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
+
+    def one_line_dict(match: re.Match) -> str:
+        return "{" + ", ".join(item.strip() for item in match.group(1).split(",")) + "}"
+
+    text = re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", one_line, text)
+    scalars = r'(?:"[\w-]+": (?:[-+.\deE]+|\[[^\[\]{}]*\]|null|true|false),?\s+)+'
+    return re.sub(r"\{\s+(" + scalars + r")\}", one_line_dict, text) + "\n"
 
 
 def _config_from_args(args: argparse.Namespace) -> ex.RunConfig:
@@ -126,12 +142,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(format_table(rows))
         save_table(rows, out / "grid" / "best", {"config": str(args.config)})
         if args.update_config:
-            Path(args.config).write_text(json.dumps(experiment, indent=2) + "\n")
+            Path(args.config).write_text(dump_json(experiment))
             print(f"wrote the tuned learning rates and dampings into {args.config}")
     figures = args.figures or experiment.get("figures")
     target = args.target if args.target is not None else experiment.get("target_accuracy")
     if figures:
-        table, written = ex.write_curves(runs, figures, target)
+        table, written = ex.write_curves(runs, figures, target, args.formats)
         print(ex.markdown_table(table))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -217,6 +233,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--out", help="runs folder (default: the config's 'out')")
     cmp.add_argument("--figures", help="figures folder (default: the config's 'figures')")
     cmp.add_argument("--target", type=float, help="test accuracy of the time-to-target table")
+    cmp.add_argument("--formats", nargs="+", default=["png", "pdf"], help="figure formats")
     cmp.add_argument("--optimizers", nargs="+", choices=ex.OPTIMIZER_NAMES, help="only these")
     cmp.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     cmp.add_argument("--grid", action="store_true", help="tune lr and damping first")

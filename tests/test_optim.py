@@ -320,3 +320,23 @@ def test_trains_digits_to_90_percent_in_four_epochs(name, model_name):
     with torch.no_grad():
         accuracy = (model(split.x_test).argmax(1) == split.y_test).float().mean().item()
     assert accuracy >= 0.90, accuracy
+
+
+def test_overflowing_factors_skip_the_step_instead_of_crashing():
+    """Finite inputs of 1e20 make ÃᵀÃ overflow float32: the step is skipped and rolled back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = fl.optim.KFAC(model, lr=LR, damping=DAMPING)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    _step(opt, model, nn.CrossEntropyLoss(), x, y)
+    state = {k: dict(v) for k, v in opt.layer_state.items()}
+    with pytest.warns(
+        RuntimeWarning, match=r"step 1 skipped: the curvature of layers \['0'\] overflowed"
+    ):
+        before, _ = _step(opt, model, nn.CrossEntropyLoss(), x * 1e20, y)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+    assert all(
+        opt.layer_state[k][key] is value for k, v in state.items() for key, value in v.items()
+    )
+    opt.close()

@@ -71,6 +71,10 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """
     work = matrix.double() if matrix.dtype != torch.float64 else matrix
     work = (work + work.T) / 2
+    if not bool(torch.isfinite(work).all()):
+        raise FisherlabError(
+            "cannot eigendecompose a matrix with non-finite entries (overflowing statistics)"
+        )
     try:
         values, vectors = torch.linalg.eigh(work)
     except RuntimeError:  # pragma: no cover - LAPACK convergence failure

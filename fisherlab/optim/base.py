@@ -234,14 +234,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         updates: dict[int, Tensor] = {}
         directions, grads = {}, {}
+        # statistics are replaced, never mutated, so references suffice to roll back
+        saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
+                 for n, s in self.layer_state.items()}  # fmt: skip
         for name, layer in self.layers.items():
             params = layer.parameters()
             if name not in stats or any(p.grad is None for p in params):
                 continue
             grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
             A, G = stats[name]
-            directions[name] = self._direction(name, layer, A, G, normaliser, grad)
+            try:
+                directions[name] = self._direction(name, layer, A, G, normaliser, grad)
+            except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
+                self.layer_state = saved
+                warnings.warn(
+                    f"step {self.steps} skipped: the curvature of layer {name!r} could not be "
+                    f"inverted ({err}); parameters and statistics are unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return loss
             grads[name] = grad
+        bad = self._non_finite_updates(saved, directions)
+        if bad:
+            self.layer_state = saved
+            warnings.warn(
+                f"step {self.steps} skipped: the curvature of layers {bad} overflowed "
+                "(non-finite factors or directions); parameters and statistics are unchanged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
         scale = self._scale(directions, grads) if directions else 1.0
         for name, d in directions.items():
             offset = 0
@@ -265,6 +288,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             p.add_(update, alpha=-lr)
         self.steps += 1
         return loss
+
+    def _non_finite_updates(self, saved: dict, directions: dict[str, Tensor]) -> list[str]:
+        """Layers whose new statistics or direction hold NaN/Inf (one host synchronisation)."""
+        checked: list[tuple[str, Tensor]] = [(n, d) for n, d in directions.items()]
+        for name, state in self.layer_state.items():
+            for key, value in state.items():
+                if value is not saved[name].get(key):
+                    values = value if isinstance(value, tuple) else (value,)
+                    checked += [(name, t) for t in values if isinstance(t, Tensor)]
+        if not checked:
+            return []
+        flags = torch.stack([torch.isfinite(t).all() for _, t in checked])
+        if bool(flags.all()):
+            return []
+        return sorted({name for (name, _), ok in zip(checked, flags.tolist()) if not ok})
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
