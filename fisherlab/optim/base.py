@@ -20,9 +20,10 @@ Shared behaviour:
 * Layers fisherlab does not precondition (BatchNorm, LayerNorm, Embedding, …) get the plain
   gradient step, with a one-time warning naming them.
 * Weight decay is decoupled (``θ ← θ − lr·wd·θ``); momentum is heavy-ball on the update.
-* A step whose gradients or statistics hold NaN/Inf is skipped for all parameters, with a
-  warning naming the layers; nothing is updated, neither parameters nor statistics. Checking
-  costs one host synchronisation per step.
+* A step whose gradients or statistics hold NaN/Inf, or whose curvature overflows or cannot be
+  inverted, is skipped for all parameters, with a warning naming the layers; nothing is
+  updated, neither parameters nor statistics (they are rolled back). Checking costs two host
+  synchronisations per step.
 * Statistics live on the parameters' device, in float64 for float64 models, else float32.
 * ``state_dict()`` holds the per-layer statistics too, so a resumed run continues bit-identically.
 """
