@@ -52,6 +52,7 @@ def _worker(rank, world, init, out):
         results = {name: _train(name, rank, world) for name in MAKERS}
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # every collective is done before any process tears down
     finally:
         dist.destroy_process_group()
 
@@ -59,7 +60,13 @@ def _worker(rank, world, init, out):
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs gloo")
 def test_ranks_with_batch_b_equal_one_process_with_batch_wb(tmp_path):
     out = tmp_path / "distributed.pt"
-    mp.spawn(_worker, args=(WORLD, f"file://{tmp_path / 'init'}", str(out)), nprocs=WORLD)
+    try:
+        mp.spawn(_worker, args=(WORLD, f"file://{tmp_path / 'init'}", str(out)), nprocs=WORLD)
+    except mp.ProcessExitedException:
+        # gloo sometimes aborts a process while tearing down ("terminate called without an
+        # active exception"); the results count if rank 0 wrote them after the final barrier
+        if not out.exists():
+            raise
     distributed = torch.load(out)
     for name in MAKERS:
         single = _train(name)
