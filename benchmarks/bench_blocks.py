@@ -22,7 +22,8 @@ What is measured (all in one process and one run, so every ratio compares like w
   ``K``, their max relative difference is reported, and ``ratio = t_gradients / t_covariance``.
 * **Break-down** at the widest Linear layer: the pieces that make up the ``kfac``/``ekfac``/
   ``woodbury`` times (factor products, ``symmetric_eigh`` — float64 for float32 input — against a
-  plain float32 ``eigh``, ``kfe_scalings`` against the equivalent ``T = 1`` matmul).
+  plain float32 ``eigh``, ``kfe_scalings`` against the equivalent ``T = 1`` matmul, the
+  parameter ↔ Kronecker reorder of every ``solve``, and the index tensor every block holds).
 * The crossover: the smallest width where ``woodbury``'s build + first solve is faster than
   ``kfac``'s (also for the second, amortised solve).
 
@@ -379,7 +380,8 @@ def bench_breakdown(problem: Problem, block_rows: list[dict], args: argparse.Nam
         ("woodbury", "symmetric_eigh(K)", lambda: symmetric_eigh(gram(A, G, "covariance"))),
     ]
     # The parameter-order ↔ Kronecker-order reorder every public solve() pays (private
-    # helpers of CurvatureBlock, timed here as a diagnostic), and the same reorder by views.
+    # helpers of CurvatureBlock, timed here as a diagnostic), and a plain reshape/cat of views
+    # (the floor for it).
     block = build("woodbury", problem.cap)["0"]
     block.solve(problem.grad, damping=args.damping)  # Gram and its eigh out of the way
     d_out, width = block.kron_shape
@@ -396,10 +398,10 @@ def bench_breakdown(problem: Problem, block_rows: list[dict], args: argparse.Nam
 
     pieces += [
         ("woodbury", "solve() (amortised, total)", lambda: block.solve(problem.grad, args.damping)),
-        ("woodbury", "_to_kron + _to_param (index scatter/gather)", reorder_index),
+        ("woodbury", "_to_kron + _to_param (parameter ↔ Kronecker order)", reorder_index),
     ]
     if problem.case == "linear" and block.layer.has_bias:
-        pieces.append(("reference", "same reorder by reshape/cat views", reorder_views))
+        pieces.append(("reference", "same reorder by plain reshape/cat", reorder_views))
     out = []
     for owner, what, fn in pieces:
         seconds, _, result = median_time(fn, args.repeats)
@@ -433,8 +435,8 @@ def bench_breakdown(problem: Problem, block_rows: list[dict], args: argparse.Nam
         )
         shares["both symmetric_eigh / kfac build+solve"] = eighs / totals["kfac"]["build_solve_s"]
     if "solve() (amortised, total)" in by_piece:
-        shares["index reorder / woodbury second solve"] = (
-            by_piece["_to_kron + _to_param (index scatter/gather)"]
+        shares["parameter ↔ Kronecker reorder / woodbury second solve"] = (
+            by_piece["_to_kron + _to_param (parameter ↔ Kronecker order)"]
             / by_piece["solve() (amortised, total)"]
         )
     index = block._index
@@ -587,6 +589,7 @@ def plot(path: Path, blocks: list[dict], grams: list[dict], cross: int | None, m
                 marker=MARKERS[method],
                 color=COLOURS[method],
                 label=method,
+                linestyle="--" if method == "ekfac" else "-",
                 linewidth=1.8,
                 markersize=5,
             )
@@ -596,11 +599,11 @@ def plot(path: Path, blocks: list[dict], grams: list[dict], cross: int | None, m
         left.axvline(cross, color=COLOURS["woodbury"], linestyle=":", linewidth=1.2)
         left.annotate(
             f"woodbury < kfac\nfrom d = {cross}",
-            xy=(cross, 0.03),
+            xy=(cross, 0.5),
             xycoords=("data", "axes fraction"),
             xytext=(4, 0),
             textcoords="offset points",
-            va="bottom",
+            va="center",
             fontsize=8,
             color=COLOURS["woodbury"],
         )
@@ -632,7 +635,7 @@ def plot(path: Path, blocks: list[dict], grams: list[dict], cross: int | None, m
         )
     fig.suptitle(
         f"fisherlab curvature blocks — {meta['dtype']}, {meta['fisher_type']} Fisher, "
-        f"{meta['torch_threads']} threads, torch {meta['torch']}",
+        f"{meta['torch_threads']} thread(s), torch {meta['torch']}",
         fontsize=10,
     )
     fig.savefig(path, dpi=150)
@@ -754,14 +757,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(
         f"\n{meta['command']}  |  {meta['processor'] or meta['platform']}, "
-        f"{meta['torch_threads']} threads, torch {meta['torch']}, {args.dtype}, "
+        f"torch threads {meta['torch_threads']}, torch {meta['torch']}, {args.dtype}, "
         f"{args.fisher_type} Fisher, batch {args.batch}, damping {args.damping}, "
         f"median of {args.repeats}"
     )
     print(
         f"load average start {meta['load_average_start']}, end {meta['load_average_end']}; "
         f"CPU share {meta['cpu_share']:.2f} of {torch.get_num_threads()} threads "
-        "(well below 1: other processes took CPU time)\n"
+        "(near 1 when the machine is otherwise idle; much lower: other processes competed)\n"
     )
     print(
         "Linear layer (first layer of Linear(d, d) → Tanh → Linear(d, 10)); capture s:",

@@ -52,7 +52,6 @@ class CurvatureBlock(ABC):
         self.layer = layer
         self.fisher_type = fisher_type
         self.options = dict(options)
-        self._index = layer.kron_to_param_index()
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -134,7 +133,7 @@ class CurvatureBlock(ABC):
             "use matvec()/solve() instead, or raise max_bytes=",
         )
         dense = self._dense_kron()
-        index = self._index.to(dense.device)
+        index = self.layer.kron_to_param_index().to(dense.device)  # only here: P int64s
         return dense[index][:, index]
 
     def as_linear_operator(self) -> LinearOperator:
