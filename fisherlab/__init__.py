@@ -1,12 +1,14 @@
 """fisherlab: the curvature of neural networks in PyTorch.
 
-Exact Fisher blocks as ground truth, the captured layer statistics every approximation is built
-from, and (in later modules) block approximations, metrics, figures and optimizers.
+A :class:`Problem` (model, loss, one batch or a data set of batches, Fisher type) is accepted by
+every entry point: exact Fisher blocks and the full matrix as ground truth, the block
+approximations built from the same captured layer statistics, their comparison and verification,
+figures, and (in :mod:`fisherlab.optim`) optimizers.
 """
 
 from fisherlab import analysis, data, metrics, models, optim, plots, zoo
-from fisherlab.blocks import METHODS, CurvatureDict, curvature
-from fisherlab.capture import Capture, LayerCapture, capture
+from fisherlab.blocks import METHODS, REGISTRY, CurvatureDict, curvature, curvatures
+from fisherlab.capture import Capture, LayerCapture, Recorder, capture
 from fisherlab.comparison import compare
 from fisherlab.conventions import (
     FISHER_TYPES,
@@ -15,6 +17,7 @@ from fisherlab.conventions import (
     UnsupportedLayerError,
 )
 from fisherlab.exact import BlockDict, ExactFisher, exact_blocks, exact_fisher
+from fisherlab.problem import Problem
 from fisherlab.verification import verify
 
 __version__ = "0.1.0"
@@ -22,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FISHER_TYPES",
     "METHODS",
+    "REGISTRY",
     "BlockDict",
     "Capture",
     "CurvatureDict",
@@ -29,11 +33,14 @@ __all__ = [
     "FisherlabError",
     "LayerCapture",
     "MemoryBudgetError",
+    "Problem",
+    "Recorder",
     "UnsupportedLayerError",
     "analysis",
     "capture",
     "compare",
     "curvature",
+    "curvatures",
     "data",
     "exact_blocks",
     "exact_fisher",

@@ -1,7 +1,7 @@
-r"""Capture of per-layer statistics: the factor code shared by analysis and optimizers.
+r"""Capture of per-layer statistics: the one recorder shared by the analyses and the optimizers.
 
-For every supported layer, :func:`capture` returns the homogeneous inputs ``Ã`` and the output
-gradient rows ``G`` of a batch, such that the rows of the Fisher's square root are
+For every supported layer, a :class:`Capture` holds the homogeneous inputs ``Ã`` and the output
+gradient rows ``G`` such that the rows of the Fisher's square root are
 
 .. math::
     j_{n,r} = \operatorname{vec}(G_{r,n}^\top Ã_n), \qquad
@@ -10,6 +10,13 @@ gradient rows ``G`` of a batch, such that the rows of the Fisher's square root a
 with ``ν`` the loss's normaliser (:meth:`fisherlab.losses.LossSpec.normaliser`). Shapes:
 ``A: [N, T, d_in (+1)]`` and ``G: [R, N, T, d_out]``, with ``R`` rows per sample for the Fisher
 type (``C`` for ``"true"``, ``k`` for ``"mc"``, ``1`` for ``"empirical"``).
+
+:class:`Recorder` is the one mechanism that produces captures. Its hooks record, for every
+forward call of a layer with grad enabled, the layer's ``Ã``, and, for every backward pass that
+reaches that call's output, its ``G``; the statistics accumulate over passes until
+:meth:`Recorder.take` returns them as one :class:`Capture` (samples of all passes concatenated,
+``ν`` of all passes combined). :func:`capture` uses it one-shot, with ``R`` backward passes of
+output rows; the optimizers keep one attached across training steps and take it at each step.
 
 Example:
     >>> import torch, fisherlab as fl
@@ -22,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -31,61 +39,7 @@ from torch import Tensor, nn
 from fisherlab.conventions import FisherlabError
 from fisherlab.layers import Layer
 from fisherlab.losses import LossSpec
-from fisherlab.problem import Problem
-
-
-class LayerRecorder:
-    """Context manager that records each layer's ``Ã`` and output tensor in a forward pass.
-
-    Hooks are registered on entry and removed on exit, also when the forward raises. A layer
-    called twice in one forward pass (shared weights) is refused. Where a layer's output does
-    not require grad (nothing upstream does), it is replaced by a leaf that does, so that its
-    output gradients can be taken without changing any parameter's ``requires_grad``.
-    """
-
-    def __init__(self, layers: Mapping[str, Layer], record_inputs: bool = True):
-        self.layers = layers
-        self.record_inputs = record_inputs
-        self.calls: dict[str, int] = {}
-        self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> LayerRecorder:
-        try:
-            for name, layer in self.layers.items():
-                self._handles.append(layer.module.register_forward_hook(self._hook(name, layer)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this recorder registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str, layer: Layer):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if name in self.calls:
-                raise FisherlabError(
-                    f"module {name!r} ({layer.kind}) was called more than once in one forward "
-                    "pass (shared weights); its Fisher block is not defined per call"
-                )
-            self.calls[name] = 1
-            if not self.record_inputs:
-                return None
-            self.inputs[name] = layer.adapter.homogeneous_inputs(module, args[0].detach())
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            self.outputs[name] = output
-            return output
-
-        return hook
+from fisherlab.problem import Batch, Problem, as_problem
 
 
 @dataclass(frozen=True)
@@ -106,6 +60,11 @@ class LayerCapture:
     def positions(self) -> int:
         """``T``, the positions per sample sharing the weight."""
         return self.A.shape[1]
+
+    @property
+    def rows(self) -> int:
+        """``M = R·N``, the rows of the Fisher's square root."""
+        return self.G.shape[0] * self.G.shape[1]
 
     def jacobian_rows(self) -> Tensor:
         """The rows ``j_{n,r}`` in parameter order, ``[R, N, P]`` (no ``1/√ν`` applied)."""
@@ -131,15 +90,15 @@ class Capture(Mapping[str, LayerCapture]):
         mc_samples: Labels drawn per input (``"mc"`` only).
         loss: Loss kind and reduction.
         normaliser: ``ν``, so that ``F = (1/ν) Σ j jᵀ``.
-        outputs: The network outputs of the batch (detached).
+        num_samples: ``N``, the samples of all recorded passes.
     """
 
     layers: dict[str, LayerCapture]
     fisher_type: str
     mc_samples: int
-    loss: LossSpec
+    loss: LossSpec | None
     normaliser: float
-    outputs: Tensor = field(repr=False)
+    num_samples: int = field(default=0)
 
     def __getitem__(self, name: str) -> LayerCapture:
         return self.layers[name]
@@ -152,222 +111,442 @@ class Capture(Mapping[str, LayerCapture]):
 
     @property
     def batch_size(self) -> int:
-        """``N``."""
-        return self.outputs.shape[0]
+        """``N`` (the same as :attr:`num_samples`)."""
+        return self.num_samples
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the captured tensors."""
+        return sum(
+            t.numel() * t.element_size() for lc in self.layers.values() for t in (lc.A, lc.G)
+        )
+
+    def restrict(self, names: list[str]) -> Capture:
+        """The same capture with only the given layers."""
+        return Capture(
+            {n: self.layers[n] for n in names},
+            self.fisher_type,
+            self.mc_samples,
+            self.loss,
+            self.normaliser,
+            self.num_samples,
+        )
 
 
-def capture(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    fisher_type: str = "true",
-    mc_samples: int = 1,
-    skip_unsupported: bool = False,
-) -> Capture:
-    """Capture ``Ã`` and ``G`` of every supported layer for a batch.
+# ------------------------------------------------------------------------------ the recorder
+@dataclass
+class _Call:
+    """One forward call of one layer: its ``Ã`` and the output gradients that reached it."""
 
-    One forward pass records the inputs; one backward pass per output row (``R`` in total) gives
-    the output gradients. The model is left as it was: hooks are removed, parameters,
-    ``requires_grad`` flags and ``.grad`` are untouched.
+    A: Tensor
+    output: Tensor | None
+    grads: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _Pass:
+    """One forward pass of the model with grad enabled."""
+
+    normaliser: float | None = None
+    num_samples: int | None = None
+    output: Tensor | None = None
+    calls: dict[str, _Call] = field(default_factory=dict)
+
+
+#: Channels whose gradients are those of the user's reduced loss: ``G = ν·∂L/∂z``.
+_LOSS_CHANNELS = frozenset({"loss"})
+
+
+class Recorder:
+    """Hooks that accumulate ``Ã`` and ``G`` of every supported layer until taken.
+
+    A forward pass of ``model`` with grad enabled opens a pass; each supported layer called in it
+    stores its ``Ã`` and hooks its output, so that every backward pass through that output
+    delivers ``G`` (into the current *channel*). Forward passes without backward and passes
+    under ``no_grad`` add nothing and erase nothing. A layer called twice in one pass is refused
+    (its Fisher block is not defined per call). :meth:`take` returns everything recorded since
+    the last take as one :class:`Capture` and forgets it.
+
+    Channels say what the incoming gradients are: ``"loss"`` (the default), the gradient of the
+    user's reduced loss, rescaled by the pass's ``ν`` to the per-sample summed loss; any other
+    name (``"rows"``, ``"mc"``), gradients already in those units.
 
     Args:
-        model: Any ``nn.Module`` graph whose parametrised modules are ``Linear``/``Conv2d``.
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (``reduction`` ``"mean"``/``"sum"``).
-        inputs: Batch inputs ``[N, ...]``.
-        targets: Batch targets.
-        fisher_type: ``"true"``, ``"mc"`` or ``"empirical"``.
-        mc_samples: Labels drawn per input for ``"mc"``.
-        skip_unsupported: Leave out unsupported parametrised modules with a warning.
-
-    Returns:
-        A :class:`Capture` mapping layer names to :class:`LayerCapture`.
-    """
-    problem = Problem.build(
-        model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported
-    )
-    return capture_problem(problem)
-
-
-def checked_forward(problem: Problem) -> Tensor:
-    """The network outputs of the batch (no graph), checking that every layer runs once."""
-    with LayerRecorder(problem.layers, record_inputs=False) as recorder, torch.no_grad():
-        outputs = problem.model(problem.inputs)
-    missing = [name for name in problem.layers if name not in recorder.calls]
-    if missing:
-        raise FisherlabError(f"layers {missing} were not called in the forward pass")
-    problem.loss.check_outputs(outputs, problem.targets)
-    return outputs
-
-
-def capture_problem(problem: Problem) -> Capture:
-    """:func:`capture` for an already validated :class:`~fisherlab.problem.Problem`."""
-    with LayerRecorder(problem.layers) as recorder, torch.enable_grad():
-        outputs = problem.model(problem.inputs)
-    missing = [name for name in problem.layers if name not in recorder.outputs]
-    if missing:
-        raise FisherlabError(f"layers {missing} were not called in the forward pass")
-    problem.loss.check_outputs(outputs, problem.targets)
-    rows = problem.loss.output_rows(
-        outputs, problem.targets, problem.fisher_type, problem.mc_samples
-    )
-    names = list(problem.layers)
-    zs = [recorder.outputs[name] for name in names]
-    per_row: list[tuple[Tensor | None, ...]] = []
-    for r in range(rows.shape[0]):
-        per_row.append(
-            torch.autograd.grad(
-                outputs,
-                zs,
-                grad_outputs=rows[r],
-                retain_graph=r < rows.shape[0] - 1,
-                allow_unused=True,
-            )
-        )
-    layers = {}
-    for i, name in enumerate(names):
-        layer = problem.layers[name]
-        G = torch.stack(
-            [
-                layer.adapter.output_rows(
-                    layer.module, torch.zeros_like(zs[i]) if g[i] is None else g[i]
-                )
-                for g in per_row
-            ]
-        )
-        layers[name] = LayerCapture(layer, recorder.inputs[name], G)
-    return Capture(
-        layers=layers,
-        fisher_type=problem.fisher_type,
-        mc_samples=problem.mc_samples,
-        loss=problem.loss,
-        normaliser=problem.loss.normaliser(outputs),
-        outputs=outputs.detach(),
-    )
-
-
-class TrainingRecorder:
-    """Persistent hooks that collect ``Ã`` and ``G`` during ordinary training steps.
-
-    On every forward pass with grad enabled (which starts the step's statistics anew), each
-    layer's homogeneous inputs are stored and a hook is put on its output; the loss's own
-    backward then delivers ``G``. One forward and one backward per optimizer step. Gradients of a
-    reduced loss carry ``1/ν``; :meth:`pop` undoes it (``G = ν·∂L/∂z``), so the rows are in
-    units of the per-sample summed loss, as everywhere in fisherlab. :meth:`sample_backward`
-    runs one extra backward with labels sampled from the model (``"mc"`` Fisher), for the
-    statistics only (no parameter's ``.grad`` is touched).
-
-    Args:
-        model: The network.
+        model: The network whose forward calls open passes.
         layers: Its supported layers.
-        loss: The loss, if known: it gives ``ν`` (else ``ν = N``, a mean over the batch) and
-            the distribution to sample labels from.
-        dtype: Dtype the statistics are stored in.
+        loss: The loss, if known: it gives each pass's ``ν`` (else ``ν = N``, a mean over the
+            batch) and the distribution to sample labels from (:meth:`sample_backward`).
+        dtype: Dtype the statistics are stored in (default: as computed).
+        force_grad: Where a layer's output does not require grad (nothing upstream does),
+            replace it by a leaf that does, so that ``G`` can be taken without changing any
+            parameter's ``requires_grad`` (one-shot use).
     """
 
     def __init__(
         self,
         model: nn.Module,
         layers: Mapping[str, Layer],
-        loss: LossSpec | None,
-        dtype: torch.dtype,
+        loss: LossSpec | None = None,
+        dtype: torch.dtype | None = None,
+        force_grad: bool = False,
     ):
-        self.layers, self.loss, self.dtype = layers, loss, dtype
-        self._sampling = False
-        self.clear()
-        self._handles = [
-            model.register_forward_pre_hook(self._root_pre_hook),
-            model.register_forward_hook(self._root_hook),
-        ]
-        for name, layer in layers.items():
-            self._handles.append(layer.module.register_forward_hook(self._layer_hook(name, layer)))
+        self.model, self.layers, self.loss = model, layers, loss
+        self.dtype, self.force_grad = dtype, force_grad
+        self.channel = "loss"
+        self._passes: list[_Pass] = []
+        self._open: _Pass | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+            self._handles.append(model.register_forward_hook(self._root_hook))
+            for name, layer in layers.items():
+                hook = self._layer_hook(name, layer)
+                self._handles.append(layer.module.register_forward_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
 
-    def clear(self) -> None:
-        """Forget the statistics of the last step."""
-        self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, Tensor] = {}
-        self.grads: dict[str, Tensor] = {}
-        self.sampled: dict[str, Tensor] = {}
-        self.network_output: Tensor | None = None
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
     def remove(self) -> None:
-        """Remove all hooks (the model is then as before)."""
+        """Remove every hook and forget everything recorded (the model is then as before)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self.clear()
 
-    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if torch.is_grad_enabled():  # a new forward pass: the statistics of the step start anew
-            self.clear()
+    def clear(self) -> None:
+        """Forget everything recorded since the last take."""
+        self._passes = []
+        self._open = None
 
-    def _root_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if torch.is_grad_enabled() and isinstance(output, Tensor):
-            self.network_output = output
+    @contextlib.contextmanager
+    def recording(self, channel: str) -> Iterator[None]:
+        """Backward passes inside the block deliver their gradients into ``channel``."""
+        previous, self.channel = self.channel, channel
+        try:
+            yield
+        finally:
+            self.channel = previous
+
+    @property
+    def num_passes(self) -> int:
+        """Forward passes recorded since the last take."""
+        return len(self._passes)
+
+    # -------------------------------------------------------------------- hooks
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled():
+            self._open = None
+            return
+        if self._passes:  # only the latest pass keeps its outputs (for mc sampling)
+            last = self._passes[-1]
+            last.output = None
+            for call in last.calls.values():
+                call.output = None
+        self._open = _Pass()
+        self._passes.append(self._open)
+
+    def _root_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        current, self._open = self._open, None
+        if current is None or not isinstance(output, Tensor) or output.ndim == 0:
+            if current is not None and current in self._passes:
+                self._passes.remove(current)  # outputs fisherlab cannot read: no statistics
+            return
+        current.output = output
+        current.num_samples = output.shape[0]
+        current.normaliser = (
+            self.loss.normaliser(output) if self.loss is not None else float(output.shape[0])
+        )
 
     def _layer_hook(self, name: str, layer: Layer):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not (torch.is_grad_enabled() and output.requires_grad):
-                return
-            if name in self.inputs:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            current = self._open
+            if current is None or not torch.is_grad_enabled():
+                return None
+            if name in current.calls:
                 raise FisherlabError(
                     f"module {name!r} ({layer.kind}) was called more than once in one forward "
-                    "pass (shared weights); its statistics are not defined per call"
+                    "pass (shared weights); its Fisher block is not defined per call"
                 )
-            self.inputs[name] = layer.adapter.homogeneous_inputs(module, args[0].detach()).to(
-                self.dtype
-            )
-            self.outputs[name] = output
+            replaced = None
+            if not output.requires_grad:
+                if not self.force_grad:
+                    return None
+                output = replaced = output.detach().requires_grad_(True)
+            A = layer.adapter.homogeneous_inputs(module, args[0].detach())
+            call = _Call(A if self.dtype is None else A.to(self.dtype), output)
+            current.calls[name] = call
 
             def grad_hook(g: Tensor) -> None:
-                rows = layer.adapter.output_rows(module, g.detach()).to(self.dtype)
-                (self.sampled if self._sampling else self.grads)[name] = rows
+                rows = layer.adapter.output_rows(module, g.detach())
+                rows = rows if self.dtype is None else rows.to(self.dtype)
+                call.grads.setdefault(self.channel, []).append(rows)
 
             output.register_hook(grad_hook)
+            return replaced
 
         return hook
 
-    def sample_backward(self) -> None:
-        """One extra backward with labels drawn from the model (``"mc"``, one sample)."""
-        if self.loss is None or self.network_output is None:
+    # -------------------------------------------------------------------- use
+    def channels(self) -> set[str]:
+        """The channels that received gradients since the last take."""
+        return {c for p in self._passes for call in p.calls.values() for c in call.grads}
+
+    def layer_outputs(self) -> dict[str, Tensor]:
+        """Outputs of each layer's call in the latest pass (to take gradients w.r.t. them)."""
+        if not self._passes:
+            return {}
+        return {name: call.output for name, call in self._passes[-1].calls.items()}
+
+    def network_output(self) -> Tensor | None:
+        """The network output of the latest pass (``None`` if there is none)."""
+        return self._passes[-1].output if self._passes else None
+
+    def sample_backward(self, mc_samples: int = 1) -> None:
+        """Backward passes with labels drawn from the model, into the ``"mc"`` channel.
+
+        Only the statistics see them (gradients w.r.t. the layers' outputs; no ``.grad`` is
+        touched).
+        """
+        out = self.network_output()
+        if self.loss is None or out is None:
             raise FisherlabError(
                 "the Monte-Carlo Fisher needs the loss (pass loss_fn= to the optimizer) and a "
                 "forward pass with grad enabled before mc_backward()"
             )
-        out = self.network_output
-        rows = self.loss.output_rows(out, out.detach(), "mc", 1)[0]
-        names = list(self.outputs)
-        self._sampling = True
-        try:
-            torch.autograd.grad(
-                out, [self.outputs[n] for n in names], rows, retain_graph=True, allow_unused=True
-            )
-        finally:
-            self._sampling = False
-
-    def pop(self, fisher_type: str) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
-        """``{name: (A [N,T,D], G [1,N,T,d_out])}`` of the last step and ``ν``; then clears.
-
-        Layers that were not used in the last forward/backward are left out.
-        """
-        out = self.network_output
-        if out is None or not self.inputs:
-            self.clear()
-            return {}, 1.0
-        normaliser = self.loss.normaliser(out) if self.loss is not None else float(out.shape[0])
-        if fisher_type == "mc":
-            if not self.sampled:
-                raise FisherlabError(
-                    "fisher_type='mc' needs optimizer.mc_backward() after the forward pass and "
-                    "before loss.backward()"
+        rows = self.loss.output_rows(out, out.detach(), "mc", mc_samples)
+        outputs = self.layer_outputs()
+        names = list(outputs)
+        with self.recording("mc"):
+            for r in range(rows.shape[0]):
+                torch.autograd.grad(
+                    out, [outputs[n] for n in names], rows[r], retain_graph=True, allow_unused=True
                 )
-            source, scale = self.sampled, 1.0
+
+    def take(
+        self,
+        channel: str = "loss",
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
+        rows: int | None = None,
+    ) -> Capture:
+        """Everything recorded in ``channel`` since the last take, as one capture; then clears.
+
+        Args:
+            channel: Whose gradients to take.
+            fisher_type: Recorded in the capture.
+            mc_samples: Recorded in the capture.
+            rows: ``R``, when every recorded call must have exactly ``R`` gradients (one-shot
+                use: a layer the output does not depend on gets zero rows). ``None``: calls
+                without gradients in ``channel`` are left out.
+
+        Raises:
+            FisherlabError: when the calls of a layer cannot be concatenated (different
+                positions or numbers of rows).
+        """
+        passes, self._passes, self._open = self._passes, [], None
+        passes = [p for p in passes if p.normaliser is not None]
+        scale_by_pass = channel in _LOSS_CHANNELS
+        per_layer: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        used = []
+        for p in passes:
+            contributed = False
+            for name, call in p.calls.items():
+                grads = call.grads.get(channel, [])
+                if rows is not None and len(grads) < rows:
+                    shape = (call.A.shape[0], call.A.shape[1], self.layers[name].d_out)
+                    grads = grads + [call.A.new_zeros(shape)] * (rows - len(grads))
+                if not grads:
+                    continue
+                G = torch.stack(grads)
+                if scale_by_pass:
+                    G = G * p.normaliser
+                a_list, g_list = per_layer.setdefault(name, ([], []))
+                a_list.append(call.A)
+                g_list.append(G)
+                contributed = True
+            if contributed:
+                used.append(p)
+        layers = {}
+        for name, (a_list, g_list) in per_layer.items():
+            layers[name] = LayerCapture(
+                self.layers[name], _concat(name, a_list, 0), _concat(name, g_list, 1)
+            )
+        if self.loss is not None:
+            normaliser = self.loss.total_normaliser(p.normaliser for p in used)
         else:
-            source, scale = self.grads, normaliser
-        stats = {
-            name: (self.inputs[name], (source[name] * scale).unsqueeze(0))
-            for name in self.inputs
-            if name in source
-        }
-        self.clear()
-        return stats, normaliser
+            normaliser = float(sum(p.normaliser for p in used)) if used else 1.0
+        return Capture(
+            layers,
+            fisher_type,
+            mc_samples,
+            self.loss,
+            normaliser,
+            sum(p.num_samples for p in used),
+        )
+
+
+def _concat(name: str, tensors: list[Tensor], dim: int) -> Tensor:
+    if len(tensors) == 1:
+        return tensors[0]
+    shapes = {tuple(t.shape[:dim]) + tuple(t.shape[dim + 1 :]) for t in tensors}
+    if len(shapes) > 1:
+        raise FisherlabError(
+            f"the recorded calls of layer {name!r} cannot be combined: their shapes "
+            f"{sorted(tuple(t.shape) for t in tensors)} differ beyond the samples (different "
+            "positions per sample, or numbers of rows)"
+        )
+    return torch.cat(tensors, dim=dim)
+
+
+# ------------------------------------------------------------------------- one-shot captures
+def capture_batch(problem: Problem, batch: Batch) -> Capture:
+    """The statistics of one batch of a problem: one forward, ``R`` backward passes of rows.
+
+    The model is left as it was: hooks are removed, parameters, ``requires_grad`` flags and
+    ``.grad`` are untouched.
+    """
+    recorder = Recorder(problem.model, problem.layers, problem.loss, force_grad=True)
+    with recorder, torch.enable_grad():
+        outputs = problem.model(batch.inputs)
+        if not isinstance(outputs, Tensor):
+            raise FisherlabError(
+                f"the model returns {type(outputs).__name__}; fisherlab needs a tensor of "
+                "network outputs [N, ...]"
+            )
+        zs = recorder.layer_outputs()
+        missing = [name for name in problem.layers if name not in zs]
+        if missing:
+            raise FisherlabError(f"layers {missing} were not called in the forward pass")
+        problem.loss.check_outputs(outputs, batch.targets)
+        with problem.seeded(batch):
+            rows = problem.loss.output_rows(
+                outputs, batch.targets, problem.fisher_type, problem.mc_samples
+            )
+        names = list(zs)
+        with recorder.recording("rows"):
+            for r in range(rows.shape[0]):
+                torch.autograd.grad(
+                    outputs,
+                    [zs[n] for n in names],
+                    grad_outputs=rows[r],
+                    retain_graph=r < rows.shape[0] - 1,
+                    allow_unused=True,
+                )
+        cap = recorder.take("rows", problem.fisher_type, problem.mc_samples, rows=rows.shape[0])
+    return cap
+
+
+def captures(problem: Problem, desc: str = "capture", quiet: bool = False) -> Iterator[Capture]:
+    """One pass over a problem's data: the capture of each batch.
+
+    Within :func:`cached_captures`, a complete pass is kept (when it fits) and replayed.
+    """
+    cache = problem._cache
+    if cache is not None and cache.items is not None:
+        yield from cache.items
+        return
+    keep = cache is not None and not cache.too_large
+    items: list[Capture] = []
+    nbytes = 0
+    for batch in problem.batches(desc, quiet):
+        cap = capture_batch(problem, batch)
+        if keep:
+            nbytes += cap.nbytes
+            if nbytes <= cache.max_bytes:
+                items.append(cap)
+            else:  # too large to keep: later passes capture again
+                keep, items, cache.too_large = False, [], True
+        yield cap
+    if keep:
+        cache.items = items
+
+
+@dataclass
+class _Cache:
+    max_bytes: int
+    items: list[Capture] | None = None  # a complete pass, once recorded
+    too_large: bool = False
+
+
+@contextlib.contextmanager
+def cached_captures(problem: Problem, max_bytes: int = 2**29) -> Iterator[Problem]:
+    """Keep the captures of a complete pass (up to ``max_bytes``) for later passes.
+
+    Within the block, later passes replay them instead of running the model again; the model
+    must not change in the block.
+    """
+    outer = problem._cache
+    if outer is None:
+        problem._cache = _Cache(max_bytes)
+    try:
+        yield problem
+    finally:
+        if outer is None:
+            problem._cache = None
+
+
+def capture(
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None = None,
+    inputs: Tensor | None = None,
+    targets: Tensor | None = None,
+    fisher_type: str | None = None,
+    mc_samples: int | None = None,
+    skip_unsupported: bool | None = None,
+) -> Capture:
+    """Capture ``Ã`` and ``G`` of every supported layer for a batch (or all of a problem's data).
+
+    One forward pass records the inputs; one backward pass per output row (``R`` in total) gives
+    the output gradients. The model is left as it was: hooks are removed, parameters,
+    ``requires_grad`` flags and ``.grad`` are untouched. With a :class:`Problem` over several
+    batches, the captures of all batches are concatenated (memory grows with ``N``; the
+    streamed computations in :mod:`fisherlab.blocks` and :mod:`fisherlab.exact` avoid that).
+
+    Args:
+        model: A :class:`Problem`, or any ``nn.Module`` graph whose parametrised modules are
+            ``Linear``/``Conv2d``.
+        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (``reduction`` ``"mean"``/``"sum"``).
+        inputs: Batch inputs ``[N, ...]``.
+        targets: Batch targets.
+        fisher_type: ``"true"`` (default), ``"mc"`` or ``"empirical"``.
+        mc_samples: Labels drawn per input for ``"mc"`` (default 1).
+        skip_unsupported: Leave out unsupported parametrised modules with a warning.
+
+    Returns:
+        A :class:`Capture` mapping layer names to :class:`LayerCapture`.
+    """
+    problem = as_problem(
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        skip_unsupported=skip_unsupported,
+    )
+    parts = list(captures(problem))
+    if len(parts) == 1:
+        return parts[0]
+    layers = {
+        name: LayerCapture(
+            parts[0][name].layer,
+            _concat(name, [c[name].A for c in parts], 0),
+            _concat(name, [c[name].G for c in parts], 1),
+        )
+        for name in parts[0]
+    }
+    return Capture(
+        layers,
+        problem.fisher_type,
+        problem.mc_samples,
+        problem.loss,
+        problem.normaliser,
+        problem.num_samples,
+    )

@@ -9,14 +9,19 @@ Fisher types (``fisher_type=``):
 * ``"empirical"``: gradients with the true labels (``R = 1``).
 
 Normalisation follows the loss as the user wrote it: ``F = (1/ν) JᵀJ`` where ``J`` stacks the
-gradient rows of the per-sample *summed* loss and ``ν`` is the loss's own normaliser (``N`` for
-mean cross-entropy, ``N·C`` for mean MSE, ``1`` for ``reduction="sum"``). See
-:class:`fisherlab.losses.LossSpec`.
+gradient rows of the per-sample *summed* loss and ``ν`` is the loss's own normaliser over the
+whole data (``N`` for mean cross-entropy, ``N·C`` for mean MSE, ``1`` for ``reduction="sum"``).
+See :class:`fisherlab.losses.LossSpec`.
+
+Every ``check_*`` validator lives here, so that a number is refused with the same words
+wherever it is passed.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,15 +44,66 @@ class MemoryBudgetError(FisherlabError):
     """A dense object would exceed the caller's memory budget."""
 
 
-def check_fisher_type(fisher_type: str, mc_samples: int = 1) -> None:
-    """Raise a clear error for an unknown Fisher type or an invalid number of MC samples."""
-    if fisher_type not in FISHER_TYPES:
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer ≥ 1 (numpy integers too), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise FisherlabError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer (numpy integers too), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise FisherlabError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a clear error listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise FisherlabError(f"{name}={value!r} is not valid; choose one of {choices}")
+    return value
+
+
+def check_fisher_type(fisher_type: str, mc_samples: Any = 1) -> int:
+    """Raise a clear error for an unknown Fisher type or an invalid number of MC samples.
+
+    Returns:
+        ``mc_samples`` as an ``int``.
+    """
+    if not isinstance(fisher_type, str) or fisher_type not in FISHER_TYPES:
         raise FisherlabError(
             f"unknown fisher_type {fisher_type!r}; valid types are "
             + ", ".join(repr(t) for t in FISHER_TYPES)
         )
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise FisherlabError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    return check_positive_int("mc_samples", mc_samples)
+
+
+def check_damping(damping: Any) -> float:
+    """A positive, finite damping ``λ`` as a ``float`` (numpy numbers too), or a clear error.
+
+    Booleans, strings and tensors with more than one element are refused.
+    """
+    if isinstance(damping, Tensor) and damping.numel() == 1 and damping.dtype != torch.bool:
+        damping = damping.item()
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise FisherlabError(f"damping must be a positive finite number, got {damping!r}")
+    value = float(damping)
+    if not math.isfinite(value) or value <= 0:
+        raise FisherlabError(f"damping must be positive and finite, got {damping!r}")
+    return value
+
+
+def check_max_bytes(max_bytes: Any) -> int:
+    """A positive memory budget in bytes as an ``int`` (numpy numbers and ``2e9`` too)."""
+    if (
+        isinstance(max_bytes, bool)
+        or not isinstance(max_bytes, numbers.Real)
+        or not math.isfinite(float(max_bytes))
+        or max_bytes <= 0
+    ):
+        raise FisherlabError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+    return int(max_bytes)
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
@@ -71,6 +127,7 @@ def format_bytes(n: float) -> str:
 
 def check_memory(what: str, nbytes: int, max_bytes: int, hint: str) -> None:
     """Refuse to allocate ``nbytes`` for ``what`` when it exceeds ``max_bytes``."""
+    max_bytes = check_max_bytes(max_bytes)
     if nbytes > max_bytes:
         raise MemoryBudgetError(
             f"{what} needs {format_bytes(nbytes)}, more than the budget of "

@@ -1,7 +1,9 @@
 r"""Exact Fisher matrices: dense per-layer blocks and the full matrix, the ground truth.
 
-Both come from normalised square-root rows ``J̃ = J/√ν`` (one row per sample and output row,
-one column per parameter), so that ``F = J̃ᵀ J̃``. Two backends produce the rows:
+Both come from the square-root rows ``J`` of each batch (one row per sample and output row, one
+column per parameter, in units of the per-sample summed loss), accumulated batch by batch as
+``Σ_b J_bᵀJ_b`` and divided by the data's ``ν`` at the end: memory is that of the result and of
+one batch's rows, independent of ``N``. Two backends produce the rows:
 
 * ``"backpack"``: BackPACK's ``BatchGrad`` (empirical), ``SqrtGGNExact`` (true) or
   ``SqrtGGNMC`` (mc), run on a deep copy of the model (the caller's model is never extended).
@@ -11,7 +13,8 @@ one column per parameter), so that ``F = J̃ᵀ J̃``. Two backends produce the 
   rows of :mod:`fisherlab.losses`, for any graph.
 
 ``backend="auto"`` takes BackPACK where it can and says so in ``result.backend``. The ``"mc"``
-rows are drawn the same way on both paths, so the same seed gives the same matrix.
+rows are drawn the same way on both paths (with the problem's per-batch seed), so they give the
+same matrix.
 
 Example:
     >>> import torch, fisherlab as fl
@@ -24,17 +27,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from fisherlab.capture import checked_forward
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
-from fisherlab.problem import Problem
+from fisherlab.linalg import symmetric_gram
+from fisherlab.problem import Batch, Problem, as_problem
 
 BACKENDS = ("auto", "backpack", "torch.func")
 
@@ -47,7 +52,8 @@ class BlockDict(dict):
         mc_samples: Labels drawn per input (``"mc"`` only).
         backend: ``"backpack"`` or ``"torch.func"``.
         backend_reason: Why ``"auto"`` did not take BackPACK (empty otherwise).
-        normaliser: ``ν`` of the loss.
+        normaliser: ``ν`` of the loss over the data.
+        num_samples: ``N``, the samples of the data.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class BlockDict(dict):
         backend: str,
         backend_reason: str,
         normaliser: float,
+        num_samples: int,
     ):
         super().__init__(blocks)
         self.fisher_type = fisher_type
@@ -66,6 +73,7 @@ class BlockDict(dict):
         self.backend = backend
         self.backend_reason = backend_reason
         self.normaliser = normaliser
+        self.num_samples = num_samples
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,8 @@ class ExactFisher:
         mc_samples: Labels drawn per input (``"mc"`` only).
         backend: ``"backpack"`` or ``"torch.func"``.
         backend_reason: Why ``"auto"`` did not take BackPACK (empty otherwise).
-        normaliser: ``ν`` of the loss.
+        normaliser: ``ν`` of the loss over the data.
+        num_samples: ``N``, the samples of the data.
     """
 
     matrix: Tensor = field(repr=False)
@@ -89,35 +98,12 @@ class ExactFisher:
     backend: str
     backend_reason: str
     normaliser: float
+    num_samples: int
 
     def block(self, name: str) -> Tensor:
         """The diagonal block of one layer."""
         s = self.slices[name]
         return self.matrix[s, s]
-
-
-def symmetric_gram(rows: Tensor, tile: int = 512) -> Tensor:
-    """``rowsᵀ rows`` computed on the upper triangle of tiles only, then mirrored.
-
-    Args:
-        rows: ``[M, P]``.
-        tile: Column tile width; the product costs about ``(k+1)/(2k)`` of the full one for
-            ``k = ⌈P/tile⌉`` tiles.
-
-    Returns:
-        The symmetric ``[P, P]`` matrix.
-    """
-    p = rows.shape[1]
-    if p <= tile:
-        return rows.T @ rows
-    out = rows.new_empty(p, p)
-    starts = range(0, p, tile)
-    for i in starts:
-        left = rows[:, i : i + tile].T
-        right = rows[:, i:]
-        out[i : i + tile, i:] = left @ right
-        out[i + tile :, i : i + tile] = out[i : i + tile, i + tile :].T
-    return out
 
 
 # ---------------------------------------------------------------------------- rows: backpack
@@ -192,10 +178,12 @@ def _backpack_net(model: nn.Module) -> tuple[nn.Module | None, str]:
     return net, ""
 
 
-def _rows_backpack(problem: Problem, net: nn.Module) -> tuple[dict[str, Tensor], float]:
-    """Normalised rows ``[M, numel]`` per parameter name and ``ν``, from BackPACK on a copy."""
+def _rows_backpack(problem: Problem, net: nn.Module, batch: Batch) -> dict[str, Tensor]:
+    """Rows ``[M_b, numel]`` per parameter name (units of the summed loss), by BackPACK.
+
+    ``net`` is the extended copy of the model (see :func:`_row_source`).
+    """
     from backpack import backpack, extend
-    from backpack.context import CTX
     from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
 
     names = {id(p): n for n, p in net.named_parameters()}
@@ -209,40 +197,35 @@ def _rows_backpack(problem: Problem, net: nn.Module) -> tuple[dict[str, Tensor],
         "true": (SqrtGGNExact(), "sqrt_ggn_exact"),
         "mc": (SqrtGGNMC(mc_samples=problem.mc_samples), "sqrt_ggn_mc"),
     }[problem.fisher_type]
-    n_handles = len(CTX.hook_handles)
-    try:
-        net = extend(net)
-        loss_fn = extend(copy.deepcopy(problem.loss_fn))
-        for p in net.parameters():
-            p.requires_grad_(True)
-        with backpack(extension), torch.enable_grad(), warnings.catch_warnings():
-            # BackPACK's full backward hooks warn when no input requires grad; that is intended
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            outputs = net(problem.inputs)
-            problem.loss.check_outputs(outputs, problem.targets)
-            loss_fn(outputs, problem.targets).backward()
-        normaliser = problem.loss.normaliser(outputs)
-        scale = math.sqrt(normaliser)
-        rows = {}
-        for p in net.parameters():
-            name = names[id(p)]
-            if name not in wanted:
-                continue
-            value = getattr(p, savefield)
-            if problem.fisher_type == "empirical":  # BatchGrad carries the reduction's 1/ν
-                rows[name] = value.flatten(start_dim=1) * scale
-            else:  # square roots already carry 1/√ν
-                rows[name] = value.flatten(start_dim=2).flatten(end_dim=1)
-        return rows, normaliser
-    finally:
-        for handle in CTX.hook_handles[n_handles:]:
-            handle.remove()
-        del CTX.hook_handles[n_handles:]
+    loss_fn = extend(copy.deepcopy(problem.loss_fn))
+    for p in net.parameters():  # BackPACK adds to quantities left from an earlier batch
+        p.requires_grad_(True)
+        p.grad = None
+        if hasattr(p, savefield):
+            delattr(p, savefield)
+    with backpack(extension), torch.enable_grad(), warnings.catch_warnings():
+        # BackPACK's full backward hooks warn when no input requires grad; that is intended
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        outputs = net(batch.inputs)
+        problem.loss.check_outputs(outputs, batch.targets)
+        with problem.seeded(batch):
+            loss_fn(outputs, batch.targets).backward()
+    rows = {}
+    for p in net.parameters():
+        name = names[id(p)]
+        if name not in wanted:
+            continue
+        value = getattr(p, savefield)
+        if problem.fisher_type == "empirical":  # BatchGrad carries the reduction's 1/ν
+            rows[name] = value.flatten(start_dim=1) * batch.normaliser
+        else:  # square roots carry 1/√ν
+            rows[name] = value.flatten(start_dim=2).flatten(end_dim=1) * math.sqrt(batch.normaliser)
+    return rows
 
 
 # -------------------------------------------------------------------------- rows: torch.func
-def _rows_torch_func(problem: Problem, outputs: Tensor) -> tuple[dict[str, Tensor], float]:
-    """Normalised rows ``[M, numel]`` per parameter name and ``ν``, by ``vmap`` of ``vjp``."""
+def _rows_torch_func(problem: Problem, batch: Batch) -> dict[str, Tensor]:
+    """Rows ``[M_b, numel]`` per parameter name (units of the summed loss), by vmap of vjp."""
     from torch.func import functional_call, vjp, vmap
 
     model = problem.model
@@ -251,9 +234,13 @@ def _rows_torch_func(problem: Problem, outputs: Tensor) -> tuple[dict[str, Tenso
         for layer_name, layer in problem.layers.items()
         for p_name, p in layer.module.named_parameters(recurse=False)
     }
-    out_rows = problem.loss.output_rows(
-        outputs, problem.targets, problem.fisher_type, problem.mc_samples
-    )  # [R, N, ...]
+    with torch.no_grad():
+        outputs = model(batch.inputs)
+    problem.loss.check_outputs(outputs, batch.targets)
+    with problem.seeded(batch):
+        out_rows = problem.loss.output_rows(
+            outputs, batch.targets, problem.fisher_type, problem.mc_samples
+        )  # [R, N, ...]
 
     def per_sample(x: Tensor, s: Tensor) -> dict[str, Tensor]:
         def f(params: dict[str, Tensor]) -> Tensor:
@@ -262,11 +249,8 @@ def _rows_torch_func(problem: Problem, outputs: Tensor) -> tuple[dict[str, Tenso
         _, pullback = vjp(f, wanted)
         return vmap(pullback)(s)[0]
 
-    rows = vmap(per_sample, in_dims=(0, 1))(problem.inputs, out_rows)  # name -> [N, R, ...]
-    normaliser = problem.loss.normaliser(outputs)
-    scale = 1.0 / math.sqrt(normaliser)
-    rows = {name: r.flatten(start_dim=2).flatten(end_dim=1) * scale for name, r in rows.items()}
-    return rows, normaliser
+    rows = vmap(per_sample, in_dims=(0, 1))(batch.inputs, out_rows)  # name -> [N, R, ...]
+    return {name: r.flatten(start_dim=2).flatten(end_dim=1) for name, r in rows.items()}
 
 
 # ------------------------------------------------------------------------------ public API
@@ -274,22 +258,36 @@ def _key(layer_name: str, param_name: str) -> str:
     return f"{layer_name}.{param_name}" if layer_name else param_name
 
 
-def _rows(problem: Problem, backend: str) -> tuple[dict[str, Tensor], float, str, str]:
-    """Normalised rows per parameter name, ``ν``, the backend used and why not BackPACK."""
+@contextlib.contextmanager
+def _row_source(
+    problem: Problem, backend: str
+) -> Iterator[tuple[Callable[[Batch], dict[str, Tensor]], str, str]]:
+    """A function giving a batch's rows per parameter name, the backend used, why not BackPACK.
+
+    BackPACK's hooks live on a deep copy of the model for the duration of the block.
+    """
     if backend not in BACKENDS:
         raise FisherlabError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
-    outputs = checked_forward(problem)
     if backend in ("auto", "backpack"):
         net, reason = _backpack_net(problem.model)
         if net is not None:
-            rows, normaliser = _rows_backpack(problem, net)
-            return rows, normaliser, "backpack", ""
+            from backpack import extend
+            from backpack.context import CTX
+
+            n_handles = len(CTX.hook_handles)
+            try:
+                net = extend(net)
+                yield (lambda batch: _rows_backpack(problem, net, batch)), "backpack", ""
+            finally:
+                for handle in CTX.hook_handles[n_handles:]:
+                    handle.remove()
+                del CTX.hook_handles[n_handles:]
+            return
         if backend == "backpack":
             raise FisherlabError(reason + "; use backend='torch.func' or 'auto'")
     else:
         reason = "backend='torch.func' requested"
-    rows, normaliser = _rows_torch_func(problem, outputs)
-    return rows, normaliser, "torch.func", reason
+    yield (lambda batch: _rows_torch_func(problem, batch)), "torch.func", reason
 
 
 def _layer_rows(problem: Problem, rows: dict[str, Tensor], name: str) -> Tensor:
@@ -299,32 +297,53 @@ def _layer_rows(problem: Problem, rows: dict[str, Tensor], name: str) -> Tensor:
     return torch.cat([rows[k] for k in keys], dim=1)
 
 
-def _itemsize(inputs: Tensor) -> int:
-    return inputs.element_size() if inputs.is_floating_point() else 4
+def _itemsize(problem: Problem) -> int:
+    for p in problem.model.parameters():
+        return p.element_size() if p.is_floating_point() else 4
+    return 4
+
+
+def _stream(
+    problem: Problem, backend: str, gram_of: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+) -> tuple[dict[str, Tensor], str, str]:
+    """``Σ_b`` of ``gram_of(rows of batch b)``, all-reduced over ranks and divided by ``ν``."""
+    sums: dict[str, Tensor] = {}
+    with _row_source(problem, backend) as (rows_of, used, reason):
+        for batch in problem.batches(f"exact Fisher ({used})"):
+            for key, value in gram_of(rows_of(batch)).items():
+                if key in sums:
+                    sums[key] += value
+                else:
+                    sums[key] = value
+    return {k: problem.all_reduce(v) / problem.normaliser for k, v in sums.items()}, used, reason
 
 
 def exact_blocks(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    fisher_type: str = "true",
-    mc_samples: int = 1,
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None = None,
+    inputs: Tensor | None = None,
+    targets: Tensor | None = None,
+    fisher_type: str | None = None,
+    mc_samples: int | None = None,
     backend: str = "auto",
-    skip_unsupported: bool = False,
+    skip_unsupported: bool | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> BlockDict:
     """Dense exact per-layer Fisher blocks ``(1/ν) Σ j jᵀ`` in parameter order.
 
+    Over a problem's data set the blocks are accumulated batch by batch: memory is that of the
+    blocks and one batch's rows, independent of ``N``.
+
     Args:
-        model: The network (left unchanged).
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (``reduction`` ``"mean"``/``"sum"``).
-        inputs: Batch inputs ``[N, ...]``.
-        targets: Batch targets.
-        fisher_type: ``"true"``, ``"mc"`` or ``"empirical"``.
-        mc_samples: Labels drawn per input for ``"mc"``.
+        model: A :class:`~fisherlab.problem.Problem`, or the network (left unchanged)
+            followed by ``loss_fn``, ``inputs``, ``targets`` for one batch.
+        loss_fn: With a model: ``nn.CrossEntropyLoss`` or ``nn.MSELoss``.
+        inputs: With a model: batch inputs ``[N, ...]``.
+        targets: With a model: batch targets.
+        fisher_type: With a model: ``"true"`` (default), ``"mc"`` or ``"empirical"``.
+        mc_samples: With a model: labels drawn per input for ``"mc"``.
         backend: ``"auto"`` (BackPACK where it can), ``"backpack"`` or ``"torch.func"``.
-        skip_unsupported: Leave out unsupported parametrised modules with a warning.
+        skip_unsupported: With a model: leave out unsupported modules with a warning.
         max_bytes: Memory budget for the dense blocks (default 2 GiB).
 
     Returns:
@@ -335,37 +354,49 @@ def exact_blocks(
         MemoryBudgetError: when the blocks would exceed ``max_bytes`` (the message gives the
             size).
     """
-    problem = Problem.build(
-        model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported
+    problem = as_problem(
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        skip_unsupported=skip_unsupported,
     )
     sizes = {name: layer.num_params for name, layer in problem.layers.items()}
     check_memory(
         "the dense blocks " + ", ".join(f"{n!r} ({p}×{p})" for n, p in sizes.items()),
-        sum(p * p for p in sizes.values()) * _itemsize(inputs),
+        sum(p * p for p in sizes.values()) * _itemsize(problem),
         max_bytes,
         "raise max_bytes= if the machine has the memory",
     )
-    rows, normaliser, used, reason = _rows(problem, backend)
-    blocks = {name: symmetric_gram(_layer_rows(problem, rows, name)) for name in problem.layers}
+    blocks, used, reason = _stream(
+        problem,
+        backend,
+        lambda rows: {
+            name: symmetric_gram(_layer_rows(problem, rows, name)) for name in problem.layers
+        },
+    )
     return BlockDict(
         blocks,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
+        fisher_type=problem.fisher_type,
+        mc_samples=problem.mc_samples,
         backend=used,
         backend_reason=reason,
-        normaliser=normaliser,
+        normaliser=problem.normaliser,
+        num_samples=problem.num_samples,
     )
 
 
 def exact_fisher(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    fisher_type: str = "true",
-    mc_samples: int = 1,
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None = None,
+    inputs: Tensor | None = None,
+    targets: Tensor | None = None,
+    fisher_type: str | None = None,
+    mc_samples: int | None = None,
     backend: str = "auto",
-    skip_unsupported: bool = False,
+    skip_unsupported: bool | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> ExactFisher:
     """The full dense Fisher of all supported layers, in ``model.parameters()`` order.
@@ -376,38 +407,49 @@ def exact_fisher(
         MemoryBudgetError: when the ``P×P`` matrix would exceed ``max_bytes`` (the message
             states ``P`` and the size).
     """
-    problem = Problem.build(
-        model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported
+    problem = as_problem(
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        skip_unsupported=skip_unsupported,
     )
     owner = {}
     for name, layer in problem.layers.items():
         for p_name, p in layer.module.named_parameters(recurse=False):
             owner[id(p)] = (name, _key(name, p_name))
-    order = [owner[id(p)] for p in model.parameters() if id(p) in owner]
-    total = sum(p.numel() for p in model.parameters() if id(p) in owner)
+    params = [p for p in problem.model.parameters() if id(p) in owner]
+    order = [owner[id(p)] for p in params]
+    total = sum(p.numel() for p in params)
     check_memory(
         f"the full Fisher ({total}×{total})",
-        total * total * _itemsize(inputs),
+        total * total * _itemsize(problem),
         max_bytes,
         "raise max_bytes= if the machine has the memory, or use fl.exact_blocks(...) for the "
         "per-layer blocks",
     )
-    rows, normaliser, used, reason = _rows(problem, backend)
-    parts, starts, offset = [], {}, 0
-    for name, key in order:
+    starts, offset = {}, 0
+    for (name, _), p in zip(order, params):
         starts.setdefault(name, offset)
-        parts.append(rows[key])
-        offset += rows[key].shape[1]
+        offset += p.numel()
+    sums, used, reason = _stream(
+        problem,
+        backend,
+        lambda rows: {"": symmetric_gram(torch.cat([rows[key] for _, key in order], dim=1))},
+    )
     slices = {
         name: slice(start, start + problem.layers[name].num_params)
         for name, start in starts.items()
     }
     return ExactFisher(
-        matrix=symmetric_gram(torch.cat(parts, dim=1)),
+        matrix=sums[""],
         slices=slices,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
+        fisher_type=problem.fisher_type,
+        mc_samples=problem.mc_samples,
         backend=used,
         backend_reason=reason,
-        normaliser=normaliser,
+        normaliser=problem.normaliser,
+        num_samples=problem.num_samples,
     )

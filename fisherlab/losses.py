@@ -23,6 +23,7 @@ reduction's scaling is undone.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,22 @@ class LossSpec:
         if self.reduction == "sum":
             return 1.0
         return float(outputs.shape[0] if self.kind == "cross_entropy" else outputs.numel())
+
+    def batch_normaliser(self, targets: Tensor) -> float:
+        """``ν`` of one batch from its targets alone (MSE targets have the outputs' shape)."""
+        if self.reduction == "sum":
+            return 1.0
+        return float(targets.shape[0] if self.kind == "cross_entropy" else targets.numel())
+
+    def total_normaliser(self, normalisers: Iterable[float]) -> float:
+        """``ν`` of several batches taken together: their sum for ``"mean"``, ``1`` for ``"sum"``.
+
+        This is the normaliser of the data set, ``F = (1/ν) Σ_batches JᵀJ`` (curvlinops' convention
+        for a list of batches).
+        """
+        if self.reduction == "sum":
+            return 1.0
+        return float(sum(normalisers))
 
     def num_rows(self, outputs: Tensor, fisher_type: str, mc_samples: int) -> int:
         """Number ``R`` of output rows per sample for a Fisher type."""

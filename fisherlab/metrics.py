@@ -9,18 +9,21 @@ Two kinds of functions:
   (:func:`frobenius_at_scale`), never forming a ``P×P`` matrix:
 
   .. math::
-      \|F\|_F^2 = \|K\|_F^2/ν^2,\quad
-      \|F - Γ⊗Ω\|_F^2 = \|F\|^2 - \tfrac{2}{ν}\sum_{n,r}\langle G_{rn}ΓG_{rn}^\top,
-      Ã_nΩÃ_n^\top\rangle + \|Γ\|^2\|Ω\|^2,
+      \|F - F̂\|_F^2 = \|F\|_F^2 - \tfrac{2}{ν}\sum_{\text{rows } j} j^\top F̂ j + \|F̂\|_F^2,
+      \qquad \|F\|_F^2 = \|K\|_F^2/ν^2,
 
-  :math:`\|F - F̂_{ekfac}\|^2 = \|F\|^2 - \|s\|^2` and
-  :math:`\|F - \mathrm{diag}F\|^2 = \|F\|^2 - \|\mathrm{diag}F\|^2`. Memory is
-  ``O(M² + T² + d_in² + d_out²)`` plus one gradient-sized vector for ``ekfac``/``diag``.
+  where each block supplies its own two terms (KFAC:
+  :math:`\sum_{n,r}\langle G_{rn}ΓG_{rn}^\top, Ã_nΩÃ_n^\top\rangle` and
+  :math:`\|Γ\|^2\|Ω\|^2`; EKFAC: :math:`\langle s, \sum (Q^\top j)^2\rangle` and
+  :math:`\|s\|^2`; …). Over a data set (a :class:`~fisherlab.problem.Problem`) ``‖K‖²`` comes
+  from blocks of the Gram over pairs of batches (:func:`fisher_norms_sq`, memory of one pair)
+  and ``⟨F, F̂⟩`` from one pass.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,14 +32,11 @@ from scipy.sparse.linalg import eigsh
 from torch import Tensor
 
 from fisherlab.blocks.base import CurvatureBlock
-from fisherlab.blocks.diag import DiagBlock
 from fisherlab.blocks.ekfac import EKFACBlock
-from fisherlab.blocks.factors import sample_chunks
-from fisherlab.blocks.kfac import KronBlock
-from fisherlab.blocks.skfac import SKFACBlock
-from fisherlab.blocks.woodbury import WoodburyBlock, choose_gram_route, gram
-from fisherlab.capture import LayerCapture
-from fisherlab.conventions import FisherlabError
+from fisherlab.blocks.woodbury import choose_gram_route, cross_gram, gram
+from fisherlab.capture import LayerCapture, cached_captures, captures
+from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
+from fisherlab.problem import Problem
 
 
 # --------------------------------------------------------------------------------- dense
@@ -50,20 +50,30 @@ def frobenius_error(exact: Tensor, approx: Tensor, relative: bool = True) -> flo
 
 
 def spectrum(
-    block: CurvatureBlock | Tensor, k: int | None = None, dense_limit: int = 4096
+    block: CurvatureBlock | Tensor,
+    k: int | None = None,
+    dense_limit: int = 4096,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Tensor:
     """Eigenvalues, descending: all of them, or the top ``k``.
 
-    A dense tensor or a block with its own cheap ``eigvalsh`` gives exact values; ``k`` with a
-    block larger than ``dense_limit`` and no structured ``eigvalsh`` uses Lanczos (scipy
-    ``eigsh``) through the block's linear operator.
+    A dense tensor or a block with its own cheap ``eigvalsh`` gives exact values; ``k`` with an
+    ``exact`` block larger than ``dense_limit`` uses Lanczos (scipy ``eigsh``) through the
+    block's linear operator. ``max_bytes`` bounds any dense matrix formed on the way (a dense
+    tensor's eigen-decomposition needs a second copy of it).
     """
     if isinstance(block, Tensor):  # PSD up to rounding, as the blocks' own eigvalsh
+        check_memory(
+            f"the spectrum of a {tuple(block.shape)} matrix (a working copy)",
+            block.numel() * block.element_size(),
+            max_bytes,
+            "pass a block and k= for the top eigenvalues, or raise max_bytes=",
+        )
         values = torch.linalg.eigvalsh(block).clamp_min(0).flip(0)
         return values if k is None else values[:k]
     structured = not (block.method == "exact" and block.size > dense_limit)
     if structured or k is None:
-        values = block.eigvalsh().flip(0)
+        values = block.eigvalsh(max_bytes).flip(0)
         return values if k is None else values[:k]
     top = eigsh(block.as_linear_operator(), k=k, which="LA", return_eigenvectors=False)
     return torch.as_tensor(np.sort(top)[::-1].copy(), dtype=block.dtype)
@@ -93,7 +103,11 @@ def direction_quality(
     approx: CurvatureBlock, exact: CurvatureBlock, gradient: Tensor, damping: float
 ) -> DirectionQuality:
     """Relative error and cosine of the approximate natural gradient against the exact one."""
-    d_hat, d = approx.solve(gradient, damping), exact.solve(gradient, damping)
+    return direction_agreement(approx.solve(gradient, damping), exact.solve(gradient, damping))
+
+
+def direction_agreement(d_hat: Tensor, d: Tensor) -> DirectionQuality:
+    """Relative error ``‖d̂ − d‖/‖d‖`` and cosine of a direction ``d̂`` against ``d``."""
     norm = torch.linalg.vector_norm(d).item()
     error = torch.linalg.vector_norm(d_hat - d).item()
     denom = norm * torch.linalg.vector_norm(d_hat).item()
@@ -157,65 +171,75 @@ def kfe_correlation(
 
 # ------------------------------------------------------------------------------- at scale
 def fisher_norm_sq(layer: LayerCapture, normaliser: float) -> float:
-    """``‖F‖²_F = ‖K‖²_F / ν²`` from the Gram of the captured rows."""
+    """``‖F‖²_F = ‖K‖²_F / ν²`` from the Gram of one capture's rows."""
     A, G = layer.A, layer.G
     k = gram(A, G, choose_gram_route(A, G))
     return float((k**2).sum()) / normaliser**2
 
 
-def _kron_inner(layer: LayerCapture, gamma: Tensor, omega: Tensor, normaliser: float) -> float:
-    """``⟨F, Γ⊗Ω⟩ = (1/ν) Σ_{n,r} ⟨G_{rn} Γ G_{rn}ᵀ, Ã_n Ω Ã_nᵀ⟩`` (``T×T`` per sample)."""
-    A, G = layer.A, layer.G
-    total = 0.0
-    t = A.shape[1]
-    for chunk in sample_chunks(A.shape[0], G.shape[0] * t * t):
-        a_part = torch.einsum("ntd,de,nse->nts", A[chunk], omega, A[chunk])
-        g_part = torch.einsum("rntd,de,rnse->rnts", G[:, chunk], gamma, G[:, chunk])
-        total += float((g_part * a_part.unsqueeze(0)).sum())
-    return total / normaliser
+def fisher_norms_sq(problem: Problem, names: Sequence[str] | None = None) -> dict[str, float]:
+    """``‖F‖²_F`` per layer of a problem's data, from blocks of the Gram over pairs of batches.
 
+    ``‖K‖² = Σ_b ‖K_bb‖² + 2 Σ_{c<b} ‖K_bc‖²`` with ``K_bc = J_b J_cᵀ``: memory of one pair of
+    batches. Captures are replayed from memory when the data's fit (else recomputed per pair).
 
-def _cross_gram(A: Tensor, G: Tensor, A1: Tensor, G1: Tensor) -> Tensor:
-    """``J J̃ᵀ`` for rows ``J`` from ``(A, G)`` and ``J̃`` from single-position ``(A1, G1)``."""
-    r, n, t = G.shape[:3]
-    out = A.new_empty(r, n, r, n)
-    for chunk in sample_chunks(n, r * r * n * t):
-        aa = torch.einsum("ntd,md->nmt", A[chunk], A1[:, 0])
-        gg = torch.einsum("rntd,smd->rnsmt", G[:, chunk], G1[:, :, 0])
-        out[:, chunk] = (gg * aa.unsqueeze(0).unsqueeze(2)).sum(dim=-1)
-    return out.reshape(r * n, r * n)
+    Raises:
+        FisherlabError: for data sharded over ranks (pairs would cross ranks).
+    """
+    if problem.sharded:
+        raise FisherlabError(
+            "the at-scale Frobenius norm needs every pair of batches, which sharded data "
+            "spreads over ranks; compute it on one process"
+        )
+    names = list(problem.layers) if names is None else list(names)
+    totals = dict.fromkeys(names, 0.0)
+    with cached_captures(problem):
+        for b, first in enumerate(captures(problem, "‖F‖ over pairs of batches")):
+            for c, second in enumerate(captures(problem, quiet=True)):
+                if c > b:
+                    break
+                for name in names:
+                    x, y = first[name], second[name]
+                    k = cross_gram(x.A, x.G, y.A, y.G)
+                    totals[name] += (1.0 if b == c else 2.0) * float((k**2).sum())
+    return {name: total / problem.normaliser**2 for name, total in totals.items()}
 
 
 def frobenius_at_scale(
-    block: CurvatureBlock, layer: LayerCapture, normaliser: float, fisher_sq: float | None = None
+    block: CurvatureBlock,
+    reference: LayerCapture | Problem,
+    normaliser: float | None = None,
+    fisher_sq: float | None = None,
 ) -> tuple[float, float]:
     """``(‖F − F̂‖_F, ‖F‖_F)`` without forming ``F`` or ``F̂`` (module docstring).
 
-    Supported blocks: ``kfac``, ``ekfac``, ``skfac``, ``diag`` and ``woodbury`` (error zero when
-    it is exact).
+    ``‖F − F̂‖² = ‖F‖² − 2⟨F, F̂⟩ + ‖F̂‖²``: the block supplies ``‖F̂‖²``
+    (:meth:`~fisherlab.blocks.base.CurvatureBlock.norm_sq`) and ``⟨F, F̂⟩`` from the reference's
+    rows (:meth:`~fisherlab.blocks.base.CurvatureBlock.inner_with_rows`), whatever data the block
+    was built from (another batch, a stale basis). The subtraction leaves an error of order
+    ``√ε·‖F‖``.
+
+    Args:
+        block: Any curvature block.
+        reference: The exact Fisher's rows: one layer's capture (with ``normaliser``), or a
+            :class:`~fisherlab.problem.Problem` (the Fisher of its data; the block's layer).
+        normaliser: ``ν`` of a captured reference.
+        fisher_sq: ``‖F‖²`` if already known.
     """
-    f_sq = fisher_norm_sq(layer, normaliser) if fisher_sq is None else fisher_sq
-    if isinstance(block, KronBlock | SKFACBlock):
-        if isinstance(block, SKFACBlock):
-            gamma = block.Y.T @ block.Y / block.normaliser
-            omega = block.X.T @ block.X / block.X.shape[0]
-        else:
-            gamma, omega = block.gamma, block.omega
-        inner = _kron_inner(layer, gamma, omega, normaliser)
-        approx_sq = float((gamma**2).sum() * (omega**2).sum())
-        err_sq = f_sq - 2 * inner + approx_sq
-    elif isinstance(block, EKFACBlock):
-        err_sq = f_sq - float((block.scalings**2).sum())
-    elif isinstance(block, DiagBlock):
-        err_sq = f_sq - float((block.diagonal**2).sum())
-    elif isinstance(block, WoodburyBlock):
-        if block.options.get("conv_gram") == "reduce_sum" and layer.positions > 1:
-            # ⟨F, F̃⟩ = ‖J J̃ᵀ‖² / ν², ‖F̃‖² = ‖K̃‖² / ν²
-            cross = _cross_gram(layer.A, layer.G, block.A, block.G)
-            inner = float((cross**2).sum()) / normaliser**2
-            err_sq = f_sq - 2 * inner + float((block.gram**2).sum()) / normaliser**2
-        else:
-            err_sq = 0.0
+    if isinstance(reference, Problem):
+        name = block.layer.name
+        with cached_captures(reference):
+            f_sq = fisher_norms_sq(reference, [name])[name] if fisher_sq is None else fisher_sq
+            inner = sum(
+                block.inner_with_rows(cap[name].A, cap[name].G)
+                for cap in captures(reference, "⟨F, F̂⟩")
+            )
+        nu = reference.normaliser
     else:
-        raise FisherlabError(f"no at-scale Frobenius error for method {block.method!r}")
+        if normaliser is None:
+            raise FisherlabError("frobenius_at_scale of a captured reference needs normaliser=")
+        nu = normaliser
+        f_sq = fisher_norm_sq(reference, nu) if fisher_sq is None else fisher_sq
+        inner = block.inner_with_rows(reference.A, reference.G)
+    err_sq = f_sq - 2 * inner / nu + block.norm_sq()
     return math.sqrt(max(err_sq, 0.0)), math.sqrt(f_sq)

@@ -585,7 +585,54 @@ def plot_directions(data: FigureData) -> Figure:
     return fig
 
 
+# ----------------------------------------------------------------------------- comparison
+def plot_comparison(data: FigureData) -> Figure:
+    """``fisherlab compare``'s table as a figure.
+
+    Per layer (x) and method (colour): the relative Frobenius error, the spectrum distance and
+    the direction cosine against the exact Fisher of the data. Refused methods are left out
+    (the table says why).
+    """
+    rows = [r for r in data.rows("comparison") if not r.get("note", "").startswith("refused")]
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    sizes = {r["layer"]: r["P"] for r in rows}
+    panels = [
+        ("rel_frobenius", "‖F̂ − F‖_F / ‖F‖_F", "Frobenius error"),
+        ("spectrum_distance", "‖λ(F̂) − λ(F)‖₂ / ‖λ(F)‖₂", "spectrum distance"),
+        ("direction_cosine", "cos((F̂+λI)⁻¹g, (F+λI)⁻¹g)", "direction cosine"),
+    ]
+    width = 0.8 / max(len(methods), 1)
+    with style():
+        fig = _figure(3.0 * len(panels) + 1.8, 3.4)
+        axes = fig.subplots(1, len(panels))
+        for ax, (key, ylabel, title) in zip(axes, panels):
+            for i, method in enumerate(methods):
+                values = {r["layer"]: r[key] for r in rows if r["method"] == method}
+                xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(layers))]
+                ys = [values.get(layer, math.nan) for layer in layers]
+                ax.bar(xs, ys, width=width, color=color(method), label=label(method))
+            ax.set_xticks(range(len(layers)))
+            ax.set_xticklabels([f"{n}\nP={sizes[n]}" for n in layers])
+            ax.set_xlabel("layer")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+        axes[-1].set_ylim(min(0.0, *(r["direction_cosine"] for r in rows)), 1.0)
+        handles, labels_ = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside right center", frameon=False, title="method")
+        m = data.meta
+        _suptitle(
+            fig,
+            data,
+            f"Block approximations vs the exact {m['fisher_type']} Fisher of "
+            f"{m['samples']} {m.get('data', '')} samples ({m.get('state', 'model as given')}); "
+            f"damping λ = {m['damping']:g}, g = loss gradient of the same data",
+        )
+    return fig
+
+
 PLOTS = {
+    "comparison": plot_comparison,
     "heatmaps": plot_block_heatmaps,
     "frobenius": plot_frobenius,
     "spectra": plot_spectra,
@@ -615,6 +662,7 @@ __all__ = [
     "marker",
     "plot",
     "plot_block_heatmaps",
+    "plot_comparison",
     "plot_directions",
     "plot_frobenius",
     "plot_kfe_correlation",

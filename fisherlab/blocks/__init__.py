@@ -1,12 +1,15 @@
 """Block-diagonal curvature: every representation built from the same captured statistics.
 
-``fl.curvature(method, model, loss_fn, inputs, targets, fisher_type=..., **options)`` captures
-``Ã`` and ``G`` once and returns ``{module_name: block}``; every block implements
-:class:`~fisherlab.blocks.base.CurvatureBlock` (``to_dense``, ``matvec``, ``solve``,
-``eigvalsh``, ``nbytes``, ``as_linear_operator``). ``build(method, capture, **options)`` builds
-from an existing :class:`~fisherlab.capture.Capture`, so several methods share one capture.
+``fl.curvature(method, problem, **options)`` streams the problem's data (one batch or a data set
+of batches) through the method's builder and returns ``{module_name: block}``; every block
+implements :class:`~fisherlab.blocks.base.CurvatureBlock` (``to_dense``, ``matvec``, ``solve``,
+``eigvalsh``, ``nbytes``, ``as_linear_operator``). ``fl.curvature(method, model, loss_fn, inputs,
+targets, fisher_type=...)`` is the one-batch shorthand. ``build(method, capture, **options)``
+builds from an existing :class:`~fisherlab.capture.Capture`, and :func:`curvatures` builds
+several methods in shared passes.
 
-Methods and their options (defaults first):
+Methods are registered by their block classes, one file each in this package (adding a file
+adds a method). Built in, with their options (defaults first):
 
 =============  ===============================================================================
 ``exact``      dense ``(1/ν)JᵀJ``
@@ -21,37 +24,24 @@ Methods and their options (defaults first):
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-from fisherlab.blocks.base import CurvatureBlock, check_damping
-from fisherlab.blocks.diag import DiagBlock, fisher_diagonal
-from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
-from fisherlab.blocks.exact import ExactBlock, dense_from_rows
-from fisherlab.blocks.factors import (
-    KFAC_APPROX,
-    check_choice,
-    gradient_factor,
-    input_factor,
-    reduce_positions,
-    symmetric_eigh,
-)
-from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
-from fisherlab.blocks.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
-from fisherlab.blocks.woodbury import CONV_GRAMS, GRAM_ROUTES, WoodburyBlock, choose_gram_route
-from fisherlab.capture import Capture, LayerCapture, capture
-from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
+from fisherlab.blocks.assemble import Source, assemble, method_class
+from fisherlab.blocks.base import REGISTRY, CurvatureBlock, Options
+from fisherlab.capture import Capture, cached_captures
+from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_damping
+from fisherlab.problem import Problem, as_problem
 
-OPTIONS: dict[str, dict[str, Any]] = {
-    "exact": {},
-    "kfac": {"kfac_approx": "expand", "damping_mode": "eigen"},
-    "ekfac": {"kfac_approx": "expand", "basis": None},
-    "woodbury": {"conv_gram": "exact", "gram_route": "auto"},
-    "skfac": {"conv_reduction": "sum", "spatial_samples": None, "seed": 0, "damping_mode": "eigen"},
-    "diag": {},
-}
-METHODS = tuple(OPTIONS)
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
+
+#: The built-in methods (every method is in :data:`~fisherlab.blocks.base.REGISTRY`).
+METHODS: tuple[str, ...] = tuple(REGISTRY)
 
 
 class CurvatureDict(dict):
@@ -61,7 +51,7 @@ class CurvatureDict(dict):
         method: The method name.
         fisher_type: The Fisher type of the captured statistics.
         options: All options (defaults filled in).
-        normaliser: ``ν`` of the loss.
+        normaliser: ``ν`` of the loss over the data.
     """
 
     def __init__(
@@ -81,159 +71,125 @@ class CurvatureDict(dict):
         )
 
 
-def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    if method not in OPTIONS:
-        raise FisherlabError(f"unknown method {method!r}; valid methods are {METHODS}")
-    unknown = set(options) - set(OPTIONS[method])
-    if unknown:
+def parse_options(method: str, options: dict[str, Any], text: bool = False) -> Options:
+    """The typed options of ``method`` (see :meth:`~fisherlab.blocks.base.Options.parse`)."""
+    return method_class(method).Options.parse(method, options, text=text)
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"woodbury:conv_gram=reduce_sum,gram_route=auto"`` → ``("woodbury", {...})``.
+
+    Values are converted to the options' types (``spatial_samples=8`` is an ``int``); a value
+    that does not convert, an unknown option or method is a clear error.
+    """
+    if not isinstance(spec, str):
         raise FisherlabError(
-            f"unknown option(s) {sorted(unknown)} for method {method!r}; valid options: "
-            f"{sorted(OPTIONS[method]) or 'none'}"
+            f"a method spec is a string like 'kfac:kfac_approx=reduce', got {spec!r}"
         )
-    resolved = {**OPTIONS[method], **options}
-    checks = {
-        "kfac_approx": KFAC_APPROX,
-        "damping_mode": DAMPING_MODES,
-        "conv_gram": CONV_GRAMS,
-        "gram_route": GRAM_ROUTES,
-        "conv_reduction": CONV_REDUCTIONS,
-    }
-    for name, choices in checks.items():
-        if name in resolved:
-            check_choice(name, resolved[name], choices)
-    return resolved
+    method, _, rest = spec.partition(":")
+    raw: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FisherlabError(f"option {item!r} in method {spec!r} is not of the form key=value")
+        raw[key.strip()] = value.strip()
+    typed = parse_options(method, raw, text=True)
+    return method, {key: getattr(typed, key) for key in raw}
 
 
-def _basis_for(basis: Any, name: str) -> tuple[Tensor, Tensor]:
-    try:
-        entry = basis[name]
-    except (KeyError, TypeError, IndexError):
-        raise FisherlabError(
-            f"the basis passed to 'ekfac' has no entry for layer {name!r}"
-        ) from None
-    return entry.basis if isinstance(entry, EKFACBlock) else tuple(entry)
-
-
-def _itemsize(lc: LayerCapture) -> int:
-    return lc.A.element_size()
-
-
-def _build_block(
-    method: str, lc: LayerCapture, cap: Capture, options: dict, max_bytes: int
-) -> CurvatureBlock:
-    layer, A, G, nu, ft = lc.layer, lc.A, lc.G, cap.normaliser, cap.fisher_type
-    size = layer.num_params
-    if method == "exact":
-        check_memory(
-            f"the exact block of layer {layer.name!r} ({size}×{size})",
-            size * size * _itemsize(lc),
-            max_bytes,
-            "use method 'woodbury' (the same matrix, never formed) or raise max_bytes=",
-        )
-        return ExactBlock(layer, dense_from_rows(A, G, nu), ft, options)
-    if method == "kfac":
-        approx = options["kfac_approx"]
-        return KronBlock(
-            layer, gradient_factor(G, nu, approx), input_factor(A, approx), ft, options
-        )
-    if method == "ekfac":
-        approx = options["kfac_approx"]
-        if options["basis"] is None:
-            u_gamma = symmetric_eigh(gradient_factor(G, nu, approx))[1]
-            u_omega = symmetric_eigh(input_factor(A, approx))[1]
+def _specs(methods: Sequence[str | tuple[str, dict]]) -> list[tuple[str, str, Options]]:
+    out = []
+    for spec in methods:
+        if isinstance(spec, tuple):
+            method, options = spec
+            label = method
         else:
-            u_gamma, u_omega = _basis_for(options["basis"], layer.name)
-            expected = (layer.d_out, layer.d_in + layer.has_bias)
-            if u_gamma.shape != (expected[0],) * 2 or u_omega.shape != (expected[1],) * 2:
-                raise FisherlabError(
-                    f"the EKFAC basis for layer {layer.name!r} has shapes {tuple(u_gamma.shape)} "
-                    f"and {tuple(u_omega.shape)}, but the layer's [W | b] is {expected}: it comes "
-                    "from a layer of another shape"
-                )
-            u_gamma, u_omega = u_gamma.to(A), u_omega.to(A)
-        return EKFACBlock(
-            layer, u_gamma, u_omega, kfe_scalings(A, G, u_gamma, u_omega, nu), ft, options
-        )
-    if method == "woodbury":
-        if options["conv_gram"] == "reduce_sum":
-            A, G = reduce_positions(A, G)
-        rows = G.shape[0] * G.shape[1]
-        route = choose_gram_route(A, G, options["gram_route"])
-        extra = rows * size if route == "gradients" else 0
-        check_memory(
-            f"the Woodbury Gram of layer {layer.name!r} ({rows}×{rows}"
-            + (f", and {rows}×{size} gradient rows" if extra else "")
-            + ")",
-            (rows * rows * 2 + extra) * _itemsize(lc),
-            max_bytes,
-            "use a smaller batch or fisher_type='empirical'/'mc' (fewer rows), "
-            "conv_gram='reduce_sum', or method 'kfac'",
-        )
-        return WoodburyBlock(layer, A, G, nu, ft, {**options, "gram_route": route})
-    if method == "skfac":
-        X, Y = skfac_rows(
-            A, G, options["conv_reduction"], options["spatial_samples"], options["seed"]
-        )
-        return SKFACBlock(layer, X, Y, nu, ft, options)
-    return DiagBlock(layer, fisher_diagonal(A, G, nu), ft, options)
+            method, options = parse_method(spec)
+            label = spec
+        out.append((label, method, parse_options(method, options)))
+    return out
+
+
+def curvatures(
+    problem: Problem,
+    methods: Sequence[str | tuple[str, dict]],
+    names: Sequence[str] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, CurvatureDict]:
+    """Several methods over a problem's data, built in shared passes.
+
+    Args:
+        problem: The problem.
+        methods: Specs ``"name"`` or ``"name:option=value,…"``, or ``(name, options)`` pairs.
+        names: Layers to build (default: all).
+        max_bytes: Memory budget of each large object.
+
+    Returns:
+        ``{spec: CurvatureDict}``.
+    """
+    specs = _specs(methods)
+    with cached_captures(problem):
+        results = assemble(Source.of(problem), [(m, o) for _, m, o in specs], names, max_bytes)
+    return {
+        label: CurvatureDict(blocks, m, problem.fisher_type, o.as_dict(), problem.normaliser)
+        for (label, m, o), blocks in zip(specs, results)
+    }
 
 
 def build(
-    method: str, cap: Capture, max_bytes: int = DEFAULT_MAX_BYTES, **options: Any
+    method: str,
+    statistics: Capture | Problem,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    names: Sequence[str] | None = None,
+    **options: Any,
 ) -> CurvatureDict:
-    """Blocks of one method from an existing capture (see the module docstring for options)."""
-    resolved = _resolve_options(method, options)
-    blocks = {name: _build_block(method, lc, cap, resolved, max_bytes) for name, lc in cap.items()}
-    return CurvatureDict(blocks, method, cap.fisher_type, resolved, cap.normaliser)
+    """Blocks of one method from a capture (or a problem); options as keyword arguments."""
+    opts = parse_options(method, options)
+    source = Source.of(statistics)
+    if isinstance(statistics, Problem):
+        with cached_captures(statistics):
+            (blocks,) = assemble(source, [(method, opts)], names, max_bytes)
+    else:
+        (blocks,) = assemble(source, [(method, opts)], names, max_bytes)
+    normaliser = source.totals()[0]
+    return CurvatureDict(blocks, method, source.fisher_type, opts.as_dict(), normaliser)
 
 
 def build_block(
     method: str, cap: Capture, name: str, max_bytes: int = DEFAULT_MAX_BYTES, **options: Any
 ) -> CurvatureBlock:
     """One layer's block of one method from an existing capture."""
-    return _build_block(method, cap[name], cap, _resolve_options(method, options), max_bytes)
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"woodbury:conv_gram=reduce_sum,gram_route=auto"`` → ``("woodbury", {...})``.
-
-    Values that read as integers become ``int``.
-    """
-    method, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise FisherlabError(f"option {item!r} in method {spec!r} is not of the form key=value")
-        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-    _resolve_options(method, options)
-    return method, options
+    return build(method, cap, max_bytes=max_bytes, names=[name], **options)[name]
 
 
 def curvature(
     method: str,
-    model: nn.Module,
-    loss_fn: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    fisher_type: str = "true",
-    mc_samples: int = 1,
-    skip_unsupported: bool = False,
+    problem: Problem | nn.Module,
+    loss_fn: nn.Module | None = None,
+    inputs: Tensor | None = None,
+    targets: Tensor | None = None,
+    fisher_type: str | None = None,
+    mc_samples: int | None = None,
+    skip_unsupported: bool | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     **options: Any,
 ) -> CurvatureDict:
-    """Per-layer curvature blocks of one method for a batch.
+    """Per-layer curvature blocks of one method, over a problem's data.
 
     Args:
-        method: ``"exact"``, ``"kfac"``, ``"ekfac"``, ``"woodbury"``, ``"skfac"`` or ``"diag"``.
-        model: The network (left unchanged).
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss``.
-        inputs: Batch inputs.
-        targets: Batch targets.
-        fisher_type: ``"true"``, ``"mc"`` or ``"empirical"``.
-        mc_samples: Labels drawn per input for ``"mc"``.
-        skip_unsupported: Leave out unsupported parametrised modules with a warning.
-        max_bytes: Memory budget for large objects (dense blocks, Grams); refused beyond it.
+        method: ``"exact"``, ``"kfac"``, ``"ekfac"``, ``"woodbury"``, ``"skfac"``, ``"diag"`` or
+            any registered method.
+        problem: A :class:`~fisherlab.problem.Problem` (one batch or a data set), or a model
+            followed by ``loss_fn``, ``inputs``, ``targets`` (and ``fisher_type``, …) for one
+            batch.
+        loss_fn: With a model: ``nn.CrossEntropyLoss`` or ``nn.MSELoss``.
+        inputs: With a model: batch inputs.
+        targets: With a model: batch targets.
+        fisher_type: With a model: ``"true"`` (default), ``"mc"`` or ``"empirical"``.
+        mc_samples: With a model: labels drawn per input for ``"mc"``.
+        skip_unsupported: With a model: leave out unsupported modules with a warning.
+        max_bytes: Memory budget for large objects (dense blocks, rows, Grams); refused
+            beyond it with the size and an alternative.
         **options: Method options (module docstring).
 
     Returns:
@@ -243,23 +199,33 @@ def curvature(
         >>> import torch, fisherlab as fl
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-        >>> curv = fl.curvature("ekfac", model, nn.CrossEntropyLoss(), x, y)
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
+        >>> curv = fl.curvature("ekfac", fl.Problem(model, nn.CrossEntropyLoss(), data))
         >>> curv["0"].solve(torch.ones(15), damping=1e-3).shape
         torch.Size([15])
     """
-    _resolve_options(method, options)
-    cap = capture(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
-    return build(method, cap, max_bytes=max_bytes, **options)
+    parse_options(method, options)  # refuse bad options before any computation
+    problem = as_problem(
+        problem,
+        loss_fn,
+        inputs,
+        targets,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        skip_unsupported=skip_unsupported,
+    )
+    return build(method, problem, max_bytes=max_bytes, **options)
 
 
 __all__ = [
     "METHODS",
+    "REGISTRY",
     "CurvatureBlock",
     "CurvatureDict",
     "build",
     "build_block",
     "check_damping",
     "curvature",
+    "curvatures",
     "parse_method",
 ]

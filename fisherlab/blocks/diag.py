@@ -1,28 +1,55 @@
-r"""The diagonal of the Fisher block, :math:`\mathrm{diag}(F) = \frac1ν \sum_{n,r} j_{n,r}^2`."""
+r"""The diagonal of the Fisher block, :math:`\mathrm{diag}(F) = \frac1ν \sum_{n,r} j_{n,r}^2`.
+
+Over a data set the squares are summed batch by batch (memory ``P``). At-scale Frobenius terms:
+``‖diag F‖²`` and ``Σ_rows jᵀ D j = ⟨d, Σ_rows j²⟩``.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
-from fisherlab.blocks.factors import gradient_rows, sample_chunks
+from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import gradient_rows
+from fisherlab.linalg import sample_chunks
 
 
-def fisher_diagonal(A: Tensor, G: Tensor, normaliser: float) -> Tensor:
-    """``diag(F)`` as ``[d_out, D]`` (Kronecker order), in chunks of samples."""
+def squared_rows_sum(A: Tensor, G: Tensor) -> Tensor:
+    """``Σ_{n,r} j²`` as ``[d_out, D]`` (Kronecker order), in chunks of samples."""
     out = A.new_zeros(G.shape[-1], A.shape[-1])
     for chunk in sample_chunks(A.shape[0], G.shape[0] * out.numel()):
         out += (gradient_rows(A[chunk], G[:, chunk]) ** 2).sum(dim=(0, 1))
-    return out / normaliser
+    return out
+
+
+def fisher_diagonal(A: Tensor, G: Tensor, normaliser: float) -> Tensor:
+    """``diag(F)`` as ``[d_out, D]`` (Kronecker order)."""
+    return squared_rows_sum(A, G) / normaliser
+
+
+class DiagBuilder(BlockBuilder):
+    """Sums of squared rows over the data set."""
+
+    def __init__(self, layer, options, context):
+        super().__init__(layer, options, context)
+        self.sum: Tensor | None = None
+
+    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+        part = squared_rows_sum(A, G)
+        self.sum = part if self.sum is None else self.sum.add_(part)
+
+    def finish(self, normaliser: float, num_samples: int) -> DiagBlock:
+        diagonal = self.context.all_reduce(self.sum) / normaliser
+        return DiagBlock(self.layer, diagonal, self.context.fisher_type, self.options)
 
 
 class DiagBlock(CurvatureBlock):
     """``diag(F)``; damping ``1/(d + λ)``."""
 
     method = "diag"
+    Builder = DiagBuilder
 
-    def __init__(self, layer, diagonal: Tensor, fisher_type, options):
-        super().__init__(layer, fisher_type, options)
+    def __init__(self, layer, diagonal: Tensor, fisher_type, options=None):
+        super().__init__(layer, fisher_type, options or {})
         self.diagonal = diagonal
 
     def _reference(self) -> Tensor:
@@ -34,8 +61,14 @@ class DiagBlock(CurvatureBlock):
     def _solve(self, V: Tensor, damping: float) -> Tensor:
         return V / (self.diagonal + damping)
 
-    def _eigvalsh(self) -> Tensor:
+    def _eigvalsh(self, max_bytes: int) -> Tensor:
         return self.diagonal.flatten().sort().values
 
     def _nbytes(self) -> int:
         return tensor_bytes(self.diagonal)
+
+    def norm_sq(self) -> float:
+        return float((self.diagonal**2).sum())
+
+    def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
+        return float((self.diagonal * squared_rows_sum(A, G)).sum())

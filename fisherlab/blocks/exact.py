@@ -1,33 +1,93 @@
-r"""The exact dense block ``F = (1/ν) JᵀJ``, from the captured rows ``j = vec_r(G_nᵀÃ_n)``."""
+r"""The exact dense block ``F = (1/ν) JᵀJ``, from the captured rows ``j = vec_r(G_nᵀÃ_n)``.
+
+Over a data set the sum ``Σ j jᵀ`` is accumulated batch by batch (memory ``P²``, independent of
+``N``). Two routes give the same sum, chosen by counting:
+
+* rows: per-sample gradient rows ``[R·N_b, P]`` and their Gram, ``R·N_b·P²/2`` multiply-adds;
+* Kronecker sum, for one position per sample (``T = 1``): ``Σ_{n,r} j jᵀ = Σ_n Γ_n ⊗ ã_nã_nᵀ``
+  with ``Γ_n = Σ_r g_{rn} g_{rn}ᵀ``, ``N_b·P²`` multiply-adds whatever ``R`` (the true Fisher has
+  ``R = C`` rows per sample).
+"""
 
 from __future__ import annotations
 
 from functools import cached_property
 
+import torch
 from torch import Tensor
 
-from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
-from fisherlab.blocks.factors import gradient_rows, symmetric_eigh
-from fisherlab.exact import symmetric_gram
+from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, tensor_bytes
+from fisherlab.blocks.factors import gradient_rows
+from fisherlab.conventions import check_memory
+from fisherlab.linalg import sample_chunks, symmetric_eigh, symmetric_gram
+
+
+def dense_sum(A: Tensor, G: Tensor) -> Tensor:
+    """``Σ_{n,r} j jᵀ`` in Kronecker order, ``[P, P]``, by the cheaper route (module docstring)."""
+    r, n, t, d_out = G.shape
+    d = A.shape[-1]
+    p = d_out * d
+    out = A.new_zeros(p, p)
+    if t == 1 and r > 2:
+        for chunk in sample_chunks(n, d_out * d_out + d * d):
+            g = G[:, chunk, 0]  # [R, c, d_out]
+            gg = torch.einsum("rni,rnj->nij", g, g).reshape(-1, d_out * d_out)
+            a = A[chunk, 0]
+            aa = (a.unsqueeze(2) * a.unsqueeze(1)).reshape(-1, d * d)
+            out += (gg.T @ aa).reshape(d_out, d_out, d, d).permute(0, 2, 1, 3).reshape(p, p)
+        return out
+    for chunk in sample_chunks(n, r * p):
+        rows = gradient_rows(A[chunk], G[:, chunk])
+        out += symmetric_gram(rows.reshape(-1, p))
+    return out
 
 
 def dense_from_rows(A: Tensor, G: Tensor, normaliser: float) -> Tensor:
     """``(1/ν) JᵀJ`` in Kronecker order, ``[P, P]``."""
-    rows = gradient_rows(A, G)
-    return symmetric_gram(rows.reshape(rows.shape[0] * rows.shape[1], -1)) / normaliser
+    return dense_sum(A, G) / normaliser
+
+
+class ExactBuilder(BlockBuilder):
+    """Accumulates ``Σ j jᵀ`` (checked against the budget before it is allocated)."""
+
+    def __init__(self, layer, options, context):
+        super().__init__(layer, options, context)
+        self.sum: Tensor | None = None
+
+    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+        if self.sum is None:
+            size = self.layer.num_params
+            check_memory(
+                f"the exact block of layer {self.layer.name!r} ({size}×{size})",
+                size * size * A.element_size(),
+                self.context.max_bytes,
+                "use method 'woodbury' (the same matrix, never formed) or raise max_bytes=",
+            )
+            self.sum = dense_sum(A, G)
+        else:
+            self.sum += dense_sum(A, G)
+
+    def finish(self, normaliser: float, num_samples: int) -> ExactBlock:
+        matrix = self.context.all_reduce(self.sum) / normaliser
+        return ExactBlock(self.layer, matrix, self.context.fisher_type, self.options)
 
 
 class ExactBlock(CurvatureBlock):
     """Dense ``F``; solves and eigenvalues through its eigen-decomposition (float64 if needed)."""
 
     method = "exact"
+    Builder = ExactBuilder
 
-    def __init__(self, layer, dense_kron: Tensor, fisher_type, options):
-        super().__init__(layer, fisher_type, options)
+    def __init__(self, layer, dense_kron: Tensor, fisher_type, options=None):
+        super().__init__(layer, fisher_type, options or {})
         self.matrix = dense_kron
 
     def _reference(self) -> Tensor:
         return self.matrix
+
+    @property
+    def is_exact(self) -> bool:
+        return True
 
     @cached_property
     def eig(self) -> tuple[Tensor, Tensor]:
@@ -41,14 +101,30 @@ class ExactBlock(CurvatureBlock):
         return (self._flat(V) @ self.matrix).reshape(V.shape)
 
     def _solve(self, V: Tensor, damping: float) -> Tensor:
+        if "eig" not in self.__dict__:  # one Cholesky factorisation costs a sixth of eigh
+            work = self.matrix.double() if self.matrix.dtype == torch.float32 else self.matrix
+            eye = torch.eye(len(work), dtype=work.dtype, device=work.device)
+            chol, info = torch.linalg.cholesky_ex(work + damping * eye)
+            if int(info) == 0:
+                flat = self._flat(V).T.to(work.dtype)
+                return torch.cholesky_solve(flat, chol).T.to(V.dtype).reshape(V.shape)
         values, vectors = self.eig
         return (((self._flat(V) @ vectors) / (values + damping)) @ vectors.T).reshape(V.shape)
 
-    def _eigvalsh(self) -> Tensor:
-        return self.eig[0]
+    def _eigvalsh(self, max_bytes: int) -> Tensor:
+        if "eig" in self.__dict__:
+            return self.eig[0]
+        work = self.matrix.double() if self.matrix.dtype == torch.float32 else self.matrix
+        return torch.linalg.eigvalsh(work).clamp_min(0).to(self.matrix.dtype)
 
     def _nbytes(self) -> int:
         return tensor_bytes(self.matrix, *self.__dict__.get("eig", ()))
 
     def _dense_kron(self) -> Tensor:
         return self.matrix
+
+    def norm_sq(self) -> float:
+        return float((self.matrix**2).sum())
+
+    def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
+        return float((self.matrix * dense_sum(A, G)).sum())

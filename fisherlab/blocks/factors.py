@@ -8,31 +8,29 @@ the optimizers). With ``A: [N, T, D]`` and ``G: [R, N, T, d_out]``:
 * ``"reduce"``: :math:`Ω = \frac1N \sum_n ā ā^\top` with the position mean ``ā``, and
   :math:`Γ = \frac1ν\sum_{r,n} ḡ ḡ^\top` with the position sum ``ḡ``.
 
-For ``T = 1`` both are the KFAC factors, and ``Γ ⊗ Ω`` is exact for a single sample.
+For ``T = 1`` both are the KFAC factors, and ``Γ ⊗ Ω`` is exact for a single sample. Over a data
+set the sums run over all batches (:class:`KroneckerSums`): ``N`` and ``ν`` are those of the data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from fisherlab.conventions import FisherlabError
-
 KFAC_APPROX = ("expand", "reduce")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a clear error listing them."""
-    if value not in choices:
-        raise FisherlabError(f"{name}={value!r} is not valid; choose one of {choices}")
-    return value
 
 
 def reduce_positions(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     """``(ā, ḡ)``, ``[N, 1, D]`` and ``[R, N, 1, d_out]``: position mean of ``A``, sum of ``G``."""
     return A.mean(dim=1, keepdim=True), G.sum(dim=2, keepdim=True)
+
+
+def _factor_rows(A: Tensor, G: Tensor, approx: str) -> tuple[Tensor, Tensor]:
+    if approx == "reduce":
+        A, G = reduce_positions(A, G)
+    return A.reshape(-1, A.shape[-1]), G.reshape(-1, G.shape[-1])
 
 
 def input_factor(A: Tensor, approx: str = "expand") -> Tensor:
@@ -51,33 +49,35 @@ def gradient_factor(G: Tensor, normaliser: float, approx: str = "expand") -> Ten
     return rows.T @ rows / normaliser
 
 
-def sample_chunks(n: int, row_elems: int, budget_elems: int = 2**24) -> Iterator[slice]:
-    """Slices of samples so that a chunk holds at most ``budget_elems`` elements."""
-    step = max(1, budget_elems // max(row_elems, 1))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
+class KroneckerSums:
+    """Unnormalised sums of KFAC's factors over batches: ``Σ ããᵀ`` (and its count), ``Σ ggᵀ``.
+
+    Args:
+        approx: ``"expand"`` or ``"reduce"``.
+    """
+
+    def __init__(self, approx: str):
+        self.approx = approx
+        self.aa: Tensor | None = None
+        self.gg: Tensor | None = None
+        self.count = 0
+
+    def add(self, A: Tensor, G: Tensor) -> None:
+        """Add a batch's ``A [N_b, T, D]`` and ``G [R, N_b, T, d_out]``."""
+        a, g = _factor_rows(A, G, self.approx)
+        aa, gg = a.T @ a, g.T @ g
+        self.aa = aa if self.aa is None else self.aa.add_(aa)
+        self.gg = gg if self.gg is None else self.gg.add_(gg)
+        self.count += a.shape[0]
+
+    def factors(
+        self, normaliser: float, all_reduce: Callable[[Tensor], Tensor] = lambda t: t
+    ) -> tuple[Tensor, Tensor]:
+        """``(Γ, Ω)`` of everything added (on every rank), ``Γ = Σggᵀ/ν`` and ``Ω = Σããᵀ/count``."""
+        count = all_reduce(torch.tensor([float(self.count)], dtype=torch.float64)).item()
+        return all_reduce(self.gg) / normaliser, all_reduce(self.aa) / count
 
 
 def gradient_rows(A: Tensor, G: Tensor) -> Tensor:
     """Per-sample gradient rows ``G_{r,n}ᵀ Ã_n`` as ``[R, N, d_out, D]`` (Kronecker order)."""
     return torch.einsum("rntd,nte->rnde", G, A)
-
-
-def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``eigh`` of a symmetric PSD matrix, in float64 when the input is float32.
-
-    Eigenvalues are clamped at zero (PSD up to rounding). A failing decomposition is retried with
-    a small jitter on the diagonal.
-    """
-    work = matrix.double() if matrix.dtype != torch.float64 else matrix
-    work = (work + work.T) / 2
-    if not bool(torch.isfinite(work).all()):
-        raise FisherlabError(
-            "cannot eigendecompose a matrix with non-finite entries (overflowing statistics)"
-        )
-    try:
-        values, vectors = torch.linalg.eigh(work)
-    except RuntimeError:  # pragma: no cover - LAPACK convergence failure
-        jitter = 1e-12 * work.diagonal().abs().max().clamp_min(1.0)
-        values, vectors = torch.linalg.eigh(work + jitter * torch.eye(len(work), dtype=work.dtype))
-    return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)

@@ -16,29 +16,44 @@ Layers with ``T > 1`` positions (convolutions) reduce their rows first:
 ``conv_reduction="sum"`` (reduce-sum: position mean of ``Ã``, position sum of ``G``, the KFAC
 ``"reduce"`` factors) or ``"subsample"`` (``spatial_samples=s'`` positions per sample drawn with
 ``seed``, ``G`` rows rescaled by ``√(T/s')`` so that both factors are unbiased for the
-``"expand"`` factors).
+``"expand"`` factors). The positions are drawn sample after sample from one generator, so a data
+set split into batches draws what the concatenated batch draws.
+
+**Over a data set** the block holds the factor rows of every sample (``N·s'`` rows of ``Ã`` and
+``R·N·s'`` rows of ``G``): memory grows with ``N``; it is estimated before the rows are kept and
+refused beyond ``max_bytes``. The dense factors (``kfac``) have the same matrix in ``d²``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
-from fisherlab.blocks.factors import symmetric_eigh
-from fisherlab.blocks.kfac import factored_pi
-from fisherlab.conventions import FisherlabError
+from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
+from fisherlab.blocks.kfac import DAMPING_MODES, factored_pi, kron_inner_with_rows
+from fisherlab.conventions import FisherlabError, check_int, check_positive_int
+from fisherlab.linalg import symmetric_eigh
 
 CONV_REDUCTIONS = ("sum", "subsample")
 
 
 def skfac_rows(
-    A: Tensor, G: Tensor, reduction: str, spatial_samples: int | None, seed: int
+    A: Tensor,
+    G: Tensor,
+    reduction: str,
+    spatial_samples: int | None,
+    generator: torch.Generator | int,
 ) -> tuple[Tensor, Tensor]:
-    """Factor rows ``X: [S_x, D]`` (``Ω = XᵀX/S_x``) and ``Y: [S_y, d_out]`` (``Γ = YᵀY/ν``)."""
+    """Factor rows ``X: [S_x, D]`` (``Ω = XᵀX/S_x``) and ``Y: [S_y, d_out]`` (``Γ = YᵀY/ν``).
+
+    ``generator`` (or a seed for a fresh one) draws the subsampled positions, one sample after
+    the other.
+    """
     n, t = A.shape[:2]
     if t > 1 and reduction == "sum":
         A, G = A.mean(dim=1, keepdim=True), G.sum(dim=2, keepdim=True)
@@ -48,7 +63,8 @@ def skfac_rows(
                 f"conv_reduction='subsample' needs spatial_samples in [1, {t}] (the positions "
                 f"per sample), got {spatial_samples!r}"
             )
-        generator = torch.Generator().manual_seed(seed)
+        if not isinstance(generator, torch.Generator):
+            generator = torch.Generator().manual_seed(generator)
         picks = torch.stack(
             [torch.randperm(t, generator=generator)[:spatial_samples] for _ in range(n)]
         )
@@ -74,13 +90,79 @@ def low_rank_eigh(rows: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return sigma / scale, vectors
 
 
+def _gram_of_rows(rows: Tensor) -> Tensor:
+    """``rowsᵀrows`` or ``rows rowsᵀ``, whichever is smaller (same non-zero spectrum)."""
+    return rows.T @ rows if rows.shape[0] >= rows.shape[1] else rows @ rows.T
+
+
+@dataclass(frozen=True)
+class SKFACOptions(Options):
+    """Options of ``skfac``.
+
+    Attributes:
+        conv_reduction: ``"sum"`` (reduce-sum) or ``"subsample"`` for layers with ``T > 1``.
+        spatial_samples: Positions per sample for ``"subsample"``.
+        seed: Seed of the subsampled positions.
+        damping_mode: ``"eigen"`` (KFAC's damped inverse) or ``"factored"`` (as in the paper).
+    """
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "conv_reduction": CONV_REDUCTIONS,
+        "damping_mode": DAMPING_MODES,
+    }
+    conv_reduction: str = "sum"
+    spatial_samples: int | None = None
+    seed: int = 0
+    damping_mode: str = "eigen"
+
+    def validate(self) -> None:
+        if self.spatial_samples is not None:
+            check_positive_int("spatial_samples", self.spatial_samples)
+        check_int("seed", self.seed)
+
+
+class SKFACBuilder(BlockBuilder):
+    """Holds the factor rows of every sample (memory checked before each batch is kept)."""
+
+    def __init__(self, layer, options: SKFACOptions, context):
+        super().__init__(layer, options, context)
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.parts: list[tuple[Tensor, Tensor]] = []
+        self.held = 0
+
+    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+        o = self.options
+        X, Y = skfac_rows(A, G, o.conv_reduction, o.spatial_samples, self.generator)
+        n = A.shape[0]
+        self._check_rows_memory(
+            f"the SKFAC factor rows of layer {self.layer.name!r} ({{n}} samples)",
+            self.held + n,
+            (X.numel() + Y.numel()) * X.element_size() // n,
+            0,
+            X.element_size(),
+            "use method 'kfac' (the same matrix from d×d factors), fewer spatial_samples, or a "
+            "sample of the data; or raise max_bytes=",
+        )
+        self.parts.append((X, Y))
+        self.held += n
+
+    def finish(self, normaliser: float, num_samples: int) -> SKFACBlock:
+        X = torch.cat([x for x, _ in self.parts]) if len(self.parts) > 1 else self.parts[0][0]
+        Y = torch.cat([y for _, y in self.parts]) if len(self.parts) > 1 else self.parts[0][1]
+        self.parts = []
+        X, Y = self.context.all_gather(X, 0), self.context.all_gather(Y, 0)
+        return SKFACBlock(self.layer, X, Y, normaliser, self.context.fisher_type, self.options)
+
+
 class SKFACBlock(CurvatureBlock):
     """``Γ ⊗ Ω`` from factor rows; solves by SMW without any ``d×d`` factorisation."""
 
     method = "skfac"
+    Options: ClassVar = SKFACOptions
+    Builder = SKFACBuilder
 
-    def __init__(self, layer, X: Tensor, Y: Tensor, normaliser: float, fisher_type, options):
-        super().__init__(layer, fisher_type, options)
+    def __init__(self, layer, X: Tensor, Y: Tensor, normaliser: float, fisher_type, options=None):
+        super().__init__(layer, fisher_type, options or {})
         self.X, self.Y, self.normaliser = X, Y, normaliser
 
     def _reference(self) -> Tensor:
@@ -96,13 +178,17 @@ class SKFACBlock(CurvatureBlock):
         """Non-zero eigenpairs of ``Ω``."""
         return low_rank_eigh(self.X, self.X.shape[0])
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The dense ``(Γ, Ω)`` (``d_out²`` and ``D²``)."""
+        return self.Y.T @ self.Y / self.normaliser, self.X.T @ self.X / self.X.shape[0]
+
     def _matmat(self, V: Tensor) -> Tensor:
         gv = self.Y.T @ (self.Y @ V) / self.normaliser
         return (gv @ self.X.T) @ self.X / self.X.shape[0]
 
     def _solve(self, V: Tensor, damping: float) -> Tensor:
         (lg, ug), (lo, uo) = self.eig_gamma, self.eig_omega
-        if self.options.get("damping_mode", "eigen") == "factored":
+        if self.options.damping_mode == "factored":
             pi = factored_pi(
                 float((self.Y**2).sum()) / (self.normaliser * self.Y.shape[1]),
                 float((self.X**2).sum()) / (self.X.shape[0] * self.X.shape[1]),
@@ -113,7 +199,7 @@ class SKFACBlock(CurvatureBlock):
         scale = 1.0 / (torch.outer(lg, lo) + damping) - 1.0 / damping
         return V / damping + ug @ ((ug.T @ V @ uo) * scale) @ uo.T
 
-    def _eigvalsh(self) -> Tensor:
+    def _eigvalsh(self, max_bytes: int) -> Tensor:
         d_out, d = self.kron_shape
         lg, lo = self.eig_gamma[0], self.eig_omega[0]
         lg = torch.cat([lg.new_zeros(d_out - len(lg)), lg])
@@ -127,6 +213,12 @@ class SKFACBlock(CurvatureBlock):
         return tensor_bytes(*held)
 
     def _dense_kron(self) -> Tensor:
-        gamma = self.Y.T @ self.Y / self.normaliser
-        omega = self.X.T @ self.X / self.X.shape[0]
-        return torch.kron(gamma, omega)
+        return torch.kron(*self.factors())
+
+    def norm_sq(self) -> float:
+        gamma_sq = float((_gram_of_rows(self.Y) ** 2).sum()) / self.normaliser**2
+        omega_sq = float((_gram_of_rows(self.X) ** 2).sum()) / self.X.shape[0] ** 2
+        return gamma_sq * omega_sq
+
+    def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
+        return kron_inner_with_rows(A, G, *self.factors())

@@ -10,6 +10,17 @@ With ``F = (1/ν) JᵀJ`` and the Gram ``K = JJᵀ`` (``M×M``, ``M = R·N`` row
 for a convolution, from explicit per-sample gradients (``JJᵀ``); ``gram_route`` records which.
 ``Jv`` and ``Jᵀu`` are computed from ``Ã`` and ``G`` without forming ``J``.
 
+**Accuracy.** The subtraction ``v − Jᵀw`` cancels when ``‖F‖ ≫ λ``: one Woodbury solve has a
+relative error of about ``ε·‖F‖/λ``. While ``M < P``, ``F`` is singular and that is
+``ε·cond(F + λI)``, the best any solver achieves. With ``M ≥ P``, ``F`` may be well conditioned,
+so the solve is refined iteratively in float64 with the block's own product
+(``x ← x + S(v − (F + λI)x)``), which brings the error down to ``ε·cond(F + λI)``.
+
+**Over a data set** the block holds ``Ã`` and ``G`` of every sample and the ``M×M`` Gram: memory
+grows with ``N`` (quadratically through the Gram). The memory is estimated before anything is
+allocated and refused beyond ``max_bytes``, with the size and alternatives (``exact`` when ``P``
+is small, the empirical Fisher, a sample of the data).
+
 ``conv_gram="reduce_sum"`` replaces ``Ã`` by its position mean and ``G`` by its position sum
 before everything else: the block is then an approximation (the one other libraries use),
 exact only for ``T = 1``.
@@ -17,14 +28,17 @@ exact only for ``T = 1``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from fisherlab.blocks.base import CurvatureBlock, tensor_bytes
-from fisherlab.blocks.factors import gradient_rows, sample_chunks, symmetric_eigh
-from fisherlab.exact import symmetric_gram
+from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
+from fisherlab.blocks.factors import gradient_rows, reduce_positions
+from fisherlab.conventions import check_memory
+from fisherlab.linalg import sample_chunks, symmetric_eigh, symmetric_gram
 
 GRAM_ROUTES = ("auto", "covariance", "gradients")
 CONV_GRAMS = ("exact", "reduce_sum")
@@ -49,36 +63,131 @@ def choose_gram_route(A: Tensor, G: Tensor, route: str = "auto") -> str:
     return min(costs, key=costs.get)
 
 
+def cross_gram(A1: Tensor, G1: Tensor, A2: Tensor, G2: Tensor, route: str = "auto") -> Tensor:
+    """``J₁J₂ᵀ`` as ``[R₁·N₁, R₂·N₂]`` for the rows of two captures (rows ordered ``r·N + n``).
+
+    ``(J₁J₂ᵀ)_{(r,n),(s,m)} = Σ_{t,t'} (Ã_n Ã_mᵀ)_{tt'} (G_{rn} G_{sm}ᵀ)_{tt'}``; the positions of
+    the two captures may differ in number (e.g. a reduced capture against a full one).
+    """
+    r1, n1, t1, d_out = G1.shape
+    r2, n2, t2, _ = G2.shape
+    if route == "auto":
+        route = choose_gram_route(A1, G1) if t1 == t2 else "covariance"
+    if route == "gradients":
+        rows1 = gradient_rows(A1, G1).reshape(r1 * n1, -1)
+        rows2 = gradient_rows(A2, G2).reshape(r2 * n2, -1)
+        return rows1 @ rows2.T
+    if t1 == 1 and t2 == 1:
+        aa = A1[:, 0] @ A2[:, 0].T  # [N1, N2]
+        gg = G1[:, :, 0].reshape(r1 * n1, d_out) @ G2[:, :, 0].reshape(r2 * n2, d_out).T
+        return gg * aa.repeat(r1, r2)
+    out = A1.new_empty(r1, n1, r2, n2)
+    for chunk in sample_chunks(n1, r1 * r2 * n2 * t1 * t2):
+        aa = torch.einsum("ntd,mud->nmtu", A1[chunk], A2)  # [c, N2, T1, T2]
+        gg = torch.einsum("rntd,smud->rnsmtu", G1[:, chunk], G2)  # [R1, c, R2, N2, T1, T2]
+        out[:, chunk] = (gg * aa.unsqueeze(0).unsqueeze(2)).sum(dim=(-1, -2))
+    return out.reshape(r1 * n1, r2 * n2)
+
+
 def gram(A: Tensor, G: Tensor, route: str) -> Tensor:
     """``K = JJᵀ`` as ``[R·N, R·N]`` (rows ordered ``r·N + n``)."""
-    r, n, t, d_out = G.shape
     if route == "gradients":
-        rows = gradient_rows(A, G).reshape(r * n, -1)
+        rows = gradient_rows(A, G).reshape(G.shape[0] * G.shape[1], -1)
         return rows @ rows.T
-    if t == 1:
-        aa = A[:, 0] @ A[:, 0].T  # [N, N]
-        g = G[:, :, 0].reshape(r * n, d_out)
-        return (g @ g.T) * aa.repeat(r, r)
-    out = A.new_empty(r, n, r, n)
-    for chunk in sample_chunks(n, r * r * n * t * t):
-        aa = torch.einsum("ntd,mud->nmtu", A[chunk], A)  # [c, N, T, T]
-        gg = torch.einsum("rntd,smud->rnsmtu", G[:, chunk], G)  # [R, c, R, N, T, T]
-        out[:, chunk] = (gg * aa.unsqueeze(0).unsqueeze(2)).sum(dim=(-1, -2))
-    return out.reshape(r * n, r * n)
+    return cross_gram(A, G, A, G, route)
+
+
+@dataclass(frozen=True)
+class WoodburyOptions(Options):
+    """Options of ``woodbury``.
+
+    Attributes:
+        conv_gram: ``"exact"`` or ``"reduce_sum"`` (an approximation for ``T > 1``).
+        gram_route: ``"auto"`` (by counting), ``"covariance"`` or ``"gradients"``.
+    """
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "conv_gram": CONV_GRAMS,
+        "gram_route": GRAM_ROUTES,
+    }
+    conv_gram: str = "exact"
+    gram_route: str = "auto"
+
+
+_HINT = (
+    "use method 'exact' (a dense P×P block, memory independent of N) or 'kfac'/'ekfac', "
+    "fisher_type='empirical' (one row per sample), conv_gram='reduce_sum', or a sample of "
+    "the data; or raise max_bytes="
+)
+
+
+class WoodburyBuilder(BlockBuilder):
+    """Holds the rows of every sample (memory checked before each batch is kept)."""
+
+    def __init__(self, layer, options: WoodburyOptions, context):
+        super().__init__(layer, options, context)
+        self.parts: list[tuple[Tensor, Tensor]] = []
+        self.held = 0
+
+    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+        if self.options.conv_gram == "reduce_sum":
+            A, G = reduce_positions(A, G)
+        self._check_rows_memory(
+            f"the Woodbury block of layer {self.layer.name!r} (the rows of {{n}} samples and "
+            "the {m}×{m} Gram)",
+            self.held + A.shape[0],
+            (A[0].numel() + G[:, 0].numel()) * A.element_size(),
+            G.shape[0],
+            A.element_size(),
+            _HINT,
+        )
+        self.parts.append((A, G))
+        self.held += A.shape[0]
+
+    def finish(self, normaliser: float, num_samples: int) -> WoodburyBlock:
+        if len(self.parts) == 1:
+            A, G = self.parts[0]
+        else:
+            A = torch.cat([a for a, _ in self.parts], dim=0)
+            G = torch.cat([g for _, g in self.parts], dim=1)
+        self.parts = []
+        A, G = self.context.all_gather(A, 0), self.context.all_gather(G, 1)
+        rows = G.shape[0] * G.shape[1]
+        route = choose_gram_route(A, G, self.options.gram_route)
+        extra = rows * self.layer.num_params if route == "gradients" else 0
+        check_memory(
+            f"the Woodbury Gram of layer {self.layer.name!r} ({rows}×{rows}"
+            + (f", and {rows}×{self.layer.num_params} gradient rows" if extra else "")
+            + ")",
+            (rows * rows * 2 + extra) * A.element_size(),
+            self.context.max_bytes,
+            _HINT,
+        )
+        options = WoodburyOptions(self.options.conv_gram, route)
+        return WoodburyBlock(self.layer, A, G, normaliser, self.context.fisher_type, options)
 
 
 class WoodburyBlock(CurvatureBlock):
     """The exact block ``(1/ν) JᵀJ`` held as ``Ã``, ``G`` and the ``M×M`` Gram."""
 
     method = "woodbury"
+    Options: ClassVar = WoodburyOptions
+    Builder = WoodburyBuilder
 
-    def __init__(self, layer, A: Tensor, G: Tensor, normaliser: float, fisher_type, options):
-        super().__init__(layer, fisher_type, options)
+    #: Refinement steps at most (each squares the relative error while it is below one).
+    refinement_steps: int = 3
+
+    def __init__(self, layer, A: Tensor, G: Tensor, normaliser: float, fisher_type, options=None):
+        super().__init__(layer, fisher_type, options or {})
         self.A, self.G, self.normaliser = A, G, normaliser
-        self.gram_route = choose_gram_route(A, G, options.get("gram_route", "auto"))
+        self.gram_route = choose_gram_route(A, G, self.options.gram_route)
 
     def _reference(self) -> Tensor:
         return self.A
+
+    @property
+    def is_exact(self) -> bool:
+        return self.options.conv_gram == "exact" or self.A.shape[1] == 1
 
     @property
     def rows(self) -> int:
@@ -92,35 +201,84 @@ class WoodburyBlock(CurvatureBlock):
 
     @cached_property
     def gram_eig(self) -> tuple[Tensor, Tensor]:
-        """Eigen-decomposition of ``K`` (float64 for float32 statistics)."""
+        """Eigen-decomposition of ``K`` (computed in float64 for float32 statistics)."""
         return symmetric_eigh(self.gram)
+
+    @cached_property
+    def _precise(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``Ã``, ``G`` and the Gram's eigen-decomposition in float64 (for refinement)."""
+        if self.A.dtype == torch.float64:
+            return (self.A, self.G, *self.gram_eig)
+        A, G = self.A.double(), self.G.double()
+        return (A, G, *symmetric_eigh(gram(A, G, self.gram_route)))
+
+    @staticmethod
+    def _jv(A: Tensor, G: Tensor, V: Tensor) -> Tensor:
+        va = torch.einsum("kde,nte->kntd", V, A)
+        return torch.einsum("rntd,kntd->krn", G, va).reshape(V.shape[0], -1)
+
+    @staticmethod
+    def _jtu(A: Tensor, G: Tensor, U: Tensor) -> Tensor:
+        r, n = G.shape[:2]
+        gu = torch.einsum("krn,rntd->kntd", U.reshape(-1, r, n), G)
+        return torch.einsum("kntd,nte->kde", gu, A)
 
     def jv(self, V: Tensor) -> Tensor:
         """``J v`` for ``V: [k, d_out, D]`` as ``[k, M]``, without forming ``J``."""
-        va = torch.einsum("kde,nte->kntd", V, self.A)
-        return torch.einsum("rntd,kntd->krn", self.G, va).reshape(V.shape[0], -1)
+        return self._jv(self.A, self.G, V)
 
     def jtu(self, U: Tensor) -> Tensor:
         """``Jᵀ u`` for ``U: [k, M]`` as ``[k, d_out, D]``, without forming ``J``."""
-        r, n = self.G.shape[:2]
-        gu = torch.einsum("krn,rntd->kntd", U.reshape(-1, r, n), self.G)
-        return torch.einsum("kntd,nte->kde", gu, self.A)
+        return self._jtu(self.A, self.G, U)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.jtu(self.jv(V)) / self.normaliser
 
-    def _solve(self, V: Tensor, damping: float) -> Tensor:
-        kappa, q = self.gram_eig
-        u = self.jv(V)  # [k, M]
+    def _woodbury(self, A, G, kappa, q, V: Tensor, damping: float) -> Tensor:
+        u = self._jv(A, G, V)  # [k, M]
         w = ((u @ q) / (self.normaliser * damping + kappa)) @ q.T
-        return (V - self.jtu(w)) / damping
+        return (V - self._jtu(A, G, w)) / damping
 
-    def _eigvalsh(self) -> Tensor:
+    def _solve(self, V: Tensor, damping: float) -> Tensor:
+        if self.rows < self.size:  # F singular: one solve is within ε·cond(F + λI) already
+            kappa, q = self.gram_eig
+            return self._woodbury(self.A, self.G, kappa, q, V, damping)
+        A, G, kappa, q = self._precise
+        target = V.to(A.dtype)
+        x = self._woodbury(A, G, kappa, q, target, damping)
+        previous = None
+        for _ in range(self.refinement_steps):
+            residual = target - (self._jtu(A, G, self._jv(A, G, x)) / self.normaliser + damping * x)
+            size = float(residual.abs().max())
+            if size == 0 or (previous is not None and size > previous / 2):
+                break
+            x = x + self._woodbury(A, G, kappa, q, residual, damping)
+            previous = size
+        return x.to(V.dtype)
+
+    def _eigvalsh(self, max_bytes: int) -> Tensor:
+        itemsize = self.A.element_size()
         if "gram_eig" in self.__dict__:
             values = self.gram_eig[0]
         elif self.size < self.rows:  # the P×P block is the smaller matrix
-            return torch.linalg.eigvalsh(self._dense_kron()).clamp_min(0)
+            check_memory(
+                f"the eigenvalues of the woodbury block of layer {self.layer.name!r} "
+                f"(a dense {self.size}×{self.size} matrix, twice)",
+                2 * self.size**2 * itemsize,
+                max_bytes,
+                "raise max_bytes=",
+            )
+            dense = self._dense_kron()
+            work = dense.double() if dense.dtype == torch.float32 else dense
+            return torch.linalg.eigvalsh(work).clamp_min(0).to(dense.dtype)
         else:
+            check_memory(
+                f"the eigenvalues of the woodbury block of layer {self.layer.name!r} "
+                f"(its {self.rows}×{self.rows} Gram, twice)",
+                2 * self.rows**2 * itemsize,
+                max_bytes,
+                "raise max_bytes=",
+            )
             values = torch.linalg.eigvalsh(self.gram.double()).clamp_min(0).to(self.gram.dtype)
         values = values / self.normaliser
         if len(values) >= self.size:
@@ -130,11 +288,20 @@ class WoodburyBlock(CurvatureBlock):
     def _nbytes(self) -> int:
         held = [self.A, self.G, self.__dict__.get("gram")]
         held += list(self.__dict__.get("gram_eig", ()))
+        if "_precise" in self.__dict__ and self.A.dtype != torch.float64:
+            held += list(self.__dict__["_precise"])
         return tensor_bytes(*held)
 
     def _dense_kron(self) -> Tensor:
         rows = gradient_rows(self.A, self.G).reshape(self.rows, -1)
         return symmetric_gram(rows) / self.normaliser
+
+    def norm_sq(self) -> float:
+        return float((self.gram**2).sum()) / self.normaliser**2
+
+    def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
+        cross = cross_gram(A, G, self.A, self.G, self.gram_route)
+        return float((cross**2).sum()) / self.normaliser
 
     # ---------------------------------------------------- the natural gradient of the batch
     def coefficients(self, damping: float) -> Tensor:

@@ -9,9 +9,10 @@ statistics only::
 
     opt.zero_grad(); loss = loss_fn(model(x), y); opt.mc_backward(); loss.backward(); opt.step()
 
-The statistics ``Ã`` and ``G`` come from :class:`fisherlab.capture.TrainingRecorder` (hooks
-that live until :meth:`CurvatureOptimizer.close` or garbage collection); the preconditioners
-are the blocks of :mod:`fisherlab.blocks`. Subclasses implement one method,
+The statistics ``Ã`` and ``G`` come from :class:`fisherlab.capture.Recorder` (hooks that live
+until :meth:`CurvatureOptimizer.close` or garbage collection; the same recorder that captures
+statistics for the analyses), taken at each step as a :class:`~fisherlab.capture.Capture`; the
+preconditioners are the blocks of :mod:`fisherlab.blocks`. Subclasses implement one method,
 ``_direction(name, layer, A, G, ν, g)``, returning the preconditioned gradient of one layer in
 parameter order.
 
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisherlab.capture import TrainingRecorder
+from fisherlab.capture import Recorder
 from fisherlab.conventions import FisherlabError
 from fisherlab.layers import Layer, find_layers
 from fisherlab.losses import LossSpec
@@ -151,7 +152,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            layers = find_layers(model, skip_unsupported=True, allow_batch_coupling=True)
+            layers = find_layers(model, for_optimizer=True)
         if caught:
             warnings.warn(
                 "these layers get the plain gradient step (not preconditioned): "
@@ -172,12 +173,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         self.layer_state: dict[str, dict[str, Any]] = {name: {} for name in self.layers}
         self.steps = 0
-        self._recorder = TrainingRecorder(model, self.layers, loss, self.stat_dtype)
+        self._recorder = Recorder(model, self.layers, loss, self.stat_dtype)
 
     # ----------------------------------------------------------------- the loop
     def mc_backward(self) -> None:
         """The extra backward of ``fisher_type="mc"``: after the forward, before ``backward()``."""
         self._recorder.sample_backward()
+
+    def _take_statistics(self) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+        """``{name: (A, G)}`` recorded since the last step, and ``ν``."""
+        channels = self._recorder.channels()
+        if self.fisher_type == "mc" and "loss" in channels and "mc" not in channels:
+            self._recorder.clear()
+            raise FisherlabError(
+                "fisher_type='mc' needs optimizer.mc_backward() after the forward pass and "
+                "before loss.backward()"
+            )
+        channel = "mc" if self.fisher_type == "mc" else "loss"
+        cap = self._recorder.take(channel, self.fisher_type)
+        return {name: (lc.A, lc.G) for name, lc in cap.items()}, cap.normaliser
 
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
@@ -226,7 +240,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stats, normaliser = self._recorder.pop(self.fisher_type)
+        stats, normaliser = self._take_statistics()
         if self.gather_samples and distributed():
             stats, normaliser = gather_samples(stats, normaliser)
         if not self._all_finite(stats):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
-from fisherlab.blocks.factors import symmetric_eigh
 from fisherlab.layers import Layer
+from fisherlab.linalg import symmetric_eigh
 from fisherlab.optim.base import all_reduce_mean, check_frequency
 from fisherlab.optim.kfac import KFAC, update_average
 

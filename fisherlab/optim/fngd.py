@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fisherlab.blocks.factors import check_choice
-from fisherlab.conventions import FisherlabError
+from fisherlab.conventions import FisherlabError, check_choice
 from fisherlab.layers import Layer
 from fisherlab.optim.base import check_frequency
 from fisherlab.optim.tengrad import TENGraD

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fisherlab.blocks.factors import check_choice, gradient_factor, input_factor, symmetric_eigh
+from fisherlab.blocks.factors import gradient_factor, input_factor
 from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
+from fisherlab.conventions import check_choice
 from fisherlab.layers import Layer
+from fisherlab.linalg import symmetric_eigh
 from fisherlab.optim.base import (
     CurvatureOptimizer,
     all_reduce_mean,

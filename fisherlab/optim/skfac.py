@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fisherlab.blocks.factors import check_choice
 from fisherlab.blocks.kfac import DAMPING_MODES
 from fisherlab.blocks.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
+from fisherlab.conventions import check_choice
 from fisherlab.layers import Layer
 from fisherlab.optim.base import CurvatureOptimizer, check_hyper
 from fisherlab.optim.kfac import update_average
@@ -60,7 +60,7 @@ class SKFAC(CurvatureOptimizer):
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
     ) -> Tensor:
         group, state = self.param_groups[0], self.layer_state[name]
-        X, Y = skfac_rows(A, G, group["conv_reduction"], group["spatial_samples"], seed=self.steps)
+        X, Y = skfac_rows(A, G, group["conv_reduction"], group["spatial_samples"], self.steps)
         X = update_average(state, "X", X, group["stat_decay"])
         Y = update_average(state, "Y", Y, group["stat_decay"])
         block = SKFACBlock(

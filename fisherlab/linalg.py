@@ -1,0 +1,64 @@
+"""Linear algebra shared by every module: symmetric eigen-decompositions, Grams, chunking."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from fisherlab.conventions import FisherlabError
+
+
+def symmetric_eigh(matrix: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``eigh`` of a symmetric PSD matrix, computed in ``dtype`` (default: float64 for float32).
+
+    The matrix is symmetrised first and the eigenvalues are clamped at zero (PSD up to
+    rounding). A failing decomposition is retried once with a small jitter on the diagonal,
+    built on the matrix's own device.
+
+    Returns:
+        Eigenvalues (ascending) and eigenvectors, in the matrix's dtype.
+    """
+    work_dtype = dtype or (torch.float64 if matrix.dtype == torch.float32 else matrix.dtype)
+    work = matrix.to(work_dtype)
+    work = (work + work.T) / 2
+    if not bool(torch.isfinite(work).all()):
+        raise FisherlabError(
+            "cannot eigendecompose a matrix with non-finite entries (overflowing statistics)"
+        )
+    try:
+        values, vectors = torch.linalg.eigh(work)
+    except RuntimeError:  # pragma: no cover - LAPACK convergence failure
+        jitter = 1e-12 * work.diagonal().abs().max().clamp_min(1.0)
+        eye = torch.eye(len(work), dtype=work.dtype, device=work.device)
+        values, vectors = torch.linalg.eigh(work + jitter * eye)
+    return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
+
+
+def symmetric_gram(rows: Tensor, tile: int = 512) -> Tensor:
+    """``rowsᵀ rows`` computed on the upper triangle of tiles only, then mirrored.
+
+    Args:
+        rows: ``[M, P]``.
+        tile: Column tile width; the product costs about ``(k+1)/(2k)`` of the full one for
+            ``k = ⌈P/tile⌉`` tiles.
+
+    Returns:
+        The symmetric ``[P, P]`` matrix.
+    """
+    p = rows.shape[1]
+    if p <= tile:
+        return rows.T @ rows
+    out = rows.new_empty(p, p)
+    for i in range(0, p, tile):
+        out[i : i + tile, i:] = rows[:, i : i + tile].T @ rows[:, i:]
+        out[i + tile :, i : i + tile] = out[i : i + tile, i + tile :].T
+    return out
+
+
+def sample_chunks(n: int, row_elems: int, budget_elems: int = 2**24) -> Iterator[slice]:
+    """Slices of ``n`` samples so that a chunk holds at most ``budget_elems`` elements."""
+    step = max(1, budget_elems // max(row_elems, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
