@@ -68,9 +68,9 @@ from fisherlab.blocks import build
 from fisherlab.blocks.base import CurvatureBlock
 from fisherlab.blocks.ekfac import kfe_scalings
 from fisherlab.blocks.factors import gradient_factor, input_factor
-from fisherlab.linalg import symmetric_eigh
 from fisherlab.blocks.woodbury import choose_gram_route, gram
 from fisherlab.capture import Capture
+from fisherlab.linalg import symmetric_eigh
 from fisherlab.report import format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"

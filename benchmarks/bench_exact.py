@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 import fisherlab as fl
-from fisherlab.exact import symmetric_gram
+from fisherlab.linalg import symmetric_gram
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Blocks = dict[str, Tensor]

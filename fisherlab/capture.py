@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -180,7 +181,12 @@ class Recorder:
         force_grad: Where a layer's output does not require grad (nothing upstream does),
             replace it by a leaf that does, so that ``G`` can be taken without changing any
             parameter's ``requires_grad`` (one-shot use).
+        training: A recorder attached for training (an optimizer's): it ignores the passes
+            fisherlab's own computations make on the model (:func:`analysis_scope`).
     """
+
+    #: While positive, recorders made for training record nothing (:func:`analysis_scope`).
+    _paused: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -189,9 +195,10 @@ class Recorder:
         loss: LossSpec | None = None,
         dtype: torch.dtype | None = None,
         force_grad: bool = False,
+        training: bool = False,
     ):
         self.model, self.layers, self.loss = model, layers, loss
-        self.dtype, self.force_grad = dtype, force_grad
+        self.dtype, self.force_grad, self.training = dtype, force_grad, training
         self.channel = "loss"
         self._passes: list[_Pass] = []
         self._open: _Pass | None = None
@@ -240,8 +247,11 @@ class Recorder:
         return len(self._passes)
 
     # -------------------------------------------------------------------- hooks
+    def _ignoring(self) -> bool:
+        return self.training and Recorder._paused > 0
+
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._ignoring():
             self._open = None
             return
         if self._passes:  # only the latest pass keeps its outputs (for mc sampling)
@@ -267,7 +277,7 @@ class Recorder:
     def _layer_hook(self, name: str, layer: Layer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             current = self._open
-            if current is None or not torch.is_grad_enabled():
+            if current is None or not torch.is_grad_enabled() or self._ignoring():
                 return None
             if name in current.calls:
                 raise FisherlabError(
@@ -284,6 +294,8 @@ class Recorder:
             current.calls[name] = call
 
             def grad_hook(g: Tensor) -> None:
+                if self._ignoring():
+                    return
                 rows = layer.adapter.output_rows(module, g.detach())
                 rows = rows if self.dtype is None else rows.to(self.dtype)
                 call.grads.setdefault(self.channel, []).append(rows)
@@ -392,6 +404,20 @@ class Recorder:
         )
 
 
+@contextlib.contextmanager
+def analysis_scope() -> Iterator[None]:
+    """Within the block, training recorders (optimizers' hooks) record nothing.
+
+    fisherlab's own passes over a model (captures, exact blocks, the model probe) run inside
+    it, so that an optimizer attached to the same model never mixes them into its statistics.
+    """
+    Recorder._paused += 1
+    try:
+        yield
+    finally:
+        Recorder._paused -= 1
+
+
 def _concat(name: str, tensors: list[Tensor], dim: int) -> Tensor:
     if len(tensors) == 1:
         return tensors[0]
@@ -413,7 +439,7 @@ def capture_batch(problem: Problem, batch: Batch) -> Capture:
     ``.grad`` are untouched.
     """
     recorder = Recorder(problem.model, problem.layers, problem.loss, force_grad=True)
-    with recorder, torch.enable_grad():
+    with analysis_scope(), recorder, torch.enable_grad():
         outputs = problem.model(batch.inputs)
         if not isinstance(outputs, Tensor):
             raise FisherlabError(

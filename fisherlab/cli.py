@@ -162,9 +162,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     shown = [{k: r[k] for k in COMPARE_COLUMNS} for r in rows if not r["note"]]
     print(format_table(shown))
+    notes: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         if r["note"]:
-            print(f"  {r['method']} on layer {r['layer']}: {r['note']}")
+            notes.setdefault((r["method"], r["note"].split(";")[0]), []).append(r["layer"])
+    for (method, note), layers in notes.items():
+        print(f"  {method} on layers {', '.join(layers)}: {note}")
     meta = {
         "command": "compare",
         **{k: v for k, v in vars(args).items() if k != "func"},

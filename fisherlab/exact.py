@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fisherlab.capture import analysis_scope
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
-from fisherlab.linalg import symmetric_gram
+from fisherlab.linalg import gram_accumulate, mirror_upper
 from fisherlab.problem import Batch, Problem, as_problem
 
 BACKENDS = ("auto", "backpack", "torch.func")
@@ -304,18 +305,24 @@ def _itemsize(problem: Problem) -> int:
 
 
 def _stream(
-    problem: Problem, backend: str, gram_of: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    problem: Problem, backend: str, columns_of: Callable[[dict[str, Tensor]], dict[str, Tensor]]
 ) -> tuple[dict[str, Tensor], str, str]:
-    """``Σ_b`` of ``gram_of(rows of batch b)``, all-reduced over ranks and divided by ``ν``."""
+    """``Σ_b JᵀJ`` of the row matrices ``columns_of(rows of batch b)``, over ranks, over ``ν``.
+
+    Accumulated in place on the upper block triangle and mirrored once at the end.
+    """
     sums: dict[str, Tensor] = {}
-    with _row_source(problem, backend) as (rows_of, used, reason):
+    with analysis_scope(), _row_source(problem, backend) as (rows_of, used, reason):
         for batch in problem.batches(f"exact Fisher ({used})"):
-            for key, value in gram_of(rows_of(batch)).items():
-                if key in sums:
-                    sums[key] += value
-                else:
-                    sums[key] = value
-    return {k: problem.all_reduce(v) / problem.normaliser for k, v in sums.items()}, used, reason
+            for key, rows in columns_of(rows_of(batch)).items():
+                if key not in sums:
+                    sums[key] = rows.new_zeros(rows.shape[1], rows.shape[1])
+                gram_accumulate(rows, sums[key])
+    blocks = {
+        key: problem.all_reduce(mirror_upper(total)).div_(problem.normaliser)
+        for key, total in sums.items()
+    }
+    return blocks, used, reason
 
 
 def exact_blocks(
@@ -373,9 +380,7 @@ def exact_blocks(
     blocks, used, reason = _stream(
         problem,
         backend,
-        lambda rows: {
-            name: symmetric_gram(_layer_rows(problem, rows, name)) for name in problem.layers
-        },
+        lambda rows: {name: _layer_rows(problem, rows, name) for name in problem.layers},
     )
     return BlockDict(
         blocks,
@@ -437,7 +442,7 @@ def exact_fisher(
     sums, used, reason = _stream(
         problem,
         backend,
-        lambda rows: {"": symmetric_gram(torch.cat([rows[key] for _, key in order], dim=1))},
+        lambda rows: {"": torch.cat([rows[key] for _, key in order], dim=1)},
     )
     slices = {
         name: slice(start, start + problem.layers[name].num_params)

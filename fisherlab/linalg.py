@@ -36,25 +36,61 @@ def symmetric_eigh(matrix: Tensor, dtype: torch.dtype | None = None) -> tuple[Te
     return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
+def gram_accumulate(rows: Tensor, out: Tensor, tile: int = 512) -> Tensor:
+    """``out += rowsᵀ rows`` on the upper triangle of ``tile×tile`` blocks only.
+
+    Accumulate any number of batches of rows, then call :func:`mirror_upper` once. In place,
+    without a ``P×P`` temporary; the product costs about ``(k+1)/(2k)`` of the full one for
+    ``k = ⌈P/tile⌉`` tiles.
+
+    Args:
+        rows: ``[M, P]``.
+        out: ``[P, P]``, accumulated in place.
+        tile: Column tile width.
+    """
+    p = rows.shape[1]
+    if p <= tile:
+        return out.addmm_(rows.T, rows)
+    for i in range(0, p, tile):
+        out[i : i + tile, i:].addmm_(rows[:, i : i + tile].T, rows[:, i:])
+    return out
+
+
+def mirror_upper(out: Tensor, tile: int = 512) -> Tensor:
+    """Copy the upper block triangle of :func:`gram_accumulate` into the lower one (in place)."""
+    p = out.shape[0]
+    if p <= tile:
+        return out
+    for i in range(0, p, tile):
+        out[i + tile :, i : i + tile] = out[i : i + tile, i + tile :].T
+    return out
+
+
 def symmetric_gram(rows: Tensor, tile: int = 512) -> Tensor:
     """``rowsᵀ rows`` computed on the upper triangle of tiles only, then mirrored.
 
     Args:
         rows: ``[M, P]``.
-        tile: Column tile width; the product costs about ``(k+1)/(2k)`` of the full one for
-            ``k = ⌈P/tile⌉`` tiles.
+        tile: Column tile width.
 
     Returns:
         The symmetric ``[P, P]`` matrix.
     """
     p = rows.shape[1]
-    if p <= tile:
-        return rows.T @ rows
-    out = rows.new_empty(p, p)
-    for i in range(0, p, tile):
-        out[i : i + tile, i:] = rows[:, i : i + tile].T @ rows[:, i:]
-        out[i + tile :, i : i + tile] = out[i : i + tile, i + tile :].T
+    return mirror_upper(gram_accumulate(rows, rows.new_zeros(p, p), tile), tile)
+
+
+def add_to_diagonal(matrix: Tensor, value: float) -> Tensor:
+    """``matrix + value·I`` as a new tensor (one copy, no identity matrix)."""
+    out = matrix.clone()
+    out.diagonal().add_(value)
     return out
+
+
+def squared_norm(matrix: Tensor) -> float:
+    """``‖matrix‖²_F`` without a temporary of the matrix's size."""
+    flat = matrix.reshape(-1)
+    return float(torch.dot(flat, flat))
 
 
 def sample_chunks(n: int, row_elems: int, budget_elems: int = 2**24) -> Iterator[slice]:

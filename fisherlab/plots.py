@@ -625,8 +625,8 @@ def plot_comparison(data: FigureData) -> Figure:
             fig,
             data,
             f"Block approximations vs the exact {m['fisher_type']} Fisher of "
-            f"{m['samples']} {m.get('data', '')} samples ({m.get('state', 'model as given')}); "
-            f"damping λ = {m['damping']:g}, g = loss gradient of the same data",
+            f"{m['samples']} {m.get('data', '')} samples ({m.get('state', 'model as given')})\n"
+            f"built from the same samples; damping λ = {m['damping']:g}; g = their loss gradient",
         )
     return fig
 

@@ -11,11 +11,14 @@ from fisherlab import cli
 
 def test_exact_prints_and_saves_a_per_layer_table(tmp_path, capsys):
     code = cli.main(
-        ["exact", "--model", "cnn", "--batch-size", "16", "--out", str(tmp_path), "--quiet"]
+        ["exact", "--model", "cnn", "--samples", "16", "--out", str(tmp_path), "--quiet"]
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "exact true Fisher of cnn on digits: batch 16, float64, backend backpack" in out
+    assert (
+        "exact true Fisher of cnn on digits: 16 training samples in batches of 128, float64, "
+        "backend backpack" in out
+    )
     saved = json.loads((tmp_path / "exact-cnn-digits-true.json").read_text())
     assert [r["layer"] for r in saved["rows"]] == ["0", "2", "5"]
     assert saved["meta"]["backend"] == "backpack"
@@ -25,9 +28,20 @@ def test_exact_prints_and_saves_a_per_layer_table(tmp_path, capsys):
 
 
 def test_bad_input_is_reported_not_raised(tmp_path, capsys):
-    code = cli.main(["exact", "--fisher-type", "mc", "--mc-samples", "0", "--out", str(tmp_path)])
-    assert code == 2
-    assert "mc_samples must be a positive integer" in capsys.readouterr().err
+    code = cli.main(
+        ["exact", "--samples", "4", "--fisher-type", "mc", "--mc-samples", "2", "--backend",
+         "backpack", "--model", "cnn", "--dtype", "float32", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    for args, message in [
+        (["--mc-samples", "0"], "argument --mc-samples: must be a positive integer, got 0"),
+        (["--batch-size", "-5"], "argument --batch-size: must be a positive integer, got -5"),
+        (["--samples", "abc"], "argument --samples: 'abc' is not an integer"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["exact", *args, "--out", str(tmp_path)])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_module_entry_point_help():

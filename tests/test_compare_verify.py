@@ -65,8 +65,8 @@ def test_verify_on_a_users_model_reports_every_check():
 
 def test_verify_names_a_violation(monkeypatch):
     """A broken EKFAC (scalings of KFAC's eigenvalues times 3) must be caught and named."""
-    original = ekfac_module.kfe_scalings
-    monkeypatch.setattr("fisherlab.blocks.kfe_scalings", lambda *args: 3 * original(*args))
+    original = ekfac_module.kfe_squares
+    monkeypatch.setattr(ekfac_module, "kfe_squares", lambda *args: 3 * original(*args))
     model, loss_fn, x, y = _problem()
     report = fl.verify(model, loss_fn, x, y, fisher_types=["true"], progress=False)
     assert not report.ok
@@ -92,8 +92,8 @@ def test_verify_command_exit_status_and_files(tmp_path, capsys, monkeypatch):
     assert "ekfac<=kfac" in out and "woodbury-solve" in out
     saved = json.loads((tmp_path / "verify.json").read_text())
     assert all(r["ok"] for r in saved["rows"])
-    original = ekfac_module.kfe_scalings
-    monkeypatch.setattr("fisherlab.blocks.kfe_scalings", lambda *a: 3 * original(*a))
+    original = ekfac_module.kfe_squares
+    monkeypatch.setattr(ekfac_module, "kfe_squares", lambda *a: 3 * original(*a))
     assert cli.main(args) == 1
     assert (
         "VIOLATION ekfac<=kfac on mlp-tanh-bias-ce/N5/empirical/seed0 layer"
@@ -106,6 +106,8 @@ def test_compare_command_prints_and_saves(tmp_path, capsys):
         "compare",
         "--model",
         "cnn",
+        "--samples",
+        "16",
         "--batch-size",
         "8",
         "--fisher-type",

@@ -8,7 +8,7 @@ from helpers import BACKPACK_MSE_MC, EXACT, brute_force_ggn, per_sample_grads, r
 from torch import nn
 
 import fisherlab as fl
-from fisherlab.exact import symmetric_gram
+from fisherlab.linalg import symmetric_gram
 
 BACKENDS = ["backpack", "torch.func"]
 

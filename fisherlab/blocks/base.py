@@ -96,6 +96,11 @@ class Options:
             values = {k: _from_text(method, k, v, hints[k]) for k, v in values.items()}
         return cls(**values)
 
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.names():
+            raise KeyError(name)
+        return getattr(self, name)
+
     def as_dict(self) -> dict[str, Any]:
         """The options as a plain dict."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

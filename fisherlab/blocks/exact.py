@@ -19,27 +19,64 @@ from torch import Tensor
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows
 from fisherlab.conventions import check_memory
-from fisherlab.linalg import sample_chunks, symmetric_eigh, symmetric_gram
+from fisherlab.linalg import (
+    add_to_diagonal,
+    gram_accumulate,
+    mirror_upper,
+    sample_chunks,
+    squared_norm,
+    symmetric_eigh,
+)
+
+
+class DenseSum:
+    """``Σ_{n,r} j jᵀ`` accumulated in place over batches, by the cheaper route per batch.
+
+    The Kronecker-sum route accumulates ``Σ_n vec(Γ_n) vec(ã_nã_nᵀ)ᵀ`` as ``[d_out², D²]``; the
+    rows route the upper block triangle of ``[P, P]``; :meth:`result` combines them once.
+    """
+
+    def __init__(self, d_out: int, d: int, like: Tensor):
+        self.d_out, self.d, self.like = d_out, d, like
+        self.kron: Tensor | None = None
+        self.rows: Tensor | None = None
+
+    def add(self, A: Tensor, G: Tensor) -> None:
+        """Add a batch's ``A [N, T, D]`` and ``G [R, N, T, d_out]``."""
+        r, n, t, d_out = G.shape
+        d = A.shape[-1]
+        if t == 1 and r > 2:
+            if self.kron is None:
+                self.kron = A.new_zeros(d_out * d_out, d * d)
+            for chunk in sample_chunks(n, d_out * d_out + d * d):
+                g = G[:, chunk, 0]  # [R, c, d_out]
+                gg = torch.einsum("rni,rnj->nij", g, g).reshape(-1, d_out * d_out)
+                a = A[chunk, 0]
+                aa = (a.unsqueeze(2) * a.unsqueeze(1)).reshape(-1, d * d)
+                self.kron.addmm_(gg.T, aa)
+            return
+        p = d_out * d
+        if self.rows is None:
+            self.rows = A.new_zeros(p, p)
+        for chunk in sample_chunks(n, r * p):
+            gram_accumulate(gradient_rows(A[chunk], G[:, chunk]).reshape(-1, p), self.rows)
+
+    def result(self) -> Tensor:
+        """``Σ j jᵀ`` in Kronecker order, ``[P, P]`` (the accumulators are consumed)."""
+        d_out, d = self.d_out, self.d
+        p = d_out * d
+        out = mirror_upper(self.rows) if self.rows is not None else self.like.new_zeros(p, p)
+        if self.kron is not None:
+            out += self.kron.reshape(d_out, d_out, d, d).permute(0, 2, 1, 3).reshape(p, p)
+        self.kron = self.rows = None
+        return out
 
 
 def dense_sum(A: Tensor, G: Tensor) -> Tensor:
     """``Σ_{n,r} j jᵀ`` in Kronecker order, ``[P, P]``, by the cheaper route (module docstring)."""
-    r, n, t, d_out = G.shape
-    d = A.shape[-1]
-    p = d_out * d
-    out = A.new_zeros(p, p)
-    if t == 1 and r > 2:
-        for chunk in sample_chunks(n, d_out * d_out + d * d):
-            g = G[:, chunk, 0]  # [R, c, d_out]
-            gg = torch.einsum("rni,rnj->nij", g, g).reshape(-1, d_out * d_out)
-            a = A[chunk, 0]
-            aa = (a.unsqueeze(2) * a.unsqueeze(1)).reshape(-1, d * d)
-            out += (gg.T @ aa).reshape(d_out, d_out, d, d).permute(0, 2, 1, 3).reshape(p, p)
-        return out
-    for chunk in sample_chunks(n, r * p):
-        rows = gradient_rows(A[chunk], G[:, chunk])
-        out += symmetric_gram(rows.reshape(-1, p))
-    return out
+    acc = DenseSum(G.shape[-1], A.shape[-1], A)
+    acc.add(A, G)
+    return acc.result()
 
 
 def dense_from_rows(A: Tensor, G: Tensor, normaliser: float) -> Tensor:
@@ -52,23 +89,23 @@ class ExactBuilder(BlockBuilder):
 
     def __init__(self, layer, options, context):
         super().__init__(layer, options, context)
-        self.sum: Tensor | None = None
+        self.sum: DenseSum | None = None
 
     def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
         if self.sum is None:
             size = self.layer.num_params
             check_memory(
-                f"the exact block of layer {self.layer.name!r} ({size}×{size})",
-                size * size * A.element_size(),
+                f"the exact block of layer {self.layer.name!r} ({size}×{size}, twice while "
+                "it is accumulated)",
+                2 * size * size * A.element_size(),
                 self.context.max_bytes,
                 "use method 'woodbury' (the same matrix, never formed) or raise max_bytes=",
             )
-            self.sum = dense_sum(A, G)
-        else:
-            self.sum += dense_sum(A, G)
+            self.sum = DenseSum(G.shape[-1], A.shape[-1], A)
+        self.sum.add(A, G)
 
     def finish(self, normaliser: float, num_samples: int) -> ExactBlock:
-        matrix = self.context.all_reduce(self.sum) / normaliser
+        matrix = self.context.all_reduce(self.sum.result()).div_(normaliser)
         return ExactBlock(self.layer, matrix, self.context.fisher_type, self.options)
 
 
@@ -103,8 +140,7 @@ class ExactBlock(CurvatureBlock):
     def _solve(self, V: Tensor, damping: float) -> Tensor:
         if "eig" not in self.__dict__:  # one Cholesky factorisation costs a sixth of eigh
             work = self.matrix.double() if self.matrix.dtype == torch.float32 else self.matrix
-            eye = torch.eye(len(work), dtype=work.dtype, device=work.device)
-            chol, info = torch.linalg.cholesky_ex(work + damping * eye)
+            chol, info = torch.linalg.cholesky_ex(add_to_diagonal(work, damping))
             if int(info) == 0:
                 flat = self._flat(V).T.to(work.dtype)
                 return torch.cholesky_solve(flat, chol).T.to(V.dtype).reshape(V.shape)
@@ -124,7 +160,7 @@ class ExactBlock(CurvatureBlock):
         return self.matrix
 
     def norm_sq(self) -> float:
-        return float((self.matrix**2).sum())
+        return squared_norm(self.matrix)
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        return float((self.matrix * dense_sum(A, G)).sum())
+        return float(torch.dot(self.matrix.reshape(-1), dense_sum(A, G).reshape(-1)))

@@ -128,13 +128,15 @@ class WoodburyBuilder(BlockBuilder):
         super().__init__(layer, options, context)
         self.parts: list[tuple[Tensor, Tensor]] = []
         self.held = 0
+        self.positions = 1
 
     def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+        self.positions = A.shape[1]
         if self.options.conv_gram == "reduce_sum":
             A, G = reduce_positions(A, G)
         self._check_rows_memory(
-            f"the Woodbury block of layer {self.layer.name!r} (the rows of {{n}} samples and "
-            "the {m}×{m} Gram)",
+            f"the Woodbury Gram of layer {self.layer.name!r} ({{m}}×{{m}}) and the rows of {{n}} "
+            "samples",
             self.held + A.shape[0],
             (A[0].numel() + G[:, 0].numel()) * A.element_size(),
             G.shape[0],
@@ -164,7 +166,9 @@ class WoodburyBuilder(BlockBuilder):
             _HINT,
         )
         options = WoodburyOptions(self.options.conv_gram, route)
-        return WoodburyBlock(self.layer, A, G, normaliser, self.context.fisher_type, options)
+        block = WoodburyBlock(self.layer, A, G, normaliser, self.context.fisher_type, options)
+        block.source_positions = self.positions
+        return block
 
 
 class WoodburyBlock(CurvatureBlock):
@@ -176,6 +180,8 @@ class WoodburyBlock(CurvatureBlock):
 
     #: Refinement steps at most (each squares the relative error while it is below one).
     refinement_steps: int = 3
+    #: Positions per sample of the captured rows before ``conv_gram="reduce_sum"`` reduced them.
+    source_positions: int = 1
 
     def __init__(self, layer, A: Tensor, G: Tensor, normaliser: float, fisher_type, options=None):
         super().__init__(layer, fisher_type, options or {})
@@ -187,7 +193,7 @@ class WoodburyBlock(CurvatureBlock):
 
     @property
     def is_exact(self) -> bool:
-        return self.options.conv_gram == "exact" or self.A.shape[1] == 1
+        return self.options.conv_gram == "exact" or self.source_positions == 1
 
     @property
     def rows(self) -> int:

@@ -173,7 +173,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         self.layer_state: dict[str, dict[str, Any]] = {name: {} for name in self.layers}
         self.steps = 0
-        self._recorder = Recorder(model, self.layers, loss, self.stat_dtype)
+        self._recorder = Recorder(model, self.layers, loss, self.stat_dtype, training=True)
 
     # ----------------------------------------------------------------- the loop
     def mc_backward(self) -> None:
