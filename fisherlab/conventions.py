@@ -90,7 +90,7 @@ def check_damping(damping: Any) -> float:
         raise FisherlabError(f"damping must be a positive finite number, got {damping!r}")
     value = float(damping)
     if not math.isfinite(value) or value <= 0:
-        raise FisherlabError(f"damping must be positive and finite, got {damping!r}")
+        raise FisherlabError(f"damping must be a positive finite number, got {damping!r}")
     return value
 
 

@@ -95,6 +95,7 @@ def test_data_set_blocks_equal_curvlinops_over_the_same_batch_list(case, fisher_
 def test_full_data_set_fisher_equals_curvlinops_ggn():
     model, loss_fn, batches = _batches(CASES[5])
     full = fl.exact_fisher(fl.Problem(model, loss_fn, batches))
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     peer = curvlinops.GGNLinearOperator(model, loss_fn, params, batches, check_deterministic=False)
-    assert rel_err(full.matrix, peer @ torch.eye(full.matrix.shape[0], dtype=torch.float64)) <= EXACT
+    eye = torch.eye(full.matrix.shape[0], dtype=torch.float64)
+    assert rel_err(full.matrix, peer @ eye) <= EXACT
