@@ -63,6 +63,7 @@ from fisherlab.metrics import (
     spectrum,
     spectrum_distance,
 )
+from fisherlab.problem import Problem
 
 APPROXIMATIONS = ("kfac", "ekfac", "skfac", "diag")
 """Approximations compared with the exact block by default."""
@@ -338,6 +339,33 @@ def exact_spectrum(cap: Capture, name: str) -> Tensor:
     return spectrum(block.matrix).clamp_min(0)  # PSD: rounding below zero is zero
 
 
+def _capture(
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None,
+    x: Tensor | None,
+    y: Tensor | None,
+    fisher_type: str | None,
+    force: bool = False,
+) -> tuple[Capture, str]:
+    """The capture of a problem's data (all its batches) or of one batch, and its Fisher type.
+
+    With a :class:`~fisherlab.problem.Problem`, ``fisher_type`` overrides the problem's only
+    with ``force`` (the empirical rows behind a loss gradient).
+    """
+    if isinstance(model, Problem):
+        problem = model
+        if force and fisher_type is not None:
+            problem = problem.with_fisher_type(fisher_type)
+        elif fisher_type is not None and fisher_type != problem.fisher_type:
+            raise FisherlabError(
+                f"fisher_type={fisher_type!r} given with a Problem of Fisher type "
+                f"{problem.fisher_type!r}; leave it out"
+            )
+        return capture(problem), problem.fisher_type
+    fisher_type = fisher_type or "true"
+    return capture(model, loss_fn, x, y, fisher_type=fisher_type), fisher_type
+
+
 def _layer_info(cap: Capture, name: str) -> dict[str, Any]:
     layer = cap[name].layer
     module = layer.module
@@ -352,16 +380,16 @@ def _layer_info(cap: Capture, name: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- 1. heatmaps
 def block_heatmaps(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None = None,
+    x: Tensor | None = None,
+    y: Tensor | None = None,
     layer: str | None = None,
     methods: Sequence[str] = HEATMAP_METHODS,
     damping: float | None = None,
     relative_damping: float = 0.1,
     max_params: int = 200,
-    fisher_type: str = "true",
+    fisher_type: str | None = None,
 ) -> FigureData:
     r"""Damped inverse blocks :math:`(F̂+λI)^{-1}` of one layer, exact and approximate.
 
@@ -371,23 +399,24 @@ def block_heatmaps(
     kept (``meta["shown"]``).
 
     Args:
-        model: The network.
-        loss_fn: The loss.
-        x: Batch inputs.
-        y: Batch targets.
+        model: The network, or a :class:`~fisherlab.problem.Problem` (then ``loss_fn``, ``x``
+            and ``y`` are left out and the problem's data, all batches, is captured).
+        loss_fn: The loss (with a network).
+        x: Batch inputs (with a network).
+        y: Batch targets (with a network).
         layer: Module name (default: :func:`choose_layer` with ``max_params``).
         methods: Method specs next to the exact block.
         damping: Absolute ``λ``; default ``relative_damping · tr(F)/P`` (a fraction of the mean
             eigenvalue), so that the inverse shows structure and not only ``I/λ``.
         relative_damping: See ``damping``.
         max_params: Layer choice and crop size.
-        fisher_type: Fisher type.
+        fisher_type: Fisher type (default ``"true"``; a Problem's own with a Problem).
 
     Returns:
         Tables ``inverse`` (wide rows ``matrix, row, c0…``: ``"exact"`` and one per method, in
         units of 1/F) and ``summary`` (``method, rel_frobenius_block, rel_frobenius_inverse``).
     """
-    cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
+    cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
     name = layer if layer is not None else choose_layer(cap, max_params)
     exact = build_block("exact", cap, name)
     dense = exact.to_dense()
@@ -415,7 +444,7 @@ def block_heatmaps(
         "damping": lam,
         "relative_damping": None if damping is not None else relative_damping,
         "fisher_type": fisher_type,
-        "batch_size": len(x),
+        "batch_size": cap.num_samples,
         "methods": list(methods),
     }
     return FigureData("heatmaps", {"inverse": matrix_rows(crop), "summary": summary}, meta)
@@ -443,7 +472,7 @@ def frobenius_errors(
     rows = []
     for seed, model in enumerate(models_):
         for b, (x, y) in enumerate(batches):
-            cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
+            cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
             for name, lc in cap.items():
                 f_sq = fisher_norm_sq(lc, cap.normaliser)
                 for spec, method, options in specs:
@@ -471,12 +500,12 @@ def frobenius_errors(
 
 # ------------------------------------------------------------------------------- 3. spectra
 def spectra(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None = None,
+    x: Tensor | None = None,
+    y: Tensor | None = None,
     methods: Sequence[str] = APPROXIMATIONS,
-    fisher_type: str = "true",
+    fisher_type: str | None = None,
 ) -> FigureData:
     """All eigenvalues, descending, of the exact block and of each approximation, per layer.
 
@@ -489,7 +518,7 @@ def spectra(
         the reference) and ``distance`` (``layer, method, spectrum_distance``, the relative
         distance of sorted spectra).
     """
-    cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
+    cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
     rows, distance = [], []
     for name in cap:
         exact = exact_spectrum(cap, name)
@@ -509,7 +538,7 @@ def spectra(
                 {"layer": name, "method": spec, "index": i, "eigenvalue": float(e)}
                 for i, e in enumerate(v.tolist())
             ]
-    meta = {"fisher_type": fisher_type, "batch_size": len(x), "methods": list(methods)}
+    meta = {"fisher_type": fisher_type, "batch_size": cap.num_samples, "methods": list(methods)}
     meta["layers"] = [_layer_info(cap, name) for name in cap]
     return FigureData("spectra", {"eigenvalues": rows, "distance": distance}, meta)
 
@@ -551,7 +580,7 @@ def sample_correlations(
     if sort_by_label:
         order = torch.sort(y, stable=True).indices
         x, y = x[order], y[order]
-    cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
+    cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
     matrices = {name: sample_correlation(lc) for name, lc in cap.items()}
     names = list(matrices)
     similarity = []
@@ -569,7 +598,7 @@ def sample_correlations(
     labels = [{"row": i, "label": int(v)} for i, v in enumerate(y.tolist())]
     meta = {
         "fisher_type": fisher_type,
-        "batch_size": len(x),
+        "batch_size": cap.num_samples,
         "rows_per_sample": cap[names[0]].G.shape[0],
         "layers": [_layer_info(cap, name) for name in names],
     }
@@ -583,13 +612,13 @@ def sample_correlations(
 
 # ------------------------------------------------------------------- 5. KFE decorrelation
 def kfe_decorrelation(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None = None,
+    x: Tensor | None = None,
+    y: Tensor | None = None,
     layer: str | None = None,
     max_params: int = 200,
-    fisher_type: str = "true",
+    fisher_type: str | None = None,
     floor: float = 1e-10,
 ) -> FigureData:
     r"""Correlation of the exact block in the parameter basis and in the KFE (EKFAC Fig. 3 left).
@@ -607,7 +636,7 @@ def kfe_decorrelation(
         in ``meta["masked"]``) and ``summary`` (``layer, P, basis,
         mean_abs_offdiag, coordinates``) for every layer.
     """
-    cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
+    cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
     chosen = layer if layer is not None else choose_layer(cap, max_params)
     summary, matrices, masked = [], {}, {}
     for name in cap:
@@ -646,7 +675,7 @@ def kfe_decorrelation(
         **_layer_info(cap, chosen),
         "shown": len(matrices["kfe"]),
         "fisher_type": fisher_type,
-        "batch_size": len(x),
+        "batch_size": cap.num_samples,
         "floor": floor,
         "masked": masked,
     }
@@ -757,13 +786,13 @@ def training_errors(
 
 # ---------------------------------------------------------------------- 7. direction quality
 def direction_quality_vs_damping(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    model: nn.Module | Problem,
+    loss_fn: nn.Module | None = None,
+    x: Tensor | None = None,
+    y: Tensor | None = None,
     methods: Sequence[str] = APPROXIMATIONS,
     dampings: Sequence[float] | None = None,
-    fisher_type: str = "true",
+    fisher_type: str | None = None,
 ) -> FigureData:
     r"""Cosine of each method's preconditioned gradient to the exact natural gradient vs ``λ``.
 
@@ -772,10 +801,11 @@ def direction_quality_vs_damping(
     (:func:`exact_reference`; :func:`fisherlab.metrics.direction_quality`).
 
     Args:
-        model: The network.
-        loss_fn: The loss.
-        x: Batch inputs.
-        y: Batch targets.
+        model: The network, or a :class:`~fisherlab.problem.Problem` (then ``loss_fn``, ``x``
+            and ``y`` are left out and the problem's data, all batches, is captured).
+        loss_fn: The loss (with a network).
+        x: Batch inputs (with a network).
+        y: Batch targets (with a network).
         methods: Method specs.
         dampings: Absolute ``λ`` values (default ``10^-6 … 10^1``, 15 values).
         fisher_type: Fisher type of the blocks (the gradient is always the loss gradient).
@@ -784,8 +814,8 @@ def direction_quality_vs_damping(
         Table ``directions`` with ``layer, method, damping, cosine, relative_error``.
     """
     lams = [10.0**e for e in torch.linspace(-6, 1, 15).tolist()] if dampings is None else dampings
-    cap = capture(model, loss_fn, x, y, fisher_type=fisher_type)
-    grads = batch_gradients(capture(model, loss_fn, x, y, fisher_type="empirical"))
+    cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
+    grads = batch_gradients(_capture(model, loss_fn, x, y, "empirical", force=True)[0])
     rows = []
     for name in cap:
         exact = exact_reference(cap, name)
@@ -805,7 +835,7 @@ def direction_quality_vs_damping(
                 )
     meta = {
         "fisher_type": fisher_type,
-        "batch_size": len(x),
+        "batch_size": cap.num_samples,
         "methods": list(methods),
         "layers": [_layer_info(cap, name) for name in cap],
     }
