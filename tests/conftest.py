@@ -1,6 +1,13 @@
+import os
+
 import pytest
 import torch
 from cases import BATCH_SIZES, CASE_IDS, CASES
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: -n 2 on 2 cores with two threads each
+    # oversubscribes the cores, and spinning OpenMP threads slow small ops down tenfold
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
