@@ -363,6 +363,10 @@ class Recorder:
                 positions or numbers of rows).
         """
         passes, self._passes, self._open = self._passes, [], None
+        for p in passes:  # break output → hook → call → output cycles now, not at collection
+            p.output = None
+            for call in p.calls.values():
+                call.output = None
         passes = [p for p in passes if p.normaliser is not None]
         scale_by_pass = channel in _LOSS_CHANNELS
         per_layer: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
@@ -502,15 +506,16 @@ class _Cache:
 
 
 @contextlib.contextmanager
-def cached_captures(problem: Problem, max_bytes: int = 2**29) -> Iterator[Problem]:
-    """Keep the captures of a complete pass (up to ``max_bytes``) for later passes.
+def cached_captures(problem: Problem, max_bytes: int | None = None) -> Iterator[Problem]:
+    """Keep the captures of a complete pass for later passes.
 
-    Within the block, later passes replay them instead of running the model again; the model
-    must not change in the block.
+    Within the block, later passes replay them (up to ``max_bytes`` of captures, default the
+    problem's ``cache_bytes``) instead of running the model again; the model must not change in
+    the block.
     """
     outer = problem._cache
     if outer is None:
-        problem._cache = _Cache(max_bytes)
+        problem._cache = _Cache(problem.cache_bytes if max_bytes is None else max_bytes)
     try:
         yield problem
     finally:

@@ -93,7 +93,7 @@ def squared_norm(matrix: Tensor) -> float:
     return float(torch.dot(flat, flat))
 
 
-def sample_chunks(n: int, row_elems: int, budget_elems: int = 2**24) -> Iterator[slice]:
+def sample_chunks(n: int, row_elems: int, budget_elems: int = 2**22) -> Iterator[slice]:
     """Slices of ``n`` samples so that a chunk holds at most ``budget_elems`` elements."""
     step = max(1, budget_elems // max(row_elems, 1))
     for start in range(0, n, step):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fisherlab.conventions import FisherlabError, check_fisher_type, check_int
+from fisherlab.conventions import FisherlabError, check_fisher_type, check_int, check_max_bytes
 from fisherlab.layers import Layer, find_layers
 from fisherlab.losses import LossSpec
 
@@ -102,6 +102,10 @@ class Problem:
             ``DataLoader`` with a ``DistributedSampler`` and a process group is initialised.
         progress: Show a progress bar over batches (``None``: on a terminal, for more than one
             batch).
+        cache_bytes: Computations that pass over the data more than once (EKFAC, several
+            methods, ``compare``) keep the captures of a pass in memory up to this size and
+            replay them instead of running the model again; beyond it they capture again, so
+            memory stays bounded whatever ``N``. ``0`` never keeps them.
 
     Raises:
         FisherlabError: on an invalid Fisher type, loss, model (unsupported or tied layers,
@@ -119,6 +123,7 @@ class Problem:
         skip_unsupported: bool = False,
         sharded: bool | None = None,
         progress: bool | None = None,
+        cache_bytes: int = 2**28,
     ):
         if not isinstance(model, nn.Module):
             raise FisherlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -146,6 +151,7 @@ class Problem:
             sharded = _data_sharded(data) and dist.is_available() and dist.is_initialized()
         self.sharded = bool(sharded)
         self.progress = progress
+        self.cache_bytes = check_max_bytes(cache_bytes) if cache_bytes else 0
         self._record: PassRecord | None = None
         self._passes_started = 0
         self._feature_shapes: tuple | None = None

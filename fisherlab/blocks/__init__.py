@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fisherlab.blocks.assemble import Source, assemble, method_class
 from fisherlab.blocks.base import REGISTRY, CurvatureBlock, Options
-from fisherlab.capture import Capture, cached_captures
+from fisherlab.capture import Capture
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_damping
 from fisherlab.problem import Problem, as_problem
 
@@ -128,8 +128,7 @@ def curvatures(
         ``{spec: CurvatureDict}``.
     """
     specs = _specs(methods)
-    with cached_captures(problem):
-        results = assemble(Source.of(problem), [(m, o) for _, m, o in specs], names, max_bytes)
+    results = assemble(Source.of(problem), [(m, o) for _, m, o in specs], names, max_bytes)
     return {
         label: CurvatureDict(blocks, m, problem.fisher_type, o.as_dict(), problem.normaliser)
         for (label, m, o), blocks in zip(specs, results)
@@ -146,11 +145,7 @@ def build(
     """Blocks of one method from a capture (or a problem); options as keyword arguments."""
     opts = parse_options(method, options)
     source = Source.of(statistics)
-    if isinstance(statistics, Problem):
-        with cached_captures(statistics):
-            (blocks,) = assemble(source, [(method, opts)], names, max_bytes)
-    else:
-        (blocks,) = assemble(source, [(method, opts)], names, max_bytes)
+    (blocks,) = assemble(source, [(method, opts)], names, max_bytes)
     normaliser = source.totals()[0]
     return CurvatureDict(blocks, method, source.fisher_type, opts.as_dict(), normaliser)
 

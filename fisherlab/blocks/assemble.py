@@ -1,20 +1,23 @@
 """The engine that builds blocks from a data set: passes over its captures, fed to builders.
 
 A *source* is where the captured statistics come from: a :class:`~fisherlab.problem.Problem`
-(its batches, captured one after the other, in as many passes as the slowest builder needs; the
-captures of a pass are replayed from memory when they fit) or one
-:class:`~fisherlab.capture.Capture`. Several methods share the passes.
+(its batches, captured one after the other, in as many passes as the slowest builder needs;
+with more than one pass, the captures of the first are replayed from memory when they fit the
+problem's ``cache_bytes``) or one :class:`~fisherlab.capture.Capture`. Several methods share the
+passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from fisherlab.blocks.base import REGISTRY, BuildContext, CurvatureBlock, Options
-from fisherlab.capture import Capture, captures
+from fisherlab.capture import Capture, cached_captures, captures
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError
 from fisherlab.layers import Layer
 from fisherlab.problem import Problem
@@ -32,6 +35,8 @@ class Source:
         num_samples: ``N`` when known before the first pass (for memory estimates).
         all_reduce: Sum over the ranks holding shards of the data.
         all_gather: Concatenation over those ranks.
+        cached: A context in which a complete pass is kept for the next ones (computations of
+            more than one pass enter it).
     """
 
     fisher_type: str
@@ -41,6 +46,7 @@ class Source:
     num_samples: int | None = None
     all_reduce: Callable[[Tensor], Tensor] = lambda t: t
     all_gather: Callable[[Tensor, int], Tensor] = lambda t, dim: t
+    cached: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     @classmethod
     def of(cls, statistics: Problem | Capture) -> Source:
@@ -55,6 +61,7 @@ class Source:
                 p.num_samples_hint,
                 p.all_reduce,
                 p.all_gather,
+                lambda: cached_captures(p),
             )
         if isinstance(statistics, Capture):
             cap = statistics
@@ -104,17 +111,16 @@ def assemble(
     ]
     flat = [b for per_layer in builders for b in per_layer.values()]
     total_passes = max((b.passes for b in flat), default=0)
-    for pass_index in range(total_passes):
-        active = [b for b in flat if b.passes > pass_index]
-        if not active:
-            continue
-        label = "capture" if total_passes == 1 else f"capture (pass {pass_index + 1})"
-        for cap in source.one_pass(label):
+    with source.cached() if total_passes > 1 else contextlib.nullcontext():
+        for pass_index in range(total_passes):
+            active = [b for b in flat if b.passes > pass_index]
+            label = "capture" if total_passes == 1 else f"capture (pass {pass_index + 1})"
+            for cap in source.one_pass(label):
+                for b in active:
+                    lc = cap[b.layer.name]
+                    b.add(lc.A, lc.G, pass_index)
+            normaliser, _ = source.totals()
             for b in active:
-                lc = cap[b.layer.name]
-                b.add(lc.A, lc.G, pass_index)
-        normaliser, _ = source.totals()
-        for b in active:
-            b.end_pass(pass_index, normaliser)
+                b.end_pass(pass_index, normaliser)
     normaliser, num_samples = source.totals()
     return [{name: b.finish(normaliser, num_samples) for name, b in bs.items()} for bs in builders]

@@ -95,8 +95,7 @@ class ExactBuilder(BlockBuilder):
         if self.sum is None:
             size = self.layer.num_params
             check_memory(
-                f"the exact block of layer {self.layer.name!r} ({size}×{size}), twice at its "
-                "peak",
+                f"the exact block of layer {self.layer.name!r} ({size}×{size}), twice at its peak",
                 2 * size * size * A.element_size(),
                 self.context.max_bytes,
                 "use method 'woodbury' (the same matrix, never formed) or raise max_bytes=",
