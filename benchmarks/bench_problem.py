@@ -20,8 +20,12 @@ Protocol (``python benchmarks/bench_problem.py``):
   samples of the MLP 64-128-64-10 (true Fisher, batches of 128), minus the same process's
   resident memory just before the computation (imports, model and data loaded): ``N`` = 256,
   1,437 (digits) and 20,000 (synthetic inputs of the digits' shape, random labels). ``exact``,
-  ``kfac``, ``ekfac`` and ``diag`` hold sums of fixed size (flat in ``N``); ``woodbury`` and
-  ``skfac`` hold per-sample rows (they grow, and are refused beyond the budget).
+  ``kfac``, ``ekfac`` and ``diag`` hold sums of fixed size (flat in ``N``); ``ekfac`` also keeps
+  its first pass's captures for the second, up to the problem's ``cache_bytes`` (256 MiB;
+  ``ekfac/no-cache``: ``cache_bytes=0``, two capture passes); ``woodbury`` and ``skfac`` hold
+  per-sample rows (they grow, and are refused beyond the budget). Children run with
+  ``MALLOC_MMAP_THRESHOLD_=131072``, so that freed large blocks go back to the system and the
+  resident memory is what is held.
 
 Results: ``benchmarks/results/bench_problem.{json,csv}`` with the machine, threads and
 versions.
@@ -184,7 +188,9 @@ def memory_child(method: str, samples: int) -> None:
     """Run in a fresh process: print the resident memory before and the peak after."""
     synthetic = samples if samples > 1437 else 0
     model, loss_fn, batches = _problem(MODELS["mlp-64-128-64-10"], samples, synthetic)
-    problem = fl.Problem(model, loss_fn, batches, progress=False)
+    method, _, variant = method.partition("/")
+    cache = {"": 2**28, "no-cache": 0}[variant]
+    problem = fl.Problem(model, loss_fn, batches, progress=False, cache_bytes=cache)
     before = _rss_bytes()
     status = "ok"
     try:
@@ -215,6 +221,9 @@ def memory_rows(samples: list[int], methods: list[str]) -> list[dict]:
                 capture_output=True,
                 text=True,
                 check=True,
+                # large blocks mmapped and returned on free: the resident memory is what is
+                # held, not what glibc's heap kept from earlier, differently sized batches
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},
             )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             row = {
@@ -241,10 +250,21 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--memory-methods",
         nargs="+",
-        default=["exact_blocks", "exact", "kfac", "ekfac", "diag", "woodbury", "skfac"],
+        default=[
+            "exact_blocks",
+            "exact",
+            "kfac",
+            "ekfac",
+            "ekfac/no-cache",
+            "diag",
+            "woodbury",
+            "skfac",
+        ],
     )
     parser.add_argument(
-        "--skip-time", action="store_true", help="memory only; keep the last run's timings"
+        "--skip-time",
+        action="store_true",
+        help="memory only; keep the last run's timings and the memory rows not measured again",
     )
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -266,13 +286,18 @@ def main(argv=None) -> int:
         "protocol": __doc__,
     }
     out = RESULTS / "bench_problem.json"
+    previous = json.loads(out.read_text()) if out.exists() else {"time": [], "memory": []}
     if args.skip_time:  # keep the timings of the last full run
-        timing = json.loads(out.read_text())["time"] if out.exists() else []
+        timing = previous["time"]
     else:
         timing = time_rows(args.repeats)
         RESULTS.mkdir(exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "time": timing, "memory": []}, indent=2) + "\n")
     memory = memory_rows(args.samples, args.memory_methods)
+    if args.skip_time:  # rows of methods and sizes not measured again are kept
+        measured = {(r["method"], r["samples"]) for r in memory}
+        kept = [r for r in previous["memory"] if (r["method"], r["samples"]) not in measured]
+        memory = kept + memory
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "time": timing, "memory": memory}, indent=2) + "\n")
     with (RESULTS / "bench_problem.csv").open("w") as f:

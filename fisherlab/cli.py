@@ -162,17 +162,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     shown = [{k: r[k] for k in COMPARE_COLUMNS} for r in rows if not r["note"]]
     print(format_table(shown))
-    notes: dict[tuple[str, str], list[str]] = {}
+    noted: dict[str, list[dict]] = {}
     for r in rows:
         if r["note"]:
-            notes.setdefault((r["method"], r["note"].split(";")[0]), []).append(r["layer"])
-    for (method, note), layers in notes.items():
-        print(f"  {method} on layers {', '.join(layers)}: {note}")
+            noted.setdefault(r["method"], []).append(r)
+    for method, refused in noted.items():  # one line per method; the JSON has every message
+        layers = ", ".join(r["layer"] for r in refused)
+        print(f"  {method}: layers {layers}: {refused[0]['note'].split(';')[0]}")
     meta = {
         "command": "compare",
         **{k: v for k, v in vars(args).items() if k != "func"},
         **summary_meta(problem, args.methods, args.damping),
-        "model": args.model,
+        "model": f"{args.model}: "
+        + ", ".join(
+            f"{layer.kind} {'×'.join(map(str, layer.module.weight.shape))}"
+            for layer in problem.layers.values()
+        ),
         "data": args.data,
         "state": f"initialisation, seed {args.seed}",
         "seconds": seconds,

@@ -122,7 +122,9 @@ def compare(
     Returns:
         Rows with columns ``layer, method, P, reference, rel_frobenius, spectrum_distance,
         direction_cosine, direction_rel_error, build_s, solve_s, memory_mb, note`` (numbers are
-        NaN and ``note`` says why for a refused method).
+        NaN and ``note`` says why for a refused method). ``build_s`` is the method's build over
+        the data for all layers (the same in each of its rows), ``solve_s`` the layer's first
+        damped solve.
     """
     damping = check_damping(damping)
     for spec in methods:
@@ -165,7 +167,7 @@ def compare(
                         inner.get(name, math.nan) / problem.normaliser,
                         grads[name],
                         damping,
-                        build_s / len(names),
+                        build_s,
                         max_bytes,
                     )
                 )

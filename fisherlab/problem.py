@@ -107,6 +107,12 @@ class Problem:
             replay them instead of running the model again; beyond it they capture again, so
             memory stays bounded whatever ``N``. ``0`` never keeps them.
 
+    Attributes:
+        loss: What fisherlab read from ``loss_fn`` (kind and reduction).
+        layers: The supported layers, ``{module name: Layer}``.
+        num_samples: ``N`` of the data (of all ranks when sharded), once a pass completed.
+        normaliser: ``ν`` of the data, once a pass completed.
+
     Raises:
         FisherlabError: on an invalid Fisher type, loss, model (unsupported or tied layers,
             BatchNorm or Dropout in training mode) or data that is not a pair or an iterable.
@@ -146,7 +152,7 @@ class Problem:
         else:
             self._batches = data
             self.single_batch = False
-        self.reiterable = iter(self._batches) is not self._batches
+        self.reiterable = not isinstance(self._batches, Iterator)  # generators serve once
         if sharded is None:
             sharded = _data_sharded(data) and dist.is_available() and dist.is_initialized()
         self.sharded = bool(sharded)
@@ -158,7 +164,7 @@ class Problem:
         self._probed = False
         self.num_samples: int | None = None
         self.normaliser: float | None = None
-        self._cache: list | None = None
+        self._cache: Any = None  # set by fisherlab.capture.cached_captures
 
     # ----------------------------------------------------------------------- variants
     def with_fisher_type(self, fisher_type: str, mc_samples: int | None = None) -> Problem:

@@ -258,7 +258,7 @@ def test_random_ops_in_training_mode_are_refused():
     functional = FunctionalDropout().double()
     before = model_snapshot(functional)
     state = torch.get_rng_state()
-    with pytest.raises(fl.FisherlabError, match="two forward passes.*random op"):
+    with pytest.raises(fl.FisherlabError, match=r"two forward passes.*random op"):
         fl.curvature("kfac", functional, nn.CrossEntropyLoss(), x, y)
     assert torch.equal(torch.get_rng_state(), state)
     assert_unchanged(functional, before)
@@ -313,7 +313,7 @@ def test_mc_samples_accepts_integers_of_any_kind(mc_samples, ok):
 def test_bad_data_is_named():
     model, loss_fn = _mlp(), nn.CrossEntropyLoss()
     x, y = _batch()
-    with pytest.raises(fl.FisherlabError, match="data must be an .inputs, targets. pair"):
+    with pytest.raises(fl.FisherlabError, match=r"data must be an .inputs, targets. pair"):
         fl.Problem(model, loss_fn, x)
     with pytest.raises(fl.FisherlabError, match="the data yielded no batch"):
         fl.curvature("kfac", fl.Problem(model, loss_fn, []))
@@ -337,7 +337,7 @@ def test_a_generator_serves_one_pass_only():
     fl.curvature("kfac", problem)  # one pass
     assert problem.num_samples == 12
     generator = ((x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4))
-    with pytest.raises(fl.FisherlabError, match="iterator .* consumed.*list of batches"):
+    with pytest.raises(fl.FisherlabError, match=r"iterator .* consumed.*list of batches"):
         fl.exact_blocks(problem)  # a second pass over the consumed generator
     problem = fl.Problem(model, loss_fn, generator)
     ekfac = fl.curvature("ekfac", problem)  # two passes: the first is kept in memory
@@ -352,7 +352,7 @@ def test_a_reshuffled_loader_is_refused_for_monte_carlo_passes():
     )
     problem = fl.Problem(model, loss_fn, loader, fisher_type="mc")
     fl.exact_blocks(problem)
-    with pytest.raises(fl.FisherlabError, match="data changed between passes.*shuffle=False"):
+    with pytest.raises(fl.FisherlabError, match=r"data changed between passes.*shuffle=False"):
         fl.exact_blocks(problem)
 
 

@@ -65,11 +65,15 @@ class DenseSum:
         """``Σ j jᵀ`` in Kronecker order, ``[P, P]`` (the accumulators are consumed)."""
         d_out, d = self.d_out, self.d
         p = d_out * d
-        out = mirror_upper(self.rows) if self.rows is not None else self.like.new_zeros(p, p)
-        if self.kron is not None:
-            out += self.kron.reshape(d_out, d_out, d, d).permute(0, 2, 1, 3).reshape(p, p)
-        self.kron = self.rows = None
-        return out
+        kron, rows, self.kron, self.rows = self.kron, self.rows, None, None
+        out = None
+        if kron is not None:  # one reordering copy; the accumulator is released with it
+            out = kron.reshape(d_out, d_out, d, d).permute(0, 2, 1, 3).reshape(p, p)
+            del kron
+        if rows is not None:
+            rows = mirror_upper(rows)
+            out = rows if out is None else out.add_(rows)
+        return out if out is not None else self.like.new_zeros(p, p)
 
 
 def dense_sum(A: Tensor, G: Tensor) -> Tensor:
