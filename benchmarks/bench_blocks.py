@@ -440,12 +440,12 @@ def bench_breakdown(problem: Problem, block_rows: list[dict], args: argparse.Nam
             by_piece["_to_kron + _to_param (parameter ↔ Kronecker order)"]
             / by_piece["solve() (amortised, total)"]
         )
-    index = block._index
+    index = block.layer.kron_to_param_index()
     out.append(
         {
             "width": problem.width,
             "part_of": "memory",
-            "piece": f"kron_to_param_index held by every block, not in nbytes "
+            "piece": f"kron_to_param_index, built only by to_dense(), not in nbytes "
             f"(woodbury nbytes {block.nbytes / 2**20:.3g} MiB)",
             "seconds": None,
             "bytes": index.numel() * index.element_size(),
