@@ -553,15 +553,7 @@ def capture(
     Returns:
         A :class:`Capture` mapping layer names to :class:`LayerCapture`.
     """
-    problem = as_problem(
-        model,
-        loss_fn,
-        inputs,
-        targets,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        skip_unsupported=skip_unsupported,
-    )
+    problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
     parts = list(captures(problem))
     if len(parts) == 1:
         return parts[0]

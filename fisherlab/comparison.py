@@ -129,15 +129,7 @@ def compare(
     damping = check_damping(damping)
     for spec in methods:
         parse_method(spec)
-    problem = as_problem(
-        model,
-        loss_fn,
-        inputs,
-        targets,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        skip_unsupported=skip_unsupported,
-    )
+    problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
     names = list(problem.layers)
     rows: list[dict[str, Any]] = []
     with cached_captures(problem):

@@ -361,15 +361,7 @@ def exact_blocks(
         MemoryBudgetError: when the blocks would exceed ``max_bytes`` (the message gives the
             size).
     """
-    problem = as_problem(
-        model,
-        loss_fn,
-        inputs,
-        targets,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        skip_unsupported=skip_unsupported,
-    )
+    problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
     sizes = {name: layer.num_params for name, layer in problem.layers.items()}
     check_memory(
         "the dense blocks " + ", ".join(f"{n!r} ({p}×{p})" for n, p in sizes.items()),
@@ -412,15 +404,7 @@ def exact_fisher(
         MemoryBudgetError: when the ``P×P`` matrix would exceed ``max_bytes`` (the message
             states ``P`` and the size).
     """
-    problem = as_problem(
-        model,
-        loss_fn,
-        inputs,
-        targets,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        skip_unsupported=skip_unsupported,
-    )
+    problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
     owner = {}
     for name, layer in problem.layers.items():
         for p_name, p in layer.module.named_parameters(recurse=False):

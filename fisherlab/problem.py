@@ -396,13 +396,20 @@ def as_problem(
     loss_fn: nn.Module | None = None,
     inputs: Tensor | None = None,
     targets: Tensor | None = None,
-    **kwargs: Any,
+    fisher_type: str | None = None,
+    mc_samples: int | None = None,
+    skip_unsupported: bool | None = None,
 ) -> Problem:
     """A :class:`Problem`, or one built from the classic ``(model, loss_fn, inputs, targets)``.
 
-    ``kwargs`` are the Problem's keyword arguments (``fisher_type``, ``mc_samples``, …); with a
-    Problem they must not be given (they are the Problem's own).
+    The one-batch shorthand of every entry point. With a Problem, the other arguments must be
+    left out (they are the Problem's own).
     """
+    kwargs = {
+        "fisher_type": fisher_type,
+        "mc_samples": mc_samples,
+        "skip_unsupported": skip_unsupported,
+    }
     if isinstance(problem_or_model, Problem):
         given = [k for k, v in kwargs.items() if v is not None]
         if loss_fn is not None or inputs is not None or targets is not None or given:

@@ -124,9 +124,7 @@ def verify_problem(
 
     Woodbury's check is left out for layers whose rows over the data exceed ``max_bytes``.
     """
-    problem = as_problem(
-        problem, loss_fn, inputs, targets, fisher_type=fisher_type, mc_samples=mc_samples
-    )
+    problem = as_problem(problem, loss_fn, inputs, targets, fisher_type, mc_samples)
     checks: list[Check] = []
     with cached_captures(problem):
         built = curvatures(problem, ["kfac", "ekfac", "skfac"], max_bytes=max_bytes)

@@ -201,13 +201,7 @@ def curvature(
     """
     parse_options(method, options)  # refuse bad options before any computation
     problem = as_problem(
-        problem,
-        loss_fn,
-        inputs,
-        targets,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        skip_unsupported=skip_unsupported,
+        problem, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported
     )
     return build(method, problem, max_bytes=max_bytes, **options)
 
