@@ -122,17 +122,6 @@ class Capture(Mapping[str, LayerCapture]):
             t.numel() * t.element_size() for lc in self.layers.values() for t in (lc.A, lc.G)
         )
 
-    def restrict(self, names: list[str]) -> Capture:
-        """The same capture with only the given layers."""
-        return Capture(
-            {n: self.layers[n] for n in names},
-            self.fisher_type,
-            self.mc_samples,
-            self.loss,
-            self.normaliser,
-            self.num_samples,
-        )
-
 
 # ------------------------------------------------------------------------------ the recorder
 @dataclass

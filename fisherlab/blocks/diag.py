@@ -21,11 +21,6 @@ def squared_rows_sum(A: Tensor, G: Tensor) -> Tensor:
     return out
 
 
-def fisher_diagonal(A: Tensor, G: Tensor, normaliser: float) -> Tensor:
-    """``diag(F)`` as ``[d_out, D]`` (Kronecker order)."""
-    return squared_rows_sum(A, G) / normaliser
-
-
 class DiagBuilder(BlockBuilder):
     """Sums of squared rows over the data set."""
 

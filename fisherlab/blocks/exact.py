@@ -83,11 +83,6 @@ def dense_sum(A: Tensor, G: Tensor) -> Tensor:
     return acc.result()
 
 
-def dense_from_rows(A: Tensor, G: Tensor, normaliser: float) -> Tensor:
-    """``(1/ν) JᵀJ`` in Kronecker order, ``[P, P]``."""
-    return dense_sum(A, G) / normaliser
-
-
 class ExactBuilder(BlockBuilder):
     """Accumulates ``Σ j jᵀ`` (checked against the budget before it is allocated)."""
 
