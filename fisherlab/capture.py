@@ -30,12 +30,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from fisherlab.conventions import FisherlabError
 from fisherlab.layers import Layer
@@ -140,26 +141,57 @@ class _Pass:
     normaliser: float | None = None
     num_samples: int | None = None
     output: Tensor | None = None
-    calls: dict[str, _Call] = field(default_factory=dict)
+    calls: dict[str, list[_Call]] = field(default_factory=dict)
+    #: Why the pass's output cannot be read (a tuple without ``output=``, …), if it cannot.
+    problem: str | None = None
+    #: Gradients w.r.t. the network output, kept only while :attr:`Recorder.watch_output`.
+    output_value: Tensor | None = None
+    output_grads: list[Tensor] = field(default_factory=list)
 
 
-#: Channels whose gradients are those of the user's reduced loss: ``G = ν·∂L/∂z``.
+#: Channels whose gradients are those of the user's reduced loss (summed over backward calls).
 _LOSS_CHANNELS = frozenset({"loss"})
+
+#: What selects the network output from what the model returns.
+OutputSelector = int | str | Callable[[Any], Tensor] | None
+
+
+def _selector(output: OutputSelector) -> Callable[[Any], Any]:
+    if output is None:
+        return lambda out: out
+    if callable(output):
+        return output
+    if isinstance(output, int | str) and not isinstance(output, bool):
+        return lambda out: out[output]
+    raise FisherlabError(
+        f"output= must be an index, a key or a function of the model's output, got {output!r}"
+    )
 
 
 class Recorder:
-    """Hooks that accumulate ``Ã`` and ``G`` of every supported layer until taken.
+    r"""Hooks that accumulate ``Ã`` and ``G`` of every supported layer until taken.
 
     A forward pass of ``model`` with grad enabled opens a pass; each supported layer called in it
     stores its ``Ã`` and hooks its output, so that every backward pass through that output
     delivers ``G`` (into the current *channel*). Forward passes without backward and passes
-    under ``no_grad`` add nothing and erase nothing. A layer called twice in one pass is refused
-    (its Fisher block is not defined per call). :meth:`take` returns everything recorded since
-    the last take as one :class:`Capture` and forgets it.
+    under ``no_grad`` add nothing and erase nothing. A layer called several times in one pass
+    contributes every call, as more positions of the same sample (its per-sample gradient is
+    the sum over the calls). :meth:`take` returns everything recorded since the last take as
+    one :class:`Capture` and forgets it.
 
-    Channels say what the incoming gradients are: ``"loss"`` (the default), the gradient of the
-    user's reduced loss, rescaled by the pass's ``ν`` to the per-sample summed loss; any other
-    name (``"rows"``, ``"mc"``), gradients already in those units.
+    Channels say what the incoming gradients are:
+
+    * ``"loss"`` (the default): gradients of the scalar the user back-propagates. Several
+      backward calls through one pass add up (as they do in ``p.grad``), and the rows are
+      scaled by the ``ν`` of all passes taken together: the statistics are the per-sample
+      decomposition of the gradient accumulated since the last take, read as the gradient of
+      the loss over all those samples, :math:`\nabla L = \frac1ν \sum_n j_n` (the usual
+      accumulation, micro-batch losses weighted by ``ν_pass/ν``; one batch: any loss).
+    * any other name (``"rows"``, ``"mc"``): per-sample rows already, one row per backward
+      call, taken as they are.
+
+    The hooks are global module hooks that act only on this model's modules, so the model
+    itself carries none: copies and pickles of it are not tied to the recorder.
 
     Args:
         model: The network whose forward calls open passes.
@@ -172,6 +204,8 @@ class Recorder:
             parameter's ``requires_grad`` (one-shot use).
         training: A recorder attached for training (an optimizer's): it ignores the passes
             fisherlab's own computations make on the model (:func:`analysis_scope`).
+        output: Selects the network output ``[N, ...]`` from what the model returns (an index,
+            a key or a function), for models returning tuples or dicts.
     """
 
     #: While positive, recorders made for training record nothing (:func:`analysis_scope`).
@@ -185,22 +219,24 @@ class Recorder:
         dtype: torch.dtype | None = None,
         force_grad: bool = False,
         training: bool = False,
+        output: OutputSelector = None,
     ):
-        self.model, self.layers, self.loss = model, layers, loss
-        self.dtype, self.force_grad, self.training = dtype, force_grad, training
+        self.model, self.loss, self.dtype = model, loss, dtype
+        self.force_grad, self.training = force_grad, training
+        self.select = _selector(output)
+        self.layers: dict[str, Layer] = {}
+        self._names: dict[int, str] = {}
+        for name, layer in layers.items():
+            self.add_layer(name, layer)
+        #: Keep the gradients w.r.t. the network output (see :meth:`output_gradients`).
+        self.watch_output = False
         self.channel = "loss"
         self._passes: list[_Pass] = []
         self._open: _Pass | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        try:
-            self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
-            self._handles.append(model.register_forward_hook(self._root_hook))
-            for name, layer in layers.items():
-                hook = self._layer_hook(name, layer)
-                self._handles.append(layer.module.register_forward_hook(hook))
-        except BaseException:
-            self.remove()
-            raise
+        self._handles = [
+            register_module_forward_pre_hook(self._pre_hook),
+            register_module_forward_hook(self._hook),
+        ]
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
@@ -209,17 +245,38 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    def add_layer(self, name: str, layer: Layer) -> None:
+        """Record ``layer`` too (its module must belong to the model)."""
+        self.layers[name] = layer
+        self._names[id(layer.module)] = name
+
     def remove(self) -> None:
-        """Remove every hook and forget everything recorded (the model is then as before)."""
+        """Remove the hooks and forget everything recorded (the model is then as before)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self.clear()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place (until :meth:`remove`)."""
+        return bool(self._handles)
+
     def clear(self) -> None:
         """Forget everything recorded since the last take."""
         self._passes = []
         self._open = None
+
+    def discard_gradients(self) -> None:
+        """Forget the gradients recorded so far, keep the passes (``optimizer.zero_grad()``).
+
+        A pass whose backward comes later still contributes then.
+        """
+        for p in self._passes:
+            p.output_grads.clear()
+            for calls in p.calls.values():
+                for call in calls:
+                    call.grads.clear()
 
     @contextlib.contextmanager
     def recording(self, channel: str) -> Iterator[None]:
@@ -239,75 +296,125 @@ class Recorder:
     def _ignoring(self) -> bool:
         return self.training and Recorder._paused > 0
 
-    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if module is not self.model:
+            return
         if not torch.is_grad_enabled() or self._ignoring():
             self._open = None
             return
         if self._passes:  # only the latest pass keeps its outputs (for mc sampling)
             last = self._passes[-1]
             last.output = None
-            for call in last.calls.values():
-                call.output = None
+            for calls in last.calls.values():
+                for call in calls:
+                    call.output = None
         self._open = _Pass()
         self._passes.append(self._open)
 
-    def _root_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        name = self._names.get(id(module))
+        replaced = None
+        if name is not None:
+            replaced = self._record_call(name, module, args, output)
+        if module is self.model:
+            self._close_pass(output if replaced is None else replaced)
+        return replaced
+
+    def _close_pass(self, output: Any) -> None:
         current, self._open = self._open, None
-        if current is None or not isinstance(output, Tensor) or output.ndim == 0:
-            if current is not None and current in self._passes:
-                self._passes.remove(current)  # outputs fisherlab cannot read: no statistics
+        if current is None:
             return
-        current.output = output
-        current.num_samples = output.shape[0]
+        try:
+            selected = self.select(output)
+        except (KeyError, IndexError, TypeError) as err:
+            current.problem = (
+                f"output= could not select the network output from the model's "
+                f"{type(output).__name__} ({type(err).__name__}: {err})"
+            )
+            return
+        if not isinstance(selected, Tensor) or selected.ndim == 0:
+            current.problem = (
+                f"the model returns {type(selected).__name__}; fisherlab needs the network "
+                "output [N, ...] the loss is computed from: pass output= (an index, a key or a "
+                "function of the model's output) to select it"
+            )
+            return
+        current.output = selected
+        current.num_samples = selected.shape[0]
         current.normaliser = (
-            self.loss.normaliser(output) if self.loss is not None else float(output.shape[0])
+            self.loss.normaliser(selected) if self.loss is not None else float(selected.shape[0])
         )
+        if self.watch_output and selected.requires_grad:
+            current.output_value = selected.detach()
 
-    def _layer_hook(self, name: str, layer: Layer):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            current = self._open
-            if current is None or not torch.is_grad_enabled() or self._ignoring():
+            def watch(g: Tensor) -> None:
+                if self.channel in _LOSS_CHANNELS:
+                    current.output_grads.append(g.detach())
+
+            selected.register_hook(watch)
+
+    def _record_call(self, name: str, module: nn.Module, args: tuple, output: Any) -> Any:
+        current = self._open
+        if (
+            current is None
+            or not isinstance(output, Tensor)
+            or not torch.is_grad_enabled()
+            or self._ignoring()
+        ):
+            return None
+        replaced = None
+        if not output.requires_grad:
+            if not self.force_grad:
                 return None
-            if name in current.calls:
-                raise FisherlabError(
-                    f"module {name!r} ({layer.kind}) was called more than once in one forward "
-                    "pass (shared weights); its Fisher block is not defined per call"
-                )
-            replaced = None
-            if not output.requires_grad:
-                if not self.force_grad:
-                    return None
-                output = replaced = output.detach().requires_grad_(True)
-            A = layer.adapter.homogeneous_inputs(module, args[0].detach())
-            call = _Call(A if self.dtype is None else A.to(self.dtype), output)
-            current.calls[name] = call
+            output = replaced = output.detach().requires_grad_(True)
+        layer = self.layers[name]
+        A = layer.adapter.homogeneous_inputs(module, args[0].detach())
+        call = _Call(A if self.dtype is None else A.to(self.dtype), output)
+        current.calls.setdefault(name, []).append(call)
 
-            def grad_hook(g: Tensor) -> None:
-                if self._ignoring():
-                    return
-                rows = layer.adapter.output_rows(module, g.detach())
-                rows = rows if self.dtype is None else rows.to(self.dtype)
-                call.grads.setdefault(self.channel, []).append(rows)
+        def grad_hook(g: Tensor) -> None:
+            if self._ignoring():
+                return
+            rows = layer.adapter.output_rows(module, g.detach())
+            rows = rows if self.dtype is None else rows.to(self.dtype)
+            call.grads.setdefault(self.channel, []).append(rows)
 
-            output.register_hook(grad_hook)
-            return replaced
-
-        return hook
+        output.register_hook(grad_hook)
+        return replaced
 
     # -------------------------------------------------------------------- use
     def channels(self) -> set[str]:
         """The channels that received gradients since the last take."""
-        return {c for p in self._passes for call in p.calls.values() for c in call.grads}
+        return {
+            c
+            for p in self._passes
+            for calls in p.calls.values()
+            for call in calls
+            for c in call.grads
+        }
 
-    def layer_outputs(self) -> dict[str, Tensor]:
-        """Outputs of each layer's call in the latest pass (to take gradients w.r.t. them)."""
+    def layer_outputs(self) -> list[tuple[str, Tensor]]:
+        """``(name, output)`` of every layer call in the latest pass (to take gradients)."""
         if not self._passes:
-            return {}
-        return {name: call.output for name, call in self._passes[-1].calls.items()}
+            return []
+        return [
+            (name, call.output)
+            for name, calls in self._passes[-1].calls.items()
+            for call in calls
+            if call.output is not None
+        ]
 
     def network_output(self) -> Tensor | None:
         """The network output of the latest pass (``None`` if there is none)."""
         return self._passes[-1].output if self._passes else None
+
+    def output_gradients(self) -> list[tuple[Tensor, Tensor]]:
+        """``(output, ∂/∂output)`` of the passes since the last take, while watching outputs."""
+        return [
+            (p.output_value, torch.stack(p.output_grads).sum(0))
+            for p in self._passes
+            if p.output_value is not None and p.output_grads
+        ]
 
     def sample_backward(self, mc_samples: int = 1) -> None:
         """Backward passes with labels drawn from the model, into the ``"mc"`` channel.
@@ -322,13 +429,10 @@ class Recorder:
                 "forward pass with grad enabled before mc_backward()"
             )
         rows = self.loss.output_rows(out, out.detach(), "mc", mc_samples)
-        outputs = self.layer_outputs()
-        names = list(outputs)
+        outputs = [z for _, z in self.layer_outputs()]
         with self.recording("mc"):
             for r in range(rows.shape[0]):
-                torch.autograd.grad(
-                    out, [outputs[n] for n in names], rows[r], retain_graph=True, allow_unused=True
-                )
+                torch.autograd.grad(out, outputs, rows[r], retain_graph=True, allow_unused=True)
 
     def take(
         self,
@@ -336,6 +440,7 @@ class Recorder:
         fisher_type: str = "empirical",
         mc_samples: int = 1,
         rows: int | None = None,
+        scale: Tensor | float | None = None,
     ) -> Capture:
         """Everything recorded in ``channel`` since the last take, as one capture; then clears.
 
@@ -346,47 +451,61 @@ class Recorder:
             rows: ``R``, when every recorded call must have exactly ``R`` gradients (one-shot
                 use: a layer the output does not depend on gets zero rows). ``None``: calls
                 without gradients in ``channel`` are left out.
+            scale: A factor the back-propagated loss was multiplied by (a ``GradScaler``'s
+                scale), divided out of ``"loss"`` gradients.
 
         Raises:
-            FisherlabError: when the calls of a layer cannot be concatenated (different
-                positions or numbers of rows).
+            FisherlabError: when a pass that received gradients has an output fisherlab cannot
+                read, or when the calls of a layer cannot be concatenated (different numbers
+                of samples or rows).
         """
         passes, self._passes, self._open = self._passes, [], None
         for p in passes:  # break output → hook → call → output cycles now, not at collection
             p.output = None
-            for call in p.calls.values():
-                call.output = None
-        passes = [p for p in passes if p.normaliser is not None]
-        scale_by_pass = channel in _LOSS_CHANNELS
+            for calls in p.calls.values():
+                for call in calls:
+                    call.output = None
+        summed = channel in _LOSS_CHANNELS
+        used: list[_Pass] = []
         per_layer: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
-        used = []
         for p in passes:
-            contributed = False
-            for name, call in p.calls.items():
-                grads = call.grads.get(channel, [])
-                if rows is not None and len(grads) < rows:
-                    shape = (call.A.shape[0], call.A.shape[1], self.layers[name].d_out)
-                    grads = grads + [call.A.new_zeros(shape)] * (rows - len(grads))
-                if not grads:
-                    continue
-                G = torch.stack(grads)
-                if scale_by_pass:
-                    G = G * p.normaliser
+            found = {}
+            for name, calls in p.calls.items():
+                parts = []
+                for call in calls:
+                    grads = call.grads.get(channel, [])
+                    if rows is not None and len(grads) < rows:
+                        shape = (call.A.shape[0], call.A.shape[1], self.layers[name].d_out)
+                        grads = grads + [call.A.new_zeros(shape)] * (rows - len(grads))
+                    if grads:
+                        G = torch.stack(grads)
+                        parts.append((call.A, G.sum(0, keepdim=True) if summed else G))
+                if parts:  # several calls: more positions of the same samples
+                    found[name] = (
+                        _concat(name, [a for a, _ in parts], 1, "positions (calls)"),
+                        _concat(name, [g for _, g in parts], 2, "positions (calls)"),
+                    )
+            if not found:
+                continue
+            if p.problem is not None:
+                raise FisherlabError(p.problem)
+            if p.normaliser is None:
+                continue
+            used.append(p)
+            for name, (A, G) in found.items():
                 a_list, g_list = per_layer.setdefault(name, ([], []))
-                a_list.append(call.A)
+                a_list.append(A)
                 g_list.append(G)
-                contributed = True
-            if contributed:
-                used.append(p)
-        layers = {}
-        for name, (a_list, g_list) in per_layer.items():
-            layers[name] = LayerCapture(
-                self.layers[name], _concat(name, a_list, 0), _concat(name, g_list, 1)
-            )
         if self.loss is not None:
             normaliser = self.loss.total_normaliser(p.normaliser for p in used)
         else:
             normaliser = float(sum(p.normaliser for p in used)) if used else 1.0
+        layers = {}
+        for name, (a_list, g_list) in per_layer.items():
+            G = _concat(name, g_list, 1, "samples")
+            if summed:
+                G = G * normaliser if scale is None else G * (normaliser / scale)
+            layers[name] = LayerCapture(self.layers[name], _concat(name, a_list, 0, "samples"), G)
         return Capture(
             layers,
             fisher_type,
@@ -411,15 +530,15 @@ def analysis_scope() -> Iterator[None]:
         Recorder._paused -= 1
 
 
-def _concat(name: str, tensors: list[Tensor], dim: int) -> Tensor:
+def _concat(name: str, tensors: list[Tensor], dim: int, along: str = "samples") -> Tensor:
     if len(tensors) == 1:
         return tensors[0]
     shapes = {tuple(t.shape[:dim]) + tuple(t.shape[dim + 1 :]) for t in tensors}
     if len(shapes) > 1:
         raise FisherlabError(
-            f"the recorded calls of layer {name!r} cannot be combined: their shapes "
-            f"{sorted(tuple(t.shape) for t in tensors)} differ beyond the samples (different "
-            "positions per sample, or numbers of rows)"
+            f"the recorded calls of layer {name!r} cannot be combined along the {along}: their "
+            f"shapes {sorted(tuple(t.shape) for t in tensors)} differ beyond them (different "
+            "numbers of samples, positions per sample, or rows)"
         )
     return torch.cat(tensors, dim=dim)
 
@@ -440,7 +559,7 @@ def capture_batch(problem: Problem, batch: Batch) -> Capture:
                 "network outputs [N, ...]"
             )
         zs = recorder.layer_outputs()
-        missing = [name for name in problem.layers if name not in zs]
+        missing = [name for name in problem.layers if name not in {n for n, _ in zs}]
         if missing:
             raise FisherlabError(f"layers {missing} were not called in the forward pass")
         problem.loss.check_outputs(outputs, batch.targets)
@@ -448,12 +567,11 @@ def capture_batch(problem: Problem, batch: Batch) -> Capture:
             rows = problem.loss.output_rows(
                 outputs, batch.targets, problem.fisher_type, problem.mc_samples
             )
-        names = list(zs)
         with recorder.recording("rows"):
             for r in range(rows.shape[0]):
                 torch.autograd.grad(
                     outputs,
-                    [zs[n] for n in names],
+                    [z for _, z in zs],
                     grad_outputs=rows[r],
                     retain_graph=r < rows.shape[0] - 1,
                     allow_unused=True,

@@ -17,6 +17,7 @@ Adding a layer type means writing one :class:`LayerAdapter` and registering it i
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -112,11 +113,16 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
 
 @dataclass(frozen=True)
 class Layer:
-    """A supported module of a model, with its name from ``model.named_modules()``."""
+    """A supported module of a model, with its name from ``model.named_modules()``.
+
+    ``bias=False`` views a layer with a bias as one without (an optimizer whose layer has a
+    frozen bias preconditions the weight alone); its ``Ã`` then has no ``1`` column.
+    """
 
     name: str
     module: nn.Module
     adapter: LayerAdapter
+    bias: bool = True
 
     @property
     def kind(self) -> str:
@@ -126,7 +132,11 @@ class Layer:
     @property
     def has_bias(self) -> bool:
         """Whether the layer has a bias (a homogeneous ``1`` coordinate in ``Ã``)."""
-        return self.module.bias is not None
+        return self.bias and self.module.bias is not None
+
+    def without_bias(self) -> Layer:
+        """The same layer with its bias left out (weight-only block)."""
+        return dataclasses.replace(self, bias=False)
 
     @property
     def d_out(self) -> int:

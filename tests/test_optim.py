@@ -253,9 +253,11 @@ def test_non_finite_step_is_skipped_without_polluting_anything(name):
 )
 def test_invalid_hyper_parameters_are_refused_at_construction(make, message):
     model = _problem("mlp")[0]
+    hooks = _global_hooks()
     with pytest.raises(fl.FisherlabError, match=message):
         make(model)
-    assert all(not m._forward_hooks for m in model.modules())
+    gc.collect()
+    assert all(not m._forward_hooks for m in model.modules()) and _global_hooks() == hooks
 
 
 def test_mc_without_the_extra_backward_is_a_clear_error():
@@ -265,17 +267,25 @@ def test_mc_without_the_extra_backward_is_a_clear_error():
         _step(opt, model, loss_fn, x, y)
 
 
+def _global_hooks():
+    from torch.nn.modules import module
+
+    return len(module._global_forward_hooks) + len(module._global_forward_pre_hooks)
+
+
 def test_hooks_are_removed_by_close_and_by_garbage_collection():
     model, loss_fn, x, y = _problem("mlp")
+    before = _global_hooks()
     opt = fl.optim.KFAC(model)
-    assert any(m._forward_hooks for m in model.modules())
+    assert _global_hooks() > before
+    assert all(not m._forward_hooks for m in model.modules())  # the model carries none
     opt.close()
-    assert all(not m._forward_hooks for m in model.modules())
+    assert _global_hooks() == before
     opt = fl.optim.TENGraD(model)
     _step(opt, model, loss_fn, x, y)
     del opt
     gc.collect()
-    assert all(not m._forward_hooks for m in model.modules())
+    assert _global_hooks() == before
     with torch.no_grad():  # evaluation afterwards records nothing and fails nothing
         model(x)
 

@@ -153,12 +153,17 @@ def test_a_block_from_one_batch_against_the_data_set_fisher():
 
 
 def test_recorder_accumulates_passes_into_one_capture():
-    """One recorder, two uses: passes with backward accumulate; others add and erase nothing."""
+    """One recorder, two uses: passes with backward accumulate; others add and erase nothing.
+
+    The micro-batch losses are weighted by ``ν_pass/ν`` (the accumulated gradient is that of
+    the mean over all 9 samples), as the "loss" channel reads them.
+    """
     model, loss_fn, x, y = CASES[2].build(9)  # MSE, mean: ν = N·C
     layers = fl.layers.find_layers(model)
     recorder = fl.Recorder(model, layers, fl.losses.LossSpec.from_module(loss_fn))
     for part in (slice(0, 4), slice(4, 9)):
-        loss_fn(model(x[part]), y[part]).backward()
+        weight = y[part].numel() / y.numel()
+        (weight * loss_fn(model(x[part]), y[part])).backward()
         model(x[part])  # a forward without backward adds nothing
         with torch.no_grad():
             model(x[part])
@@ -170,7 +175,6 @@ def test_recorder_accumulates_passes_into_one_capture():
     for name in reference:
         rows = cap[name].jacobian_rows().flatten(end_dim=1)
         ref = reference[name].jacobian_rows().flatten(end_dim=1)
-        # each pass's gradient carries its own 1/ν_pass, undone per pass
         assert rel_err(rows, ref) <= 1e-12, name
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows, reduce_positions
-from fisherlab.conventions import check_memory
+from fisherlab.conventions import FisherlabError, check_damping, check_memory
 from fisherlab.linalg import sample_chunks, symmetric_eigh, symmetric_gram
 
 GRAM_ROUTES = ("auto", "covariance", "gradients")
@@ -294,6 +294,8 @@ class WoodburyBlock(CurvatureBlock):
     def _nbytes(self) -> int:
         held = [self.A, self.G, self.__dict__.get("gram")]
         held += list(self.__dict__.get("gram_eig", ()))
+        if "_cholesky" in self.__dict__:
+            held.append(self.__dict__["_cholesky"][1])
         if "_precise" in self.__dict__ and self.A.dtype != torch.float64:
             held += list(self.__dict__["_precise"])
         return tensor_bytes(*held)
@@ -310,6 +312,30 @@ class WoodburyBlock(CurvatureBlock):
         return float((cross**2).sum()) / self.normaliser
 
     # ---------------------------------------------------- the natural gradient of the batch
+    def _gram_factor(self, damping: float) -> Tensor:
+        """Cholesky factor of ``νλI + K`` (float64 for float32 statistics), kept per ``λ``."""
+        cached = self.__dict__.get("_cholesky")
+        if cached is not None and cached[0] == damping:
+            return cached[1]
+        k = self.gram
+        work = k.double() if k.dtype != torch.float64 else k
+        system = work + self.normaliser * damping * torch.eye(
+            len(work), dtype=work.dtype, device=work.device
+        )
+        chol, info = torch.linalg.cholesky_ex(system)
+        if int(info) != 0:  # λ > 0 makes it positive definite unless the Gram overflowed
+            raise FisherlabError(
+                f"νλI + K of layer {self.layer.name!r} is not positive definite (non-finite or "
+                "overflowing statistics)"
+            )
+        self._cholesky = (damping, chol)
+        return chol
+
+    def _gram_solve(self, rhs: Tensor, damping: float) -> Tensor:
+        """``(νλI + K)⁻¹ rhs`` for ``rhs: [M, k]``, in the statistics' dtype."""
+        chol = self._gram_factor(damping)
+        return torch.cholesky_solve(rhs.to(chol.dtype), chol).to(self.gram.dtype)
+
     def coefficients(self, damping: float) -> Tensor:
         """``w = (νλI + K)⁻¹ 1`` (Cholesky, float64 for float32 statistics), ``[M]``.
 
@@ -317,20 +343,25 @@ class WoodburyBlock(CurvatureBlock):
         ``(F + λI)⁻¹ g = Jᵀ w``: the natural gradient is a weighted sum of per-sample gradients
         (TENGraD, FNGD) and needs no ``Jv``.
         """
-        k = self.gram
-        work = k.double() if k.dtype != torch.float64 else k
-        system = work + self.normaliser * damping * torch.eye(
-            len(work), dtype=work.dtype, device=work.device
-        )
-        chol, info = torch.linalg.cholesky_ex(system)
-        ones = torch.ones(len(work), 1, dtype=work.dtype, device=work.device)
-        if int(info) != 0:  # pragma: no cover - λ > 0 makes the system positive definite
-            return torch.linalg.solve(system, ones).squeeze(1).to(k.dtype)
-        return torch.cholesky_solve(ones, chol).squeeze(1).to(k.dtype)
+        ones = torch.ones(self.rows, 1, dtype=self.gram.dtype, device=self.gram.device)
+        return self._gram_solve(ones, damping).squeeze(1)
+
+    def solve_once(self, v: Tensor, damping: float) -> Tensor:
+        """``(F̂ + λI)⁻¹ v`` by one Woodbury solve with a Cholesky factor, no refinement.
+
+        ``(v − Jᵀ(νλI + K)⁻¹Jv)/λ``: one ``M×M`` Cholesky (shared with :meth:`coefficients`
+        at the same ``λ``) instead of :meth:`solve`'s eigen-decomposition and refinement; the
+        relative error is about ``ε·‖F̂‖/λ`` (the optimizers' path).
+        """
+        damping = check_damping(damping)
+        kron, vector = self._to_kron(v)
+        w = self._gram_solve(self.jv(kron).T, damping).T
+        return self._to_param((kron - self.jtu(w)) / damping, vector)
 
     def weighted_gradient(self, weights: Tensor) -> Tensor:
-        """``Jᵀ w`` in parameter order, ``[P]``, for weights ``[M]`` over the rows."""
-        return self._to_param(self.jtu(weights.unsqueeze(0)), vector=True)
+        """``Jᵀ w`` in parameter order: ``[P]`` for weights ``[M]``, ``[P, k]`` for ``[k, M]``."""
+        vector = weights.ndim == 1
+        return self._to_param(self.jtu(weights.reshape(-1, self.rows)), vector=vector)
 
     def natural_gradient(self, damping: float) -> Tensor:
         """``(F + λI)⁻¹ g = Jᵀ(νλI + K)⁻¹1`` for the batch gradient ``g = Jᵀ1/ν`` (empirical)."""

@@ -1,32 +1,56 @@
-"""The shared machinery of fisherlab's optimizers: hooks, safety, momentum, state.
+"""The shared machinery of fisherlab's optimizers: the ``torch.optim`` contract, safety, state.
 
-Every optimizer is a ``torch.optim.Optimizer`` used in the ordinary loop::
+Every optimizer is a ``torch.optim.Optimizer`` built from the model (its layers are needed)::
 
+    opt = fl.optim.KFAC(model, lr=0.01, damping=1e-3)
     opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); opt.step()
 
-With ``fisher_type="mc"`` the loop adds one extra backward with sampled labels, for the
-statistics only::
+**What is preconditioned.** ``step()`` preconditions ``p.grad`` as it is when it runs — after
+clipping, ``GradScaler`` unscaling, penalties in the loss, several ``backward()`` calls,
+accumulation over micro-batches and DDP averaging. Subclasses implement
+``_direction(name, layer, A, G, ν, g, group)``, the preconditioned ``g`` of one layer.
 
-    opt.zero_grad(); loss = loss_fn(model(x), y); opt.mc_backward(); loss.backward(); opt.step()
+**How statistics are gathered** (:class:`fisherlab.capture.Recorder`, the recorder the analyses
+use too): every forward pass of the model with grad enabled records each layer's ``Ã``, every
+backward pass through it the output gradients. They accumulate like ``p.grad``: over all
+passes and backward calls since the last ``step()``; ``zero_grad()`` drops the gradients
+recorded so far. A pass without backward, or under ``no_grad``, adds and erases nothing. A
+layer called several times in one forward pass contributes every call (more positions of the
+same samples); two calls of the model are two sets of samples. The statistics are read as
+the per-sample decomposition of the gradient of the loss over all samples since the last step
+(``ν`` of all of them, see :class:`~fisherlab.capture.Recorder`): micro-batch losses are to be
+divided by the number of micro-batches, as in the usual accumulation loop. With
+``fisher_type="mc"`` the loop adds one extra backward with sampled labels, for the statistics
+only: ``loss = …; opt.mc_backward(); loss.backward(); opt.step()``.
 
-The statistics ``Ã`` and ``G`` come from :class:`fisherlab.capture.Recorder` (hooks that live
-until :meth:`CurvatureOptimizer.close` or garbage collection; the same recorder that captures
-statistics for the analyses), taken at each step as a :class:`~fisherlab.capture.Capture`; the
-preconditioners are the blocks of :mod:`fisherlab.blocks`. Subclasses implement one method,
-``_direction(name, layer, A, G, ν, g)``, returning the preconditioned gradient of one layer in
-parameter order.
+**Mixed precision.** ``scaler.step(opt)`` hands the scale to the optimizer
+(``_step_supports_amp_scaling``): gradients and statistics are unscaled together, and a step
+whose gradients overflowed is skipped (counted in :attr:`CurvatureOptimizer.skipped_steps`),
+as ``GradScaler`` expects. If the loop calls ``scaler.unscale_(opt)`` itself (to clip), pass
+``grad_scaler=scaler`` so that the statistics can be unscaled too.
+
+**Param groups** (``params=`` as for any ``torch.optim`` optimizer; default: all trainable
+parameters of the model): each layer is preconditioned with the ``lr``, ``damping``,
+``momentum``, ``weight_decay`` and method options of the group that holds its weight (its bias
+must be in the same group). Hyper-parameters are validated again at every step, so LR
+schedulers and manual changes work and bad values fail clearly. ``add_param_group`` adds
+layers.
 
 Shared behaviour:
 
 * Layers fisherlab does not precondition (BatchNorm, LayerNorm, Embedding, …) get the plain
-  gradient step, with a one-time warning naming them.
+  gradient step, with a one-time warning naming them. A layer whose bias is frozen is
+  preconditioned on its weight alone.
 * Weight decay is decoupled (``θ ← θ − lr·wd·θ``); momentum is heavy-ball on the update.
 * A step whose gradients or statistics hold NaN/Inf, or whose curvature overflows or cannot be
   inverted, is skipped for all parameters, with a warning naming the layers; nothing is
-  updated, neither parameters nor statistics (they are rolled back). Checking costs two host
-  synchronisations per step.
+  updated, neither parameters nor statistics (they are rolled back). Skipped steps are counted
+  in ``skipped_steps`` (also in ``state_dict()``).
 * Statistics live on the parameters' device, in float64 for float64 models, else float32.
-* ``state_dict()`` holds the per-layer statistics too, so a resumed run continues bit-identically.
+* ``state_dict()`` holds the per-layer statistics too, so a resumed run continues
+  bit-identically; ``load_state_dict`` refuses a state saved for other layers or shapes.
+* The hooks are global module hooks acting on this model only: copies (``copy.deepcopy``,
+  e.g. for an EMA or a teacher) and pickles (``torch.save(model)``) of the model carry none.
 """
 
 from __future__ import annotations
@@ -39,7 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisherlab.capture import Recorder
+from fisherlab.capture import OutputSelector, Recorder
 from fisherlab.conventions import FisherlabError
 from fisherlab.layers import Layer, find_layers
 from fisherlab.losses import LossSpec
@@ -95,6 +119,11 @@ def gather_samples(
     return gathered, normaliser * dist.get_world_size()
 
 
+def _finite(t: Tensor) -> Tensor:
+    """Whether all entries are finite, as a 0-dim tensor (sparse tensors: their values)."""
+    return torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: see the module docstring.
 
@@ -110,12 +139,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         momentum: Heavy-ball momentum in ``[0, 1)``.
         weight_decay: Decoupled weight decay ``≥ 0``.
         fisher_type: ``"empirical"`` (no extra pass) or ``"mc"`` (see module docstring).
-        loss_fn: The loss (``CrossEntropyLoss``/``MSELoss``); needed for ``"mc"`` and for MSE's
-            normaliser ``N·C``. Without it, the loss is taken to be a mean over the batch.
-        **defaults: Further per-optimizer hyper-parameters.
+        loss_fn: The loss (``CrossEntropyLoss``/``MSELoss``); needed for ``"mc"`` and for the
+            normaliser of MSE (``N·C``) and of ``reduction="sum"`` (``1``). Without it, the loss
+            is taken to be a mean over the samples (``ν = N``); a cross-entropy that is not
+            (e.g. summed) is detected at the first step and warned about.
+        params: Parameters or param groups (dicts), as for any ``torch.optim`` optimizer
+            (default: the model's trainable parameters, one group).
+        output: Selects the network output ``[N, ...]`` from what the model returns, for
+            models returning tuples or dicts: an index, a key or a function.
+        grad_scaler: The ``GradScaler`` of the loop; needed only when the loop calls
+            ``scaler.unscale_(opt)`` before ``scaler.step(opt)``.
+        **defaults: Further per-optimizer hyper-parameters (per group).
+
+    Attributes:
+        steps: Updates made (the counter method frequencies refer to).
+        skipped_steps: Steps skipped (non-finite gradients or statistics, curvature that could
+            not be inverted, a ``GradScaler`` overflow).
     """
 
     gather_samples: bool = True
+    #: ``GradScaler.step`` passes ``grad_scale`` and ``found_inf`` instead of unscaling itself.
+    _step_supports_amp_scaling: bool = True
 
     def __init__(
         self,
@@ -126,17 +170,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         fisher_type: str = "empirical",
         loss_fn: nn.Module | None = None,
+        params: Any = None,
+        output: OutputSelector = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         **defaults: Any,
     ):
         if not isinstance(model, nn.Module):
             raise FisherlabError(
                 "fisherlab optimizers take the model (its modules are needed), got "
-                f"{type(model).__name__}"
+                f"{type(model).__name__}; pass parameters or param groups as params="
             )
-        check_hyper("lr", lr, 0.0)
-        check_hyper("damping", damping, 0.0, open_low=True)
-        check_hyper("momentum", momentum, 0.0, 1.0)
-        check_hyper("weight_decay", weight_decay, 0.0)
         if fisher_type not in OPTIM_FISHER_TYPES:
             raise FisherlabError(
                 f"fisher_type {fisher_type!r} is not available in optimizers; choose one of "
@@ -145,42 +188,122 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         loss = LossSpec.from_module(loss_fn) if loss_fn is not None else None
         if fisher_type == "mc" and loss is None:
             raise FisherlabError("fisher_type='mc' needs loss_fn= to sample labels from the model")
-        params = [p for p in model.parameters() if p.requires_grad]
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(
             params,
             dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, **defaults),
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            layers = find_layers(model, for_optimizer=True)
-        if caught:
-            warnings.warn(
-                "these layers get the plain gradient step (not preconditioned): "
-                + str(caught[0].message).removeprefix("skipping unsupported layers: "),
-                UserWarning,
-                stacklevel=3,
-            )
-        trainable = {id(p) for p in params}
-        self.layers: dict[str, Layer] = {
-            name: layer
-            for name, layer in layers.items()
-            if all(id(p) in trainable for p in layer.parameters())
-        }
-        self.model = model
-        self.fisher_type = fisher_type
+            self._model_layers = find_layers(model, for_optimizer=True)
+        self._unsupported = [
+            str(w.message).removeprefix("skipping unsupported layers: ") for w in caught
+        ]
+        self.model, self.fisher_type, self.loss = model, fisher_type, loss
+        self.grad_scaler = grad_scaler
+        owned = [p for g in self.param_groups for p in g["params"]]
         self.stat_dtype = (
-            torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            torch.float64 if any(p.dtype == torch.float64 for p in owned) else torch.float32
         )
-        self.layer_state: dict[str, dict[str, Any]] = {name: {} for name in self.layers}
+        self.layers: dict[str, Layer] = {}
+        self.layer_state: dict[str, dict[str, Any]] = {}
         self.steps = 0
-        self._recorder = Recorder(model, self.layers, loss, self.stat_dtype, training=True)
+        self.skipped_steps = 0
+        self._warned: set[str] = set()
+        self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
+        # the first step checks that a cross-entropy's gradient fits the assumed ν
+        self._recorder.watch_output = loss is None or loss.kind == "cross_entropy"
+        try:
+            self._assign_layers()
+        except BaseException:
+            self.close()
+            raise
+
+    # --------------------------------------------------------------- param groups
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's hyper-parameters (subclasses add their own)."""
+        check_hyper("lr", group["lr"], 0.0)
+        check_hyper("damping", group["damping"], 0.0, open_low=True)
+        check_hyper("momentum", group["momentum"], 0.0, 1.0)
+        check_hyper("weight_decay", group["weight_decay"], 0.0)
+
+    def _check_groups(self) -> None:
+        for index, group in enumerate(self.param_groups):
+            try:
+                self._check_group(group)
+            except FisherlabError as err:
+                raise FisherlabError(f"param group {index}: {err}") from None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (``torch.optim`` semantics); its supported layers are preconditioned."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+            if hasattr(self, "_recorder"):  # after construction
+                self._assign_layers()
+        except FisherlabError as err:
+            self.param_groups.pop()
+            raise FisherlabError(f"param group {len(self.param_groups)}: {err}") from None
+
+    def _assign_layers(self) -> None:
+        """Which layers are preconditioned, with which group; warn about the rest once."""
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        plain = list(self._unsupported)
+        self._group_index: dict[str, int] = {}
+        layers = {}
+        for name, layer in self._model_layers.items():
+            weight, bias = layer.module.weight, layer.module.bias
+            w = group_of.get(id(weight))
+            b = group_of.get(id(bias)) if bias is not None else None
+            if w is None:
+                if b is not None:
+                    plain.append(
+                        f"the bias of {name!r} ({layer.kind}; its weight is not optimized)"
+                    )
+                continue
+            if b is not None and b != w:
+                raise FisherlabError(
+                    f"the weight and bias of layer {name!r} are in param groups {w} and {b}; "
+                    "fisherlab preconditions them as one block: put them in one group"
+                )
+            layers[name] = layer
+            self._group_index[name] = w
+        self.layers = layers
+        for name, layer in layers.items():
+            self.layer_state.setdefault(name, {})
+            self._recorder.add_layer(name, layer)
+        message = "; ".join(plain)
+        if message and message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(
+                "these layers get the plain gradient step (not preconditioned): " + message,
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _trained(self, name: str) -> tuple[Layer, list[nn.Parameter]] | None:
+        """The layer as trained this step (bias left out when it has no gradient)."""
+        layer = self.layers[name]
+        if layer.module.weight.grad is None:
+            return None
+        if layer.has_bias and layer.module.bias.grad is None:
+            layer = layer.without_bias()
+        return layer, layer.parameters()
 
     # ----------------------------------------------------------------- the loop
     def mc_backward(self) -> None:
         """The extra backward of ``fisher_type="mc"``: after the forward, before ``backward()``."""
         self._recorder.sample_backward()
 
-    def _take_statistics(self) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients (``torch.optim``) and drop the statistics recorded with them."""
+        super().zero_grad(set_to_none)
+        self._recorder.discard_gradients()
+
+    def _take_statistics(
+        self, scale: Tensor | float | None = None
+    ) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
         """``{name: (A, G)}`` recorded since the last step, and ``ν``."""
         channels = self._recorder.channels()
         if self.fisher_type == "mc" and "loss" in channels and "mc" not in channels:
@@ -190,25 +313,98 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "before loss.backward()"
             )
         channel = "mc" if self.fisher_type == "mc" else "loss"
-        cap = self._recorder.take(channel, self.fisher_type)
+        watched = self._recorder.output_gradients() if self._recorder.watch_output else None
+        cap = self._recorder.take(channel, self.fisher_type, scale=scale)
+        if watched:
+            self._recorder.watch_output = False
+            self._check_loss_scale(watched, cap.normaliser, cap.num_samples, scale)
         return {name: (lc.A, lc.G) for name, lc in cap.items()}, cap.normaliser
 
+    def _check_loss_scale(
+        self,
+        watched: list[tuple[Tensor, Tensor]],
+        normaliser: float,
+        num_samples: int,
+        scale: Tensor | float | None,
+    ) -> None:
+        """Warn when a cross-entropy's output gradient exceeds ``1/ν`` (a mis-read ``ν``).
+
+        The gradient of a cross-entropy summed over samples and divided by ``ν`` is
+        ``(softmax − onehot)/ν`` per sample: its rows sum to zero and its entries lie within
+        ``±1/ν``. Gradients whose rows sum to zero (the signature of a softmax cross-entropy)
+        but exceed ``1/ν`` come from a loss larger than assumed.
+        """
+        for out, grad in watched:
+            if out.ndim != 2 or out.shape[1] < 2:
+                continue
+            g = grad.double() if scale is None else grad.double() / scale
+            peak = float(g.abs().max())
+            if peak == 0 or float(g.sum(1).abs().max()) > 1e-2 * peak:
+                continue  # not a softmax cross-entropy's gradient
+            if peak * normaliser > 1 + 1e-3:
+                warnings.warn(
+                    f"the loss's gradient w.r.t. the network output reaches {peak * normaliser:.3g}"
+                    f"/ν, with ν = {normaliser:g} for the {num_samples} samples since the last "
+                    "step; a mean cross-entropy's stays within 1/ν. The loss is not the mean "
+                    "over these samples — reduction='sum' (pass loss_fn= with it), or "
+                    "micro-batch losses not divided by their number — so the curvature would be "
+                    "mis-scaled",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                return
+
+    def _loss_scale(self) -> tuple[Tensor | None, Tensor | float | None, Tensor | None]:
+        """``(gradient scale, statistics scale, found_inf)`` from ``GradScaler.step``.
+
+        ``(None, None, None)`` outside ``GradScaler.step``.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return None, None, None
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            return grad_scale, grad_scale, found_inf
+        if self.grad_scaler is None:
+            raise FisherlabError(
+                "GradScaler.unscale_(optimizer) ran before scaler.step(optimizer): the gradients "
+                "are unscaled but fisherlab's statistics are not and it cannot read the scale; "
+                "pass grad_scaler=scaler when making the optimizer"
+            )
+        return None, self.grad_scaler.get_scale(), found_inf
+
+    def _unscale(self, scale: Tensor) -> None:
+        inverse = scale.double().reciprocal().float()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        p.grad = p.grad * inverse.to(p.grad.device)
+                    else:
+                        p.grad.mul_(inverse.to(p.grad.device))
+
     def _direction(
-        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
+        self,
+        name: str,
+        layer: Layer,
+        A: Tensor,
+        G: Tensor,
+        normaliser: float,
+        grad: Tensor,
+        group: dict[str, Any],
     ) -> Tensor:
         """The preconditioned gradient of one layer, ``[P]`` in parameter order."""
         raise NotImplementedError
 
-    def _scale(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> Tensor | float:
-        """A factor applied to all preconditioned directions (KL-clipping in KFAC)."""
-        return 1.0
+    def _scale(
+        self, directions: dict[str, Tensor], grads: dict[str, Tensor], groups: dict[str, dict]
+    ) -> dict[str, Tensor | float]:
+        """A factor per layer applied to its preconditioned direction (KL-clipping in KFAC)."""
+        return dict.fromkeys(directions, 1.0)
 
     def _all_finite(self, stats: dict[str, tuple[Tensor, Tensor]]) -> bool:
         flags = [
-            torch.isfinite(p.grad).all()
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
+            _finite(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None
         ]
         flags += [torch.isfinite(t).all() for pair in stats.values() for t in pair]
         return bool(torch.stack(flags).all()) if flags else True
@@ -224,83 +420,124 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             names.get(id(p), "?")
             for g in self.param_groups
             for p in g["params"]
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            if p.grad is not None and not bool(_finite(p.grad))
         ]
+        self._skip(f"non-finite statistics in layers {bad} and non-finite gradients of {bad_grads}")
+
+    def _skip(self, reason: str, saved: dict | None = None) -> None:
+        """Count a skipped step, roll the statistics back, say why."""
+        if saved is not None:
+            self.layer_state = saved
+        self.skipped_steps += 1
         warnings.warn(
-            f"step {self.steps} skipped: non-finite statistics in layers {bad} and non-finite "
-            f"gradients of {bad_grads}; parameters and statistics are unchanged",
+            f"step {self.steps} skipped: {reason}; parameters and statistics are unchanged",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+    def _no_statistics(self, missing: list[str], any_found: bool) -> None:
+        """Layers with gradients but no statistics: refuse if none has any, else warn once."""
+        why = (
+            "no forward pass of the model with grad enabled was recorded for them since the "
+            "last step (the model ran under no_grad, or a copy or wrapper of it ran instead)"
+        )
+        if not any_found:
+            raise FisherlabError(
+                f"layers {missing} have gradients but {why}; fisherlab refuses to take a plain "
+                "gradient step in their place"
+            )
+        key = f"missing {missing}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"layers {missing} have gradients but {why}: they get the plain gradient step "
+                "when this happens",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
         """One update of all parameters (see the module docstring)."""
+        if not self._recorder.attached:
+            raise FisherlabError(
+                "step() on a closed optimizer: close() removed its hooks, so it records no "
+                "statistics any more; make a new optimizer"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stats, normaliser = self._take_statistics()
+        self._check_groups()
+        grad_scale, stat_scale, found_inf = self._loss_scale()
+        if found_inf is not None and bool(found_inf):  # GradScaler: overflow, skip quietly
+            self._recorder.clear()
+            self.skipped_steps += 1
+            return loss
+        if grad_scale is not None:
+            self._unscale(grad_scale)
+        stats, normaliser = self._take_statistics(stat_scale)
         if self.gather_samples and distributed():
             stats, normaliser = gather_samples(stats, normaliser)
         if not self._all_finite(stats):
             self._report_non_finite(stats)
             return loss
-        group = self.param_groups[0]
-        updates: dict[int, Tensor] = {}
-        directions, grads = {}, {}
         # statistics are replaced, never mutated, so references suffice to roll back
         saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
                  for n, s in self.layer_state.items()}  # fmt: skip
-        for name, layer in self.layers.items():
-            params = layer.parameters()
-            if name not in stats or any(p.grad is None for p in params):
+        directions, grads, groups, params_of = {}, {}, {}, {}
+        missing = []
+        for name in self.layers:
+            trained = self._trained(name)
+            if trained is None:
                 continue
-            grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
+            layer, params = trained
+            if name not in stats:
+                missing.append(name)
+                continue
             A, G = stats[name]
+            if A.shape[-1] != layer.d_in + layer.has_bias:  # frozen bias: drop the 1 column
+                A = A[..., : layer.d_in]
+            group = self.param_groups[self._group_index[name]]
+            grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
             try:
-                directions[name] = self._direction(name, layer, A, G, normaliser, grad)
+                directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
             except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
-                self.layer_state = saved
-                warnings.warn(
-                    f"step {self.steps} skipped: the curvature of layer {name!r} could not be "
-                    f"inverted ({err}); parameters and statistics are unchanged",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                self._skip(f"the curvature of layer {name!r} could not be inverted ({err})", saved)
                 return loss
-            grads[name] = grad
+            grads[name], groups[name], params_of[name] = grad, group, params
+        if missing:
+            self._no_statistics(missing, bool(directions))
         bad = self._non_finite_updates(saved, directions)
         if bad:
-            self.layer_state = saved
-            warnings.warn(
-                f"step {self.steps} skipped: the curvature of layers {bad} overflowed "
-                "(non-finite factors or directions); parameters and statistics are unchanged",
-                RuntimeWarning,
-                stacklevel=2,
+            self._skip(
+                f"the curvature of layers {bad} overflowed (non-finite factors or directions)",
+                saved,
             )
             return loss
-        scale = self._scale(directions, grads) if directions else 1.0
+        factors = self._scale(directions, grads, groups)
+        updates: dict[int, Tensor] = {}
         for name, d in directions.items():
-            offset = 0
-            for p in self.layers[name].parameters():
-                updates[id(p)] = (d[offset : offset + p.numel()] * scale).view_as(p).to(p.dtype)
+            d, offset = d * factors[name], 0
+            for p in params_of[name]:
+                updates[id(p)] = d[offset : offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            update = updates.get(id(p), p.grad)
-            if wd:
-                p.mul_(1 - lr * wd)
-            if mom:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = update.clone()
-                else:
-                    state["momentum_buffer"].mul_(mom).add_(update)
-                update = state["momentum_buffer"]
-            p.add_(update, alpha=-lr)
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = updates.get(id(p), p.grad)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                if mom:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = update.clone()
+                    else:
+                        state["momentum_buffer"].mul_(mom).add_(update)
+                    update = state["momentum_buffer"]
+                p.add_(update, alpha=-lr)
         self.steps += 1
         return loss
 
@@ -309,7 +546,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         checked: list[tuple[str, Tensor]] = [(n, d) for n, d in directions.items()]
         for name, state in self.layer_state.items():
             for key, value in state.items():
-                if value is not saved[name].get(key):
+                if value is not saved.get(name, {}).get(key):
                     values = value if isinstance(value, tuple) else (value,)
                     checked += [(name, t) for t in values if isinstance(t, Tensor)]
         if not checked:
@@ -321,7 +558,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Remove the optimizer's hooks from the model (also done on garbage collection)."""
+        """Remove the optimizer's hooks (also done on garbage collection); no step after it."""
         recorder = getattr(self, "_recorder", None)
         if recorder is not None:
             recorder.remove()
@@ -330,18 +567,53 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state plus the per-layer curvature statistics and the step count."""
+        """``torch.optim`` state plus the per-layer curvature statistics and the counters."""
         state = super().state_dict()
-        state["fisherlab"] = {"steps": self.steps, "layers": _clone(self.layer_state)}
+        state["fisherlab"] = {
+            "optimizer": type(self).__name__,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "layers": _clone(self.layer_state),
+            "shapes": {n: list(layer.module.weight.shape) for n, layer in self.layers.items()},
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (statistics moved to the parameters' device)."""
+        """Restore a :meth:`state_dict` (statistics moved to the parameters' device).
+
+        Raises:
+            FisherlabError: when the state was saved by another optimizer class, for other
+                layers, for layers of other shapes, or for other param groups.
+        """
         state_dict = dict(state_dict)
-        extra = state_dict.pop("fisherlab")
-        super().load_state_dict(state_dict)
+        extra = state_dict.pop("fisherlab", None)
+        if extra is None:
+            raise FisherlabError(
+                "this is not the state of a fisherlab optimizer (no 'fisherlab' entry)"
+            )
+        kind = extra.get("optimizer", type(self).__name__)
+        if kind != type(self).__name__:
+            raise FisherlabError(f"the state was saved by {kind}, not by {type(self).__name__}")
+        saved, ours = sorted(extra["layers"]), sorted(self.layers)
+        if saved != ours:
+            raise FisherlabError(
+                f"the state was saved for layers {saved}, but this optimizer preconditions "
+                f"{ours}: load it into an optimizer over the same model and param groups"
+            )
+        for name, shape in extra.get("shapes", {}).items():
+            here = list(self.layers[name].module.weight.shape)
+            if list(shape) != here:
+                raise FisherlabError(
+                    f"the state was saved for layer {name!r} with weight shape {tuple(shape)}, "
+                    f"but the model's is {tuple(here)}"
+                )
+        try:
+            super().load_state_dict(state_dict)
+        except ValueError as err:
+            raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
         device = next(iter(self.layers.values())).module.weight.device if self.layers else None
         self.steps = extra["steps"]
+        self.skipped_steps = extra.get("skipped_steps", 0)
         self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
 
 

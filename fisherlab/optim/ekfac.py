@@ -39,21 +39,23 @@ class EKFAC(KFAC):
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
         loss_fn=None,
+        **loop,
     ):
         check_frequency("basis_update_freq", basis_update_freq)
         super().__init__(
             model, lr, damping, momentum, weight_decay, stat_decay, factor_update_freq,
             inv_update_freq=basis_update_freq, kfac_approx=kfac_approx,
-            fisher_type=fisher_type, loss_fn=loss_fn,
+            fisher_type=fisher_type, loss_fn=loss_fn, running_average=bool(running_average),
+            **loop,
         )  # fmt: skip
-        self.param_groups[0]["running_average"] = bool(running_average)
 
     def _direction(
-        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
-    ) -> Tensor:
-        group = self.param_groups[0]
-        state = self._update_factors(name, A, G, normaliser)
-        new_basis = self.steps % group["inv_update_freq"] == 0 or "u_gamma" not in state
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
+        group: dict,
+    ) -> Tensor:  # fmt: skip
+        state = self._update_factors(name, A, G, normaliser, group)
+        fresh = "u_omega" in state and state["u_omega"].shape == state["omega"].shape
+        new_basis = self.steps % group["inv_update_freq"] == 0 or not fresh
         if new_basis:
             state["u_gamma"] = symmetric_eigh(state["gamma"])[1]
             state["u_omega"] = symmetric_eigh(state["omega"])[1]

@@ -1,15 +1,26 @@
 """FNGD (inverse-free fast natural gradient): TENGraD's weights, computed in the first epoch only.
 
 The natural gradient of a batch is a weighted sum of per-sample gradients, ``Jᵀw`` with
-``w = (νλI + K)⁻¹1``. During the first epoch (``steps_per_epoch`` steps) FNGD computes ``w`` for
-every step, exactly as TENGraD, and stores it under the step's index in the epoch; later epochs
-reuse the stored weights of the same index with the current batch's per-sample gradients, so a
-step costs one weighted gradient and no Gram or solve. ``damping_mode="frobenius"`` ties the
-damping to the Gram as in the paper: ``νλ = damping·‖K‖_F``.
+``w = (νλI + K)⁻¹1``. During the first epoch (``steps_per_epoch`` steps) FNGD steps exactly as
+TENGraD and stores ``w`` under the step's index in the epoch; later epochs reuse the stored
+weights of the same index with the current batch's per-sample gradients, so a step costs
+weighted gradients and no Gram or solve. ``damping_mode="frobenius"`` ties the damping to the
+Gram as in the paper: ``νλ = damping·‖K‖_F``.
+
+**Which gradient.** The shared weights precondition the batch gradient ``ĝ = Jᵀ1/ν`` of the
+recorded passes; ``p.grad`` may differ (clipping, a penalty in the loss). In later epochs the
+step computes ``ĝ`` with ``Jᵀw`` (one product with two weight vectors) and, when
+``p.grad = s·ĝ`` up to rounding (``‖p.grad − sĝ‖ ≤ √ε‖p.grad‖``: unchanged, or clipped by a
+factor ``s``), steps ``s·Jᵀw``. Otherwise (a penalty, per-parameter clipping) there is no
+shared-weight direction for it: that step solves with the current batch as TENGraD does (its
+cost), with a one-time warning; decoupled ``weight_decay=`` does not touch ``p.grad``.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import Tensor
 
 from fisherlab.conventions import FisherlabError, check_choice
@@ -31,7 +42,9 @@ class FNGD(TENGraD):
         momentum: Heavy-ball momentum.
         weight_decay: Decoupled weight decay.
         damping_mode: ``"absolute"`` or ``"frobenius"``.
-        loss_fn: The loss (needed for MSE's normaliser).
+        loss_fn: The loss (needed for MSE and ``reduction="sum"``).
+        **loop: ``params``, ``output``, ``grad_scaler``: see
+            :class:`~fisherlab.optim.CurvatureOptimizer`.
     """
 
     def __init__(
@@ -45,16 +58,21 @@ class FNGD(TENGraD):
         damping_mode: str = "absolute",
         fisher_type: str = "empirical",
         loss_fn=None,
+        **loop,
     ):
-        check_frequency("steps_per_epoch", steps_per_epoch)
-        check_choice("damping_mode", damping_mode, FNGD_DAMPING)
         if fisher_type != "empirical":
             raise FisherlabError(
                 "FNGD needs fisher_type='empirical': its weights assume the batch gradient Jᵀ1/ν"
             )
-        super().__init__(model, lr, damping, momentum, weight_decay, fisher_type, loss_fn)
-        group = self.param_groups[0]
-        group["steps_per_epoch"], group["damping_mode"] = steps_per_epoch, damping_mode
+        super(TENGraD, self).__init__(
+            model, lr, damping, momentum, weight_decay, fisher_type, loss_fn,
+            steps_per_epoch=steps_per_epoch, damping_mode=damping_mode, **loop,
+        )  # fmt: skip
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_frequency("steps_per_epoch", group["steps_per_epoch"])
+        check_choice("damping_mode", group["damping_mode"], FNGD_DAMPING)
 
     @property
     def first_epoch(self) -> bool:
@@ -62,18 +80,37 @@ class FNGD(TENGraD):
         return self.steps < self.param_groups[0]["steps_per_epoch"]
 
     def _direction(
-        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
-    ) -> Tensor:
-        group = self.param_groups[0]
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
+        group: dict,
+    ) -> Tensor:  # fmt: skip
         block = self._block(layer, A, G, normaliser)
+        first_epoch = self.steps < group["steps_per_epoch"]
         index = self.steps % group["steps_per_epoch"]
         stored = self.layer_state[name].setdefault("weights", {})
         weights = stored.get(index)
-        if weights is None or weights.shape[0] != block.rows or self.first_epoch:
-            damping = group["damping"]
-            if group["damping_mode"] == "frobenius":
-                damping = damping * float(block.gram.norm()) / normaliser
-            weights = block.coefficients(damping)
-            if self.first_epoch:
-                stored[index] = weights
-        return block.weighted_gradient(weights)
+        damping = group["damping"]
+        if group["damping_mode"] == "frobenius":
+            damping = damping * float(block.gram.norm()) / normaliser
+        if first_epoch or weights is None or weights.shape[0] != block.rows:
+            direction = block.solve_once(grad, damping)
+            if first_epoch:
+                stored[index] = block.coefficients(damping)  # the same Cholesky factor
+            return direction
+        ones = torch.full_like(weights, 1 / normaliser)
+        shared, batch_grad = block.weighted_gradient(torch.stack([weights, ones])).T
+        norm_sq = batch_grad @ batch_grad
+        s = (grad @ batch_grad) / norm_sq.clamp_min(torch.finfo(grad.dtype).tiny)
+        residual = torch.linalg.vector_norm(grad - s * batch_grad)
+        if bool(residual <= torch.finfo(grad.dtype).eps ** 0.5 * torch.linalg.vector_norm(grad)):
+            return s * shared
+        if "fngd-fallback" not in self._warned:
+            self._warned.add("fngd-fallback")
+            warnings.warn(
+                f"FNGD: p.grad of layer {name!r} is not a multiple of the batch gradient of the "
+                "recorded passes (a penalty in the loss, per-parameter clipping, …); the shared "
+                "weights do not apply to it, so such steps solve with the current batch "
+                "(TENGraD's cost). Use weight_decay= instead of an L2 term in the loss",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return block.solve_once(grad, damping)

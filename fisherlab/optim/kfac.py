@@ -45,7 +45,9 @@ class KFAC(CurvatureOptimizer):
         kl_clip: Scale updates so that ``lr²·Σ dᵀg ≤ kl_clip`` (``None``: off).
         kfac_approx: ``"expand"`` or ``"reduce"`` factors for convolutions.
         fisher_type: ``"empirical"`` or ``"mc"``.
-        loss_fn: The loss (needed for ``"mc"`` and MSE).
+        loss_fn: The loss (needed for ``"mc"``, MSE and ``reduction="sum"``).
+        **loop: ``params``, ``output``, ``grad_scaler``: see
+            :class:`~fisherlab.optim.CurvatureOptimizer`.
     """
 
     gather_samples = False  # batch factors are averaged across ranks instead
@@ -65,24 +67,31 @@ class KFAC(CurvatureOptimizer):
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
         loss_fn=None,
+        **loop,
     ):
-        check_hyper("stat_decay", stat_decay, 0.0, 1.0)
-        check_frequency("factor_update_freq", factor_update_freq)
-        check_frequency("inv_update_freq", inv_update_freq)
-        check_choice("damping_mode", damping_mode, DAMPING_MODES)
-        check_choice("kfac_approx", kfac_approx, ("expand", "reduce"))
-        if kl_clip is not None:
-            check_hyper("kl_clip", kl_clip, 0.0, open_low=True)
         super().__init__(
             model, lr, damping, momentum, weight_decay, fisher_type, loss_fn,
             stat_decay=stat_decay, factor_update_freq=factor_update_freq,
             inv_update_freq=inv_update_freq, damping_mode=damping_mode, kl_clip=kl_clip,
-            kfac_approx=kfac_approx,
+            kfac_approx=kfac_approx, **loop,
         )  # fmt: skip
 
-    def _update_factors(self, name: str, A: Tensor, G: Tensor, normaliser: float) -> dict:
-        group, state = self.param_groups[0], self.layer_state[name]
-        if self.steps % group["factor_update_freq"] == 0 or "gamma" not in state:
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_hyper("stat_decay", group["stat_decay"], 0.0, 1.0)
+        check_frequency("factor_update_freq", group["factor_update_freq"])
+        check_frequency("inv_update_freq", group["inv_update_freq"])
+        check_choice("damping_mode", group["damping_mode"], DAMPING_MODES)
+        check_choice("kfac_approx", group["kfac_approx"], ("expand", "reduce"))
+        if group["kl_clip"] is not None:
+            check_hyper("kl_clip", group["kl_clip"], 0.0, open_low=True)
+
+    def _update_factors(
+        self, name: str, A: Tensor, G: Tensor, normaliser: float, group: dict
+    ) -> dict:
+        state = self.layer_state[name]
+        stale = "omega" not in state or state["omega"].shape[0] != A.shape[-1]  # bias (un)frozen
+        if self.steps % group["factor_update_freq"] == 0 or stale:
             approx, decay = group["kfac_approx"], group["stat_decay"]
             gamma = all_reduce_mean(gradient_factor(G, normaliser, approx))
             update_average(state, "gamma", gamma, decay)
@@ -90,11 +99,12 @@ class KFAC(CurvatureOptimizer):
         return state
 
     def _direction(
-        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
-    ) -> Tensor:
-        group = self.param_groups[0]
-        state = self._update_factors(name, A, G, normaliser)
-        if self.steps % group["inv_update_freq"] == 0 or "eig_gamma" not in state:
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
+        group: dict,
+    ) -> Tensor:  # fmt: skip
+        state = self._update_factors(name, A, G, normaliser, group)
+        fresh = "eig_omega" in state and state["eig_omega"][1].shape == state["omega"].shape
+        if self.steps % group["inv_update_freq"] == 0 or not fresh:
             state["eig_gamma"] = symmetric_eigh(state["gamma"])
             state["eig_omega"] = symmetric_eigh(state["omega"])
         block = KronBlock(
@@ -104,10 +114,21 @@ class KFAC(CurvatureOptimizer):
         )  # fmt: skip
         return block.solve(grad, group["damping"])
 
-    def _scale(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> Tensor | float:
-        group = self.param_groups[0]
-        if group["kl_clip"] is None:
-            return 1.0
-        vg = sum((directions[n] * grads[n]).sum() for n in directions) * group["lr"] ** 2
-        # no host synchronisation: the factor stays a tensor
-        return torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp_min(1e-30)), max=1.0)
+    def _scale(
+        self, directions: dict[str, Tensor], grads: dict[str, Tensor], groups: dict[str, dict]
+    ) -> dict[str, Tensor | float]:
+        """KL clipping, per param group: ``lr²·Σ dᵀg ≤ kl_clip`` over the group's layers."""
+        sums: dict[int, Tensor] = {}
+        for n in directions:
+            if groups[n]["kl_clip"] is not None:
+                vg = (directions[n] * grads[n]).sum() * groups[n]["lr"] ** 2
+                sums[id(groups[n])] = sums.get(id(groups[n]), 0) + vg
+        factors: dict[str, Tensor | float] = {}
+        for n in directions:
+            clip = groups[n]["kl_clip"]
+            if clip is None:
+                factors[n] = 1.0
+            else:  # no host synchronisation: the factor stays a tensor
+                vg = sums[id(groups[n])]
+                factors[n] = torch.clamp(torch.sqrt(clip / vg.abs().clamp_min(1e-30)), max=1.0)
+        return factors

@@ -30,7 +30,9 @@ class SKFAC(CurvatureOptimizer):
         spatial_samples: Positions per sample for ``"subsample"``.
         damping_mode: ``"eigen"`` (KFAC's damped inverse) or ``"factored"`` (as in the paper).
         fisher_type: ``"empirical"`` or ``"mc"``.
-        loss_fn: The loss (needed for ``"mc"`` and MSE).
+        loss_fn: The loss (needed for ``"mc"``, MSE and ``reduction="sum"``).
+        **loop: ``params``, ``output``, ``grad_scaler``: see
+            :class:`~fisherlab.optim.CurvatureOptimizer`.
     """
 
     def __init__(
@@ -46,20 +48,25 @@ class SKFAC(CurvatureOptimizer):
         damping_mode: str = "eigen",
         fisher_type: str = "empirical",
         loss_fn=None,
+        **loop,
     ):
-        check_hyper("stat_decay", stat_decay, 0.0, 1.0)
-        check_choice("conv_reduction", conv_reduction, CONV_REDUCTIONS)
-        check_choice("damping_mode", damping_mode, DAMPING_MODES)
         super().__init__(
             model, lr, damping, momentum, weight_decay, fisher_type, loss_fn,
             stat_decay=stat_decay, conv_reduction=conv_reduction,
-            spatial_samples=spatial_samples, damping_mode=damping_mode,
+            spatial_samples=spatial_samples, damping_mode=damping_mode, **loop,
         )  # fmt: skip
 
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_hyper("stat_decay", group["stat_decay"], 0.0, 1.0)
+        check_choice("conv_reduction", group["conv_reduction"], CONV_REDUCTIONS)
+        check_choice("damping_mode", group["damping_mode"], DAMPING_MODES)
+
     def _direction(
-        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
-    ) -> Tensor:
-        group, state = self.param_groups[0], self.layer_state[name]
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
+        group: dict,
+    ) -> Tensor:  # fmt: skip
+        state = self.layer_state[name]
         X, Y = skfac_rows(A, G, group["conv_reduction"], group["spatial_samples"], self.steps)
         X = update_average(state, "X", X, group["stat_decay"])
         Y = update_average(state, "Y", Y, group["stat_decay"])

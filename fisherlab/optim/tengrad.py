@@ -10,12 +10,17 @@ from fisherlab.optim.base import CurvatureOptimizer
 
 
 class TENGraD(CurvatureOptimizer):
-    """``(F_b + λI)⁻¹ g`` per layer with ``F_b`` the exact block of the step's batch.
+    """``(F_b + λI)⁻¹ g`` per layer with ``F_b`` the exact block of the step's samples.
 
     The block is :class:`~fisherlab.blocks.woodbury.WoodburyBlock` built from the ``Ã`` and
-    ``G`` recorded during the step's own forward/backward (no extra pass). With the empirical
-    Fisher the step is the ``N×N`` Gram, one Cholesky solve and one weighted gradient
-    ``Jᵀ(νλI + K)⁻¹1`` (the batch gradient is ``Jᵀ1/ν``); with ``"mc"`` the general solve.
+    ``G`` recorded during the step's own forward/backward passes (no extra pass), and ``g`` is
+    ``p.grad`` as the loop left it. The step is the ``N×N`` Gram ``K``, one Cholesky factor of
+    ``νλI + K`` and two products with the per-sample gradients,
+    ``(g − Jᵀ(νλI + K)⁻¹Jg)/λ`` (:meth:`~fisherlab.blocks.woodbury.WoodburyBlock.solve_once`).
+
+    The paper's cheaper ``Jᵀ(νλI + K)⁻¹1`` equals this only when ``g`` is exactly the batch
+    gradient ``Jᵀ1/ν`` of the recorded passes — not after clipping, a penalty in the loss or
+    ``GradScaler``'s rounding — and checking that costs the product it saves, so it is not used.
 
     Args:
         model: The network.
@@ -24,7 +29,9 @@ class TENGraD(CurvatureOptimizer):
         momentum: Heavy-ball momentum.
         weight_decay: Decoupled weight decay.
         fisher_type: ``"empirical"`` or ``"mc"``.
-        loss_fn: The loss (needed for ``"mc"`` and MSE).
+        loss_fn: The loss (needed for ``"mc"``, MSE and ``reduction="sum"``).
+        **loop: ``params``, ``output``, ``grad_scaler``: see
+            :class:`~fisherlab.optim.CurvatureOptimizer`.
     """
 
     def __init__(
@@ -36,17 +43,15 @@ class TENGraD(CurvatureOptimizer):
         weight_decay: float = 0.0,
         fisher_type: str = "empirical",
         loss_fn=None,
+        **loop,
     ):
-        super().__init__(model, lr, damping, momentum, weight_decay, fisher_type, loss_fn)
+        super().__init__(model, lr, damping, momentum, weight_decay, fisher_type, loss_fn, **loop)
 
     def _block(self, layer: Layer, A: Tensor, G: Tensor, normaliser: float) -> WoodburyBlock:
         return WoodburyBlock(layer, A, G, normaliser, self.fisher_type, {"gram_route": "auto"})
 
     def _direction(
-        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor
-    ) -> Tensor:
-        block = self._block(layer, A, G, normaliser)
-        damping = self.param_groups[0]["damping"]
-        if self.fisher_type == "empirical":
-            return block.natural_gradient(damping)
-        return block.solve(grad, damping)
+        self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
+        group: dict,
+    ) -> Tensor:  # fmt: skip
+        return self._block(layer, A, G, normaliser).solve_once(grad, group["damping"])
