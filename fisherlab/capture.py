@@ -149,6 +149,14 @@ class _Pass:
     output_grads: list[Tensor] = field(default_factory=list)
 
 
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, …) runs.
+
+    Its passes are not recorded: they are someone's own per-sample computation, not training.
+    """
+    return torch._C._are_functorch_transforms_active()
+
+
 #: Channels whose gradients are those of the user's reduced loss (summed over backward calls).
 _LOSS_CHANNELS = frozenset({"loss"})
 
@@ -299,7 +307,7 @@ class Recorder:
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if module is not self.model:
             return
-        if not torch.is_grad_enabled() or self._ignoring():
+        if not torch.is_grad_enabled() or self._ignoring() or _transformed():
             self._open = None
             return
         if self._passes:  # only the latest pass keeps its outputs (for mc sampling)

@@ -538,6 +538,7 @@ def _train(
             running = torch.zeros((), dtype=torch.float64, device=device)
             step_s = fb_s = 0.0
             seen = 0
+            skipped_before = getattr(opt, "skipped_steps", 0)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 _sync(device)
@@ -571,12 +572,11 @@ def _train(
                     note = f"step {steps + 1}: {type(err).__name__}: {err}"
                 _sync(device)
                 epoch_s = time.perf_counter() - epoch_start
-            skipped = 0
             for w in caught:
-                if issubclass(w.category, RuntimeWarning) and "skipped" in str(w.message):
-                    skipped += 1
-                else:
+                if not (issubclass(w.category, RuntimeWarning) and "skipped" in str(w.message)):
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            # the optimizer's own counter (torch optimizers skip nothing)
+            skipped = getattr(opt, "skipped_steps", 0) - skipped_before
             wall += epoch_s
             row = eval_row(epoch)
             row["train_loss_running"] = float(running) / seen if seen else math.nan

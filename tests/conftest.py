@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 from cases import BATCH_SIZES, CASE_IDS, CASES
+from helpers import DEVICES
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one intra-op thread per xdist worker: -n 2 on 2 cores with two threads each
@@ -28,3 +29,9 @@ def fisher_type(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every device present (CPU always, CUDA when available)."""
+    return torch.device(request.param)
