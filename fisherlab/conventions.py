@@ -51,6 +51,21 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_range(
+    name: str, value: Any, low: float, high: float | None = None, open_low: bool = False
+) -> float:
+    """``value`` if it is a finite real in ``[low, high)`` (``(low, high)`` when ``open_low``).
+
+    Otherwise a clear error naming the interval (``high=None``: unbounded above).
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low}, {high if high is not None else '∞'})"
+        raise FisherlabError(f"{name} must lie in {bounds}, got {value!r}")
+    return value
+
+
 def check_int(name: str, value: Any) -> int:
     """``value`` as an ``int`` if it is an integer (numpy integers too), else a clear error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

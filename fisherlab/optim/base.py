@@ -55,68 +55,19 @@ Shared behaviour:
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisherlab.capture import OutputSelector, Recorder
-from fisherlab.conventions import FisherlabError
+from fisherlab.conventions import FisherlabError, check_range
 from fisherlab.layers import Layer, find_layers
 from fisherlab.losses import LossSpec
+from fisherlab.optim.distributed import distributed, gather_samples
 
 OPTIM_FISHER_TYPES = ("empirical", "mc")
-
-
-def check_hyper(
-    name: str, value: Any, low: float, high: float | None = None, open_low: bool = False
-) -> None:
-    """Clear error unless ``low ≤ value`` (``<`` when ``open_low``) and ``value < high``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
-    if not ok:
-        bounds = f"{'(' if open_low else '['}{low}, {high if high is not None else '∞'})"
-        raise FisherlabError(f"{name} must lie in {bounds}, got {value!r}")
-
-
-def check_frequency(name: str, value: Any) -> None:
-    """Clear error unless ``value`` is an integer ≥ 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FisherlabError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def distributed() -> bool:
-    """Whether ``torch.distributed`` runs with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """The mean of ``tensor`` over all ranks (itself without ``torch.distributed``)."""
-    if distributed():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
-def gather_samples(
-    stats: dict[str, tuple[Tensor, Tensor]], normaliser: float
-) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
-    """All ranks' ``Ã`` and ``G`` concatenated along the samples, and the global ``ν``.
-
-    Every rank must use the same local batch size.
-    """
-    gathered = {}
-    for name, (A, G) in stats.items():
-        parts_a = [torch.empty_like(A) for _ in range(dist.get_world_size())]
-        parts_g = [torch.empty_like(G) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts_a, A.contiguous())
-        dist.all_gather(parts_g, G.contiguous())
-        gathered[name] = (torch.cat(parts_a, dim=0), torch.cat(parts_g, dim=1))
-    return gathered, normaliser * dist.get_world_size()
 
 
 def _finite(t: Tensor) -> Tensor:
@@ -223,10 +174,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # --------------------------------------------------------------- param groups
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's hyper-parameters (subclasses add their own)."""
-        check_hyper("lr", group["lr"], 0.0)
-        check_hyper("damping", group["damping"], 0.0, open_low=True)
-        check_hyper("momentum", group["momentum"], 0.0, 1.0)
-        check_hyper("weight_decay", group["weight_decay"], 0.0)
+        check_range("lr", group["lr"], 0.0)
+        check_range("damping", group["damping"], 0.0, open_low=True)
+        check_range("momentum", group["momentum"], 0.0, 1.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
 
     def _check_groups(self) -> None:
         for index, group in enumerate(self.param_groups):
@@ -627,11 +578,4 @@ def _clone(value: Any, device: torch.device | None = None) -> Any:
     return value
 
 
-__all__ = [
-    "CurvatureOptimizer",
-    "all_reduce_mean",
-    "check_frequency",
-    "check_hyper",
-    "distributed",
-    "gather_samples",
-]
+__all__ = ["CurvatureOptimizer"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
+from fisherlab.conventions import check_positive_int
 from fisherlab.layers import Layer
 from fisherlab.linalg import symmetric_eigh
-from fisherlab.optim.base import all_reduce_mean, check_frequency
+from fisherlab.optim.distributed import all_reduce_mean
 from fisherlab.optim.kfac import KFAC, update_average
 
 
@@ -41,7 +42,7 @@ class EKFAC(KFAC):
         loss_fn=None,
         **loop,
     ):
-        check_frequency("basis_update_freq", basis_update_freq)
+        check_positive_int("basis_update_freq", basis_update_freq)
         super().__init__(
             model, lr, damping, momentum, weight_decay, stat_decay, factor_update_freq,
             inv_update_freq=basis_update_freq, kfac_approx=kfac_approx,

@@ -23,9 +23,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from fisherlab.conventions import FisherlabError, check_choice
+from fisherlab.conventions import FisherlabError, check_choice, check_positive_int
 from fisherlab.layers import Layer
-from fisherlab.optim.base import check_frequency
 from fisherlab.optim.tengrad import TENGraD
 
 FNGD_DAMPING = ("absolute", "frobenius")
@@ -71,7 +70,7 @@ class FNGD(TENGraD):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        check_frequency("steps_per_epoch", group["steps_per_epoch"])
+        check_positive_int("steps_per_epoch", group["steps_per_epoch"])
         check_choice("damping_mode", group["damping_mode"], FNGD_DAMPING)
 
     @property

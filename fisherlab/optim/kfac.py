@@ -7,15 +7,11 @@ from torch import Tensor
 
 from fisherlab.blocks.factors import gradient_factor, input_factor
 from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
-from fisherlab.conventions import check_choice
+from fisherlab.conventions import check_choice, check_positive_int, check_range
 from fisherlab.layers import Layer
 from fisherlab.linalg import symmetric_eigh
-from fisherlab.optim.base import (
-    CurvatureOptimizer,
-    all_reduce_mean,
-    check_frequency,
-    check_hyper,
-)
+from fisherlab.optim.base import CurvatureOptimizer
+from fisherlab.optim.distributed import all_reduce_mean
 
 
 def update_average(state: dict, key: str, value: Tensor, decay: float) -> Tensor:
@@ -78,13 +74,13 @@ class KFAC(CurvatureOptimizer):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        check_hyper("stat_decay", group["stat_decay"], 0.0, 1.0)
-        check_frequency("factor_update_freq", group["factor_update_freq"])
-        check_frequency("inv_update_freq", group["inv_update_freq"])
+        check_range("stat_decay", group["stat_decay"], 0.0, 1.0)
+        check_positive_int("factor_update_freq", group["factor_update_freq"])
+        check_positive_int("inv_update_freq", group["inv_update_freq"])
         check_choice("damping_mode", group["damping_mode"], DAMPING_MODES)
         check_choice("kfac_approx", group["kfac_approx"], ("expand", "reduce"))
         if group["kl_clip"] is not None:
-            check_hyper("kl_clip", group["kl_clip"], 0.0, open_low=True)
+            check_range("kl_clip", group["kl_clip"], 0.0, open_low=True)
 
     def _update_factors(
         self, name: str, A: Tensor, G: Tensor, normaliser: float, group: dict

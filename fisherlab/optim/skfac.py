@@ -6,9 +6,9 @@ from torch import Tensor
 
 from fisherlab.blocks.kfac import DAMPING_MODES
 from fisherlab.blocks.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
-from fisherlab.conventions import check_choice
+from fisherlab.conventions import check_choice, check_range
 from fisherlab.layers import Layer
-from fisherlab.optim.base import CurvatureOptimizer, check_hyper
+from fisherlab.optim.base import CurvatureOptimizer
 from fisherlab.optim.kfac import update_average
 
 
@@ -58,7 +58,7 @@ class SKFAC(CurvatureOptimizer):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        check_hyper("stat_decay", group["stat_decay"], 0.0, 1.0)
+        check_range("stat_decay", group["stat_decay"], 0.0, 1.0)
         check_choice("conv_reduction", group["conv_reduction"], CONV_REDUCTIONS)
         check_choice("damping_mode", group["damping_mode"], DAMPING_MODES)
 
