@@ -93,6 +93,8 @@ class Capture(Mapping[str, LayerCapture]):
         loss: Loss kind and reduction.
         normaliser: ``ν``, so that ``F = (1/ν) Σ j jᵀ``.
         num_samples: ``N``, the samples of all recorded passes.
+        precision: The least precise floating-point dtype the statistics were computed in
+            before they were stored (e.g. ``bfloat16`` under autocast), when recorded.
     """
 
     layers: dict[str, LayerCapture]
@@ -101,6 +103,7 @@ class Capture(Mapping[str, LayerCapture]):
     loss: LossSpec | None
     normaliser: float
     num_samples: int = field(default=0)
+    precision: torch.dtype | None = None
 
     def __getitem__(self, name: str) -> LayerCapture:
         return self.layers[name]
@@ -241,6 +244,7 @@ class Recorder:
         self.channel = "loss"
         self._passes: list[_Pass] = []
         self._open: _Pass | None = None
+        self._precision: torch.dtype | None = None
         self._handles = [
             register_module_forward_pre_hook(self._pre_hook),
             register_module_forward_hook(self._hook),
@@ -274,6 +278,7 @@ class Recorder:
         """Forget everything recorded since the last take."""
         self._passes = []
         self._open = None
+        self._precision = None
 
     def discard_gradients(self) -> None:
         """Forget the gradients recorded so far, keep the passes (``optimizer.zero_grad()``).
@@ -377,6 +382,7 @@ class Recorder:
             output = replaced = output.detach().requires_grad_(True)
         layer = self.layers[name]
         A = layer.adapter.homogeneous_inputs(module, args[0].detach())
+        self._note_precision(A.dtype)
         call = _Call(A if self.dtype is None else A.to(self.dtype), output)
         current.calls.setdefault(name, []).append(call)
 
@@ -384,11 +390,18 @@ class Recorder:
             if self._ignoring():
                 return
             rows = layer.adapter.output_rows(module, g.detach())
+            self._note_precision(rows.dtype)
             rows = rows if self.dtype is None else rows.to(self.dtype)
             call.grads.setdefault(self.channel, []).append(rows)
 
         output.register_hook(grad_hook)
         return replaced
+
+    def _note_precision(self, dtype: torch.dtype) -> None:
+        if dtype.is_floating_point and (
+            self._precision is None or torch.finfo(dtype).eps > torch.finfo(self._precision).eps
+        ):
+            self._precision = dtype
 
     # -------------------------------------------------------------------- use
     def channels(self) -> set[str]:
@@ -468,6 +481,7 @@ class Recorder:
                 of samples or rows).
         """
         passes, self._passes, self._open = self._passes, [], None
+        precision, self._precision = self._precision, None
         for p in passes:  # break output → hook → call → output cycles now, not at collection
             p.output = None
             for calls in p.calls.values():
@@ -521,6 +535,7 @@ class Recorder:
             self.loss,
             normaliser,
             sum(p.num_samples for p in used),
+            precision,
         )
 
 

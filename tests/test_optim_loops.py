@@ -676,3 +676,23 @@ def test_a_failing_eigen_decomposition_is_retried_on_the_factors_device(device, 
     opt.step()
     assert opt.steps == 1 and opt.skipped_steps == 0
     assert len(calls) > 2 and all(d.type == device.type for d in calls)
+
+
+def test_fngd_shares_its_weights_under_bfloat16_autocast():
+    """p.grad and ĝ differ by bfloat16 rounding there: still read as the batch gradient."""
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data("mlp", 8, seed, torch.float32) for seed in (1, 2, 3)]
+    models = [_model(dtype=torch.float32), _model(dtype=torch.float32)]
+    fngd = fl.optim.FNGD(models[0], 2, lr=LR, damping=DAMPING)
+    tengrad = fl.optim.TENGraD(models[1], lr=LR, damping=DAMPING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in batches:
+            for model, opt in zip(models, (fngd, tengrad)):
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = loss_fn(model(x).float(), y)
+                loss.backward()
+                opt.step()
+    assert fngd._precision == torch.bfloat16
+    assert not torch.allclose(models[0][0].weight, models[1][0].weight)  # epoch 2 shared

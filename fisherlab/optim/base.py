@@ -266,6 +266,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         channel = "mc" if self.fisher_type == "mc" else "loss"
         watched = self._recorder.output_gradients() if self._recorder.watch_output else None
         cap = self._recorder.take(channel, self.fisher_type, scale=scale)
+        #: the least precise dtype the step's statistics were computed in (autocast: bf16/fp16)
+        self._precision = cap.precision or self.stat_dtype
         if watched:
             self._recorder.watch_output = False
             self._check_loss_scale(watched, cap.normaliser, cap.num_samples, scale)

@@ -10,8 +10,9 @@ Gram as in the paper: ``νλ = damping·‖K‖_F``.
 **Which gradient.** The shared weights precondition the batch gradient ``ĝ = Jᵀ1/ν`` of the
 recorded passes; ``p.grad`` may differ (clipping, a penalty in the loss). In later epochs the
 step computes ``ĝ`` with ``Jᵀw`` (one product with two weight vectors) and, when
-``p.grad = s·ĝ`` up to rounding (``‖p.grad − sĝ‖ ≤ √ε‖p.grad‖``: unchanged, or clipped by a
-factor ``s``), steps ``s·Jᵀw``. Otherwise (a penalty, per-parameter clipping) there is no
+``p.grad = s·ĝ`` up to rounding (``‖p.grad − sĝ‖ ≤ τ‖p.grad‖`` with ``τ = √ε`` of the
+statistics' dtype, or ``4ε`` of autocast's dtype when larger: unchanged, or clipped by a factor
+``s``), steps ``s·Jᵀw``. Otherwise (a penalty, per-parameter clipping) there is no
 shared-weight direction for it: that step solves with the current batch as TENGraD does (its
 cost), with a one-time warning; decoupled ``weight_decay=`` does not touch ``p.grad``.
 """
@@ -78,6 +79,15 @@ class FNGD(TENGraD):
         """Whether the current step belongs to the first epoch (weights are computed)."""
         return self.steps < self.param_groups[0]["steps_per_epoch"]
 
+    def _tolerance(self, dtype: torch.dtype) -> float:
+        """Relative distance of ``p.grad`` from ``sĝ`` still read as rounding.
+
+        ``√ε`` of the statistics' dtype, or ``4ε`` of the precision the step was computed in
+        when that is larger (``p.grad`` and ``ĝ`` are two roundings of the same sum: under
+        bfloat16 autocast they differ by about its ``ε``).
+        """
+        return max(torch.finfo(dtype).eps ** 0.5, 4 * torch.finfo(self._precision).eps)
+
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
         group: dict,
@@ -100,7 +110,7 @@ class FNGD(TENGraD):
         norm_sq = batch_grad @ batch_grad
         s = (grad @ batch_grad) / norm_sq.clamp_min(torch.finfo(grad.dtype).tiny)
         residual = torch.linalg.vector_norm(grad - s * batch_grad)
-        if bool(residual <= torch.finfo(grad.dtype).eps ** 0.5 * torch.linalg.vector_norm(grad)):
+        if bool(residual <= self._tolerance(grad.dtype) * torch.linalg.vector_norm(grad)):
             return s * shared
         if "fngd-fallback" not in self._warned:
             self._warned.add("fngd-fallback")
