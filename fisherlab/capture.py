@@ -499,7 +499,9 @@ class Recorder:
                     if rows is not None and len(grads) < rows:
                         shape = (call.A.shape[0], call.A.shape[1], self.layers[name].d_out)
                         grads = grads + [call.A.new_zeros(shape)] * (rows - len(grads))
-                    if grads:
+                    if len(grads) == 1:
+                        parts.append((call.A, grads[0].unsqueeze(0)))
+                    elif grads:
                         G = torch.stack(grads)
                         parts.append((call.A, G.sum(0, keepdim=True) if summed else G))
                 if parts:  # several calls: more positions of the same samples
@@ -525,7 +527,7 @@ class Recorder:
         layers = {}
         for name, (a_list, g_list) in per_layer.items():
             G = _concat(name, g_list, 1, "samples")
-            if summed:
+            if summed and (scale is not None or normaliser != 1):
                 G = G * normaliser if scale is None else G * (normaliser / scale)
             layers[name] = LayerCapture(self.layers[name], _concat(name, a_list, 0, "samples"), G)
         return Capture(

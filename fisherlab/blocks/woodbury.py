@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows, reduce_positions
-from fisherlab.conventions import FisherlabError, check_damping, check_memory
+from fisherlab.conventions import check_damping, check_memory
 from fisherlab.linalg import sample_chunks, symmetric_eigh, symmetric_gram
 
 GRAM_ROUTES = ("auto", "covariance", "gradients")
@@ -323,11 +323,9 @@ class WoodburyBlock(CurvatureBlock):
             len(work), dtype=work.dtype, device=work.device
         )
         chol, info = torch.linalg.cholesky_ex(system)
-        if int(info) != 0:  # λ > 0 makes it positive definite unless the Gram overflowed
-            raise FisherlabError(
-                f"νλI + K of layer {self.layer.name!r} is not positive definite (non-finite or "
-                "overflowing statistics)"
-            )
+        # λ > 0 makes it positive definite unless the Gram overflowed: then NaN, which every
+        # solve carries into its result (no host synchronisation to test ``info``)
+        chol = torch.where(info == 0, chol, torch.nan)
         self._cholesky = (damping, chol)
         return chol
 

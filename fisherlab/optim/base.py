@@ -75,6 +75,11 @@ def _finite(t: Tensor) -> Tensor:
     return torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()
 
 
+def _total(t: Tensor) -> Tensor:
+    """The sum of a tensor's entries in float64: non-finite if any entry is (or it overflows)."""
+    return (t._values() if t.is_sparse else t).sum(dtype=torch.float64)
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: see the module docstring.
 
@@ -355,19 +360,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """A factor per layer applied to its preconditioned direction (KL-clipping in KFAC)."""
         return dict.fromkeys(directions, 1.0)
 
-    def _all_finite(self, stats: dict[str, tuple[Tensor, Tensor]]) -> bool:
-        flags = [
-            _finite(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None
-        ]
-        flags += [torch.isfinite(t).all() for pair in stats.values() for t in pair]
-        return bool(torch.stack(flags).all()) if flags else True
-
-    def _report_non_finite(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
-        bad = [
-            name
-            for name, pair in stats.items()
-            if not all(bool(torch.isfinite(t).all()) for t in pair)
-        ]
+    def _diagnosis(self, stats: dict[str, tuple[Tensor, Tensor]]) -> str | None:
+        """Which statistics and gradients hold NaN/Inf (only on the failure path: it syncs)."""
+        bad = [n for n, pair in stats.items() if not all(bool(_finite(t)) for t in pair)]
         names = {id(p): n for n, p in self.model.named_parameters()}
         bad_grads = [
             names.get(id(p), "?")
@@ -375,7 +370,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for p in g["params"]
             if p.grad is not None and not bool(_finite(p.grad))
         ]
-        self._skip(f"non-finite statistics in layers {bad} and non-finite gradients of {bad_grads}")
+        if bad or bad_grads:
+            return f"non-finite statistics in layers {bad} and non-finite gradients of {bad_grads}"
+        return None
 
     def _skip(self, reason: str, saved: dict | None = None) -> None:
         """Count a skipped step, roll the statistics back, say why."""
@@ -432,9 +429,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         stats, normaliser = self._take_statistics(stat_scale)
         if self.gather_samples and distributed():
             stats, normaliser = gather_samples(stats, normaliser)
-        if not self._all_finite(stats):
-            self._report_non_finite(stats)
-            return loss
         # statistics are replaced, never mutated, so references suffice to roll back
         saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
                  for n, s in self.layer_state.items()}  # fmt: skip
@@ -456,17 +450,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             try:
                 directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
             except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
-                self._skip(f"the curvature of layer {name!r} could not be inverted ({err})", saved)
+                reason = f"the curvature of layer {name!r} could not be inverted ({err})"
+                self._skip(self._diagnosis(stats) or reason, saved)
                 return loss
             grads[name], groups[name], params_of[name] = grad, group, params
         if missing:
             self._no_statistics(missing, bool(directions))
-        bad = self._non_finite_updates(saved, directions)
-        if bad:
-            self._skip(
-                f"the curvature of layers {bad} overflowed (non-finite factors or directions)",
-                saved,
-            )
+        directions = self._revise(directions, grads)
+        bad = self._non_finite(saved, directions)
+        if bad is not None:
+            reason = f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
+            self._skip(self._diagnosis(stats) or reason, saved)
             return loss
         factors = self._scale(directions, grads, groups)
         updates: dict[int, Tensor] = {}
@@ -494,20 +488,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _non_finite_updates(self, saved: dict, directions: dict[str, Tensor]) -> list[str]:
-        """Layers whose new statistics or direction hold NaN/Inf (one host synchronisation)."""
-        checked: list[tuple[str, Tensor]] = [(n, d) for n, d in directions.items()]
+    def _revise(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> dict:
+        """Last changes to the directions once all are computed (FNGD's fallback)."""
+        return directions
+
+    def _non_finite(self, saved: dict, directions: dict[str, Tensor]) -> list[str] | None:
+        """``None`` if every gradient, new statistic and direction is finite, else the layers.
+
+        One host synchronisation: the float64 sums of all of them, tested together (a NaN or
+        Inf anywhere, or a sum that overflows, fails the test); the layers are found only then.
+        """
+        checked: list[tuple[str | None, Tensor]] = [(n, d) for n, d in directions.items()]
         for name, state in self.layer_state.items():
             for key, value in state.items():
                 if value is not saved.get(name, {}).get(key):
                     values = value if isinstance(value, tuple) else (value,)
                     checked += [(name, t) for t in values if isinstance(t, Tensor)]
-        if not checked:
-            return []
-        flags = torch.stack([torch.isfinite(t).all() for _, t in checked])
-        if bool(flags.all()):
-            return []
-        return sorted({name for (name, _), ok in zip(checked, flags.tolist()) if not ok})
+        checked += [
+            (None, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None
+        ]
+        if not checked or bool(torch.isfinite(torch.stack([_total(t) for _, t in checked])).all()):
+            return None
+        return sorted({name for name, t in checked if name is not None and not bool(_finite(t))})
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:

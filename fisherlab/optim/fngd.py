@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.woodbury import WoodburyBlock
 from fisherlab.conventions import FisherlabError, check_choice, check_positive_int
 from fisherlab.layers import Layer
 from fisherlab.optim.tengrad import TENGraD
@@ -68,6 +69,7 @@ class FNGD(TENGraD):
             model, lr, damping, momentum, weight_decay, fisher_type, loss_fn,
             steps_per_epoch=steps_per_epoch, damping_mode=damping_mode, **loop,
         )  # fmt: skip
+        self._pending: dict[str, tuple[Tensor, WoodburyBlock, float]] = {}
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -110,16 +112,28 @@ class FNGD(TENGraD):
         norm_sq = batch_grad @ batch_grad
         s = (grad @ batch_grad) / norm_sq.clamp_min(torch.finfo(grad.dtype).tiny)
         residual = torch.linalg.vector_norm(grad - s * batch_grad)
-        if bool(residual <= self._tolerance(grad.dtype) * torch.linalg.vector_norm(grad)):
-            return s * shared
-        if "fngd-fallback" not in self._warned:
+        ok = residual <= self._tolerance(grad.dtype) * torch.linalg.vector_norm(grad)
+        self._pending[name] = (ok, block, damping)
+        return s * shared
+
+    def _revise(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> dict:
+        """Solve with the batch where ``p.grad`` is not ``s·ĝ`` (one host synchronisation)."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return directions
+        flags = torch.stack([ok for ok, _, _ in pending.values()]).tolist()
+        failed = [name for name, ok in zip(pending, flags) if not ok]
+        for name in failed:
+            _, block, damping = pending[name]
+            directions[name] = block.solve_once(grads[name], damping)
+        if failed and "fngd-fallback" not in self._warned:
             self._warned.add("fngd-fallback")
             warnings.warn(
-                f"FNGD: p.grad of layer {name!r} is not a multiple of the batch gradient of the "
+                f"FNGD: p.grad of layers {failed} is not a multiple of the batch gradient of the "
                 "recorded passes (a penalty in the loss, per-parameter clipping, …); the shared "
                 "weights do not apply to it, so such steps solve with the current batch "
                 "(TENGraD's cost). Use weight_decay= instead of an L2 term in the loss",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return block.solve_once(grad, damping)
+        return directions
