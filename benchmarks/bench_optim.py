@@ -2,24 +2,35 @@
 
 A step is ``zero_grad; forward; loss; backward; step`` (for ASDL: its ``forward_and_backward``
 plus an SGD step). Every optimizer runs the same synthetic batch; after ``--warmup`` steps the
-median of ``--steps`` steps is taken, and all ratios come from one run. KFAC/EKFAC are timed
-amortised (factors every step, eigen-decompositions every 10 steps, as in their defaults);
+mean (``step_ms``, amortised) and the median of ``--steps`` steps are taken, and all ratios (of
+means) come from one run. KFAC/EKFAC update factors every step and decompose (or invert) them
+every 10 steps, as in their defaults and ASDL's;
 FNGD is timed after its first epoch (``steps_per_epoch`` = the warm-up), when it reuses its
-weights. Models: MLP 784-512-256-10 and a 3-conv-1-FC net on 28×28 inputs, batch 128.
-Peer: ASDL (``asdfghjkl``) KFAC and its SMW empirical natural gradient, where installed.
+weights. ``kfac-factored`` is fisherlab's KFAC with factored Tikhonov damping, the method
+ASDL's KFAC implements; ``ratio_to_asdl`` compares it with ASDL's KFAC, and TENGraD with ASDL's
+SMW natural gradient (the same ``(F_b + λI)⁻¹g``).
 
-    python benchmarks/bench_optim.py            # CPU
-    python benchmarks/bench_optim.py --device cuda
+Models: ``mlp`` 784-512-256-10 and ``3c1f`` (3 conv + 1 FC) on 28×28 inputs; ``resnet``, a
+ResNet-style net (stem, three residual stages of 16/32/64 channels with BatchNorm, pooling, FC)
+on 3×32×32 inputs. ``host_syncs`` counts, in one step, the calls that make the host wait for
+the device (``Tensor.__bool__``, ``item``, ``tolist``, ``__float__``, ``__int__``): on a CPU
+they cost nothing, on a GPU each one stalls the queue. Peer: ASDL (``asdfghjkl``, the
+``bench`` extra) where installed and where it takes the model.
+
+    python benchmarks/bench_optim.py --threads 1                    # CPU, MLP and 3C1F
+    python benchmarks/bench_optim.py --threads 1 --models resnet --batch-sizes 128 512
+    python benchmarks/bench_optim.py --device cuda --models mlp 3c1f resnet --batch-sizes 128 512
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +40,9 @@ import fisherlab as fl
 from fisherlab.report import format_table, save_table
 
 RESULTS = Path(__file__).parent / "results"
+FISHERLAB = ("kfac", "kfac-factored", "ekfac", "ekfac-ra", "tengrad", "skfac", "fngd")
+#: fisherlab optimizer → ASDL's implementation of the same method.
+SAME_METHOD = {"kfac-factored": "asdl-kfac", "tengrad": "asdl-smw"}
 
 
 def mlp() -> nn.Module:
@@ -51,16 +65,82 @@ def three_conv_one_fc() -> nn.Module:
     )  # fmt: skip
 
 
+class _Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (a 1×1 projection where the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+        )  # fmt: skip
+        self.skip = (
+            nn.Identity() if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        _Residual(16, 16, 1), _Residual(16, 32, 2), _Residual(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+MODELS = {
+    "mlp": (mlp, (1, 28, 28)),
+    "3c1f": (three_conv_one_fc, (1, 28, 28)),
+    "resnet": (resnet, (3, 32, 32)),
+}
+
+
 def _fisherlab(name: str, warmup: int) -> Callable[[nn.Module], torch.optim.Optimizer]:
     kwargs = {"lr": 1e-3, "damping": 1e-2, "momentum": 0.9}
     if name == "fngd":
         return lambda m: fl.optim.FNGD(m, steps_per_epoch=warmup, **kwargs)
+    if name == "kfac-factored":
+        return lambda m: fl.optim.KFAC(m, damping_mode="factored", **kwargs)
     return lambda m: fl.optim.OPTIMIZERS[name](m, **kwargs)
 
 
-def time_steps(step: Callable[[], None], warmup: int, steps: int, device: str) -> float:
-    """Median seconds of ``steps`` calls after ``warmup`` calls."""
+@contextlib.contextmanager
+def counting_syncs() -> Iterator[list[int]]:
+    """Count the calls that make the host wait for the device's result."""
+    names = ("__bool__", "item", "tolist", "__float__", "__int__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    count = [0]
+
+    def counted(original):
+        def call(self, *args):
+            count[0] += 1
+            return original(self, *args)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    try:
+        yield count
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def time_steps(
+    step: Callable[[], None], warmup: int, steps: int, device: str
+) -> tuple[float, float, int]:
+    """Mean and median seconds of ``steps`` calls after ``warmup`` calls; host syncs in one.
+
+    The mean is the amortised cost (eigen-decompositions every 10 steps included when
+    ``steps`` is a multiple of 10); the median is a typical step without them.
+    """
     for _ in range(warmup):
+        step()
+    with counting_syncs() as syncs:
         step()
     times = []
     for _ in range(steps):
@@ -71,16 +151,15 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: str) -
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.mean(times), statistics.median(times), syncs[0]
 
 
-def bench_model(model_name: str, args: argparse.Namespace) -> list[dict]:
-    build = {"mlp": mlp, "3c1f": three_conv_one_fc}[model_name]
+def bench_model(model_name: str, batch_size: int, args: argparse.Namespace) -> list[dict]:
+    build, shape = MODELS[model_name]
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 1, 28, 28, device=args.device)
-    y = torch.randint(0, 10, (args.batch_size,), device=args.device)
+    x = torch.randn(batch_size, *shape, device=args.device)
+    y = torch.randint(0, 10, (batch_size,), device=args.device)
     loss_fn = nn.CrossEntropyLoss()
-    rows = []
 
     def plain(make):
         torch.manual_seed(0)
@@ -92,31 +171,47 @@ def bench_model(model_name: str, args: argparse.Namespace) -> list[dict]:
             loss_fn(model(x), y).backward()
             opt.step()
 
-        seconds = time_steps(step, args.warmup, args.steps, args.device)
+        with _quiet():
+            result = time_steps(step, args.warmup, args.steps, args.device)
         if hasattr(opt, "close"):
             opt.close()
-        return seconds
+        return result
 
     timings = {
         "sgd": plain(lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)),
         "adam": plain(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)),
     }
-    for name in ("kfac", "ekfac", "ekfac-ra", "tengrad", "skfac", "fngd"):
+    for name in FISHERLAB:
         timings[name] = plain(_fisherlab(name, args.warmup))
-    timings.update(asdl_timings(build, x, y, loss_fn, args))
-    for name, seconds in timings.items():
+    timings.update(asdl_timings(build, x, y, loss_fn, batch_size, args))
+    rows = []
+    for name, (seconds, median, syncs) in timings.items():
+        peer = timings.get(SAME_METHOD.get(name, ""))
         rows.append(
             {
                 "model": model_name,
+                "batch": batch_size,
                 "optimizer": name,
                 "step_ms": 1e3 * seconds,
-                "ratio_to_sgd": seconds / timings["sgd"],
+                "median_ms": 1e3 * median,
+                "ratio_to_sgd": seconds / timings["sgd"][0],
+                "ratio_to_asdl": seconds / peer[0] if peer else None,
+                "host_syncs": syncs,
             }
         )
     return rows
 
 
-def asdl_timings(build, x, y, loss_fn, args) -> dict[str, float]:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "plain gradient step" for BatchNorm, once per model
+        yield
+
+
+def asdl_timings(build, x, y, loss_fn, batch_size, args) -> dict[str, tuple[float, float, int]]:
     """ASDL's KFAC and SMW empirical natural gradient, each followed by an SGD step."""
     try:
         from asdl import KfacGradientMaker, PreconditioningConfig
@@ -127,11 +222,11 @@ def asdl_timings(build, x, y, loss_fn, args) -> dict[str, float]:
         "asdl-kfac": lambda m: KfacGradientMaker(
             m,
             PreconditioningConfig(
-                data_size=args.batch_size, damping=1e-2, preconditioner_upd_interval=10
+                data_size=batch_size, damping=1e-2, preconditioner_upd_interval=10
             ),
         ),
         "asdl-smw": lambda m: SmwEmpNaturalGradientMaker(
-            m, SmwEmpNaturalGradientConfig(data_size=args.batch_size, damping=1e-2)
+            m, SmwEmpNaturalGradientConfig(data_size=batch_size, damping=1e-2)
         ),
     }
     out = {}
@@ -147,33 +242,39 @@ def asdl_timings(build, x, y, loss_fn, args) -> dict[str, float]:
             maker.forward_and_backward()
             sgd.step()
 
-        out[name] = time_steps(step, args.warmup, args.steps, args.device)
+        try:
+            with _quiet():
+                out[name] = time_steps(step, args.warmup, args.steps, args.device)
+        except Exception as err:  # e.g. a layer type ASDL does not take
+            print(f"{name} skipped: {type(err).__name__}: {err}")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--models", nargs="+", default=["mlp", "3c1f"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "3c1f"], choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default=None, help="results name (default bench_optim_DEVICE)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [row for m in args.models for row in bench_model(m, args)]
+    rows = [row for m in args.models for b in args.batch_sizes for row in bench_model(m, b, args)]
     machine = {
         "processor": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "steps": args.steps,
     }
     print(json.dumps(machine))
     print(format_table(rows))
-    tag = "cuda" if args.device == "cuda" else "cpu"
-    paths = save_table(rows, RESULTS / f"bench_optim_{tag}", machine)
+    name = args.out or f"bench_optim_{'cuda' if args.device == 'cuda' else 'cpu'}"
+    paths = save_table(rows, RESULTS / name, machine)
     print("saved " + ", ".join(str(p) for p in paths))
 
 

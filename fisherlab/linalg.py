@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from fisherlab.conventions import FisherlabError
+
+#: While positive, :func:`symmetric_eigh` skips its finiteness check (see :func:`deferred_checks`).
+_DEFERRED = [0]
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Within the block, linear algebra skips its own finiteness checks (host synchronisations).
+
+    For callers that test their results themselves: an optimizer step checks every direction
+    and statistic in one synchronisation. Non-finite input then gives NaN results instead of
+    an error.
+    """
+    _DEFERRED[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED[0] -= 1
 
 
 def symmetric_eigh(matrix: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
@@ -23,7 +42,7 @@ def symmetric_eigh(matrix: Tensor, dtype: torch.dtype | None = None) -> tuple[Te
     work_dtype = dtype or (torch.float64 if matrix.dtype == torch.float32 else matrix.dtype)
     work = matrix.to(work_dtype)
     work = (work + work.T) / 2
-    if not bool(torch.isfinite(work).all()):
+    if not _DEFERRED[0] and not bool(torch.isfinite(work).all()):
         raise FisherlabError(
             "cannot eigendecompose a matrix with non-finite entries (overflowing statistics)"
         )
@@ -34,6 +53,25 @@ def symmetric_eigh(matrix: Tensor, dtype: torch.dtype | None = None) -> tuple[Te
         eye = torch.eye(len(work), dtype=work.dtype, device=work.device)
         values, vectors = torch.linalg.eigh(work + jitter * eye)
     return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
+
+
+def damped_inverse(
+    matrix: Tensor, shift: Tensor | float, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``(M + shift·I)⁻¹`` of a symmetric PSD matrix by Cholesky, in ``dtype``.
+
+    Computed in float64 for float32 by default, returned in the matrix's dtype. Where the
+    shifted matrix is not positive definite (non-finite or overflowing entries) the result is
+    NaN, without a host synchronisation.
+    """
+    work_dtype = dtype or (torch.float64 if matrix.dtype == torch.float32 else matrix.dtype)
+    work = matrix.to(work_dtype)
+    work = (work + work.T) / 2
+    shift = torch.as_tensor(shift, dtype=work_dtype, device=work.device)
+    work = work + shift * torch.eye(len(work), dtype=work_dtype, device=work.device)
+    chol, info = torch.linalg.cholesky_ex(work)
+    inverse = torch.where(info == 0, torch.cholesky_inverse(chol), torch.nan)
+    return inverse.to(matrix.dtype)
 
 
 def gram_accumulate(rows: Tensor, out: Tensor, tile: int = 512) -> Tensor:

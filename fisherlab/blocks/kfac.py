@@ -23,15 +23,30 @@ from torch import Tensor
 
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
 from fisherlab.blocks.factors import KFAC_APPROX, KroneckerSums
-from fisherlab.linalg import sample_chunks, symmetric_eigh
+from fisherlab.linalg import damped_inverse, sample_chunks, symmetric_eigh
 
 DAMPING_MODES = ("eigen", "factored")
 
 
-def factored_pi(gamma_mean_eig: float, omega_mean_eig: float) -> float:
-    """π of factored Tikhonov damping, ``√(mean eig Ω / mean eig Γ)`` (1 if undefined)."""
-    ratio = omega_mean_eig / gamma_mean_eig if gamma_mean_eig > 0 else 0.0
-    return math.sqrt(ratio) if ratio > 0 and math.isfinite(ratio) else 1.0
+def factored_pi(gamma_mean_eig: Tensor | float, omega_mean_eig: Tensor | float) -> Tensor:
+    """π of factored Tikhonov damping, ``√(mean eig Ω / mean eig Γ)`` (1 if undefined).
+
+    A 0-dim tensor on the inputs' device, computed without a host synchronisation.
+    """
+    gamma = torch.as_tensor(gamma_mean_eig, dtype=torch.float64)
+    omega = torch.as_tensor(omega_mean_eig, dtype=torch.float64, device=gamma.device)
+    ratio = omega / gamma
+    ok = (gamma > 0) & torch.isfinite(ratio) & (ratio > 0)
+    return torch.where(ok, ratio, torch.ones_like(ratio)).sqrt()
+
+
+def factored_inverses(
+    gamma: Tensor, omega: Tensor, damping: float, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(Γ + √λ/π I)⁻¹`` and ``(Ω + π√λ I)⁻¹``, factored damping's two inverses (Cholesky)."""
+    pi = factored_pi(gamma.diagonal().mean(), omega.diagonal().mean())
+    root = math.sqrt(damping)
+    return damped_inverse(gamma, root / pi, dtype), damped_inverse(omega, pi * root, dtype)
 
 
 def kron_inner_with_rows(A: Tensor, G: Tensor, gamma: Tensor, omega: Tensor) -> float:
@@ -93,14 +108,16 @@ class KronBlock(CurvatureBlock):
         options,
         eig_gamma: tuple[Tensor, Tensor] | None = None,
         eig_omega: tuple[Tensor, Tensor] | None = None,
+        inverses: tuple[float, Tensor, Tensor] | None = None,
     ):
         super().__init__(layer, fisher_type, options)
         self.gamma, self.omega = gamma, omega
-        # eigen-decompositions computed earlier (e.g. by an optimizer's inverse update)
+        # computed earlier (e.g. by an optimizer's inverse update)
         if eig_gamma is not None:
             self.__dict__["eig_gamma"] = eig_gamma
         if eig_omega is not None:
             self.__dict__["eig_omega"] = eig_omega
+        self._inverses = inverses
 
     def _reference(self) -> Tensor:
         return self.gamma
@@ -118,17 +135,21 @@ class KronBlock(CurvatureBlock):
     def _matmat(self, V: Tensor) -> Tensor:
         return self.gamma @ V @ self.omega
 
+    def factored_inverses(self, damping: float) -> tuple[Tensor, Tensor]:
+        """Factored damping's two inverses (:func:`factored_inverses`), kept per ``λ``.
+
+        A solve is then two products, ``Γ⁻¹ V Ω⁻¹``.
+        """
+        if self._inverses is None or self._inverses[0] != damping:
+            self._inverses = (damping, *factored_inverses(self.gamma, self.omega, damping))
+        return self._inverses[1], self._inverses[2]
+
     def _solve(self, V: Tensor, damping: float) -> Tensor:
-        (lg, ug), (lo, uo) = self.eig_gamma, self.eig_omega
         if self.options.damping_mode == "factored":
-            pi = factored_pi(
-                float(self.gamma.diagonal().mean()), float(self.omega.diagonal().mean())
-            )
-            root = math.sqrt(damping)
-            scale = 1.0 / torch.outer(lg + root / pi, lo + pi * root)
-        else:
-            scale = 1.0 / (torch.outer(lg, lo) + damping)
-        return ug @ ((ug.T @ V @ uo) * scale) @ uo.T
+            inverse_gamma, inverse_omega = self.factored_inverses(damping)
+            return inverse_gamma @ V @ inverse_omega
+        (lg, ug), (lo, uo) = self.eig_gamma, self.eig_omega
+        return ug @ ((ug.T @ V @ uo) / (torch.outer(lg, lo) + damping)) @ uo.T
 
     def _eigvalsh(self, max_bytes: int) -> Tensor:
         return torch.sort(torch.outer(self.eig_gamma[0], self.eig_omega[0]).flatten()).values
@@ -138,6 +159,8 @@ class KronBlock(CurvatureBlock):
         for name in ("eig_gamma", "eig_omega"):
             if name in self.__dict__:
                 held += list(self.__dict__[name])
+        if self._inverses is not None:
+            held += list(self._inverses[1:])
         return tensor_bytes(*held)
 
     def _dense_kron(self) -> Tensor:

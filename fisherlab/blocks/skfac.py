@@ -190,9 +190,9 @@ class SKFACBlock(CurvatureBlock):
         (lg, ug), (lo, uo) = self.eig_gamma, self.eig_omega
         if self.options.damping_mode == "factored":
             pi = factored_pi(
-                float((self.Y**2).sum()) / (self.normaliser * self.Y.shape[1]),
-                float((self.X**2).sum()) / (self.X.shape[0] * self.X.shape[1]),
-            )
+                (self.Y**2).sum() / (self.normaliser * self.Y.shape[1]),
+                (self.X**2).sum() / (self.X.shape[0] * self.X.shape[1]),
+            ).to(lg.dtype)
             cg, co = math.sqrt(damping) / pi, pi * math.sqrt(damping)
             left = V / cg + ug @ ((ug.T @ V) * (1 / (lg + cg) - 1 / cg).unsqueeze(-1))
             return left / co + ((left @ uo) * (1 / (lo + co) - 1 / co)) @ uo.T

@@ -76,8 +76,8 @@ def _finite(t: Tensor) -> Tensor:
 
 
 def _total(t: Tensor) -> Tensor:
-    """The sum of a tensor's entries in float64: non-finite if any entry is (or it overflows)."""
-    return (t._values() if t.is_sparse else t).sum(dtype=torch.float64)
+    """The sum of a tensor's entries: non-finite if any entry is (or if the sum overflows)."""
+    return (t._values() if t.is_sparse else t).sum().float()
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -341,6 +341,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     else:
                         p.grad.mul_(inverse.to(p.grad.device))
 
+    def _prepare(self, jobs: dict[str, tuple[Tensor, Tensor, dict]], normaliser: float) -> None:
+        """Work for all layers at once before their directions, ``{name: (A, G, group)}``.
+
+        KFAC and EKFAC update their factors and eigen-decompositions here (shared out across
+        ranks under ``torch.distributed``).
+        """
+
     def _direction(
         self,
         name: str,
@@ -432,8 +439,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # statistics are replaced, never mutated, so references suffice to roll back
         saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
                  for n, s in self.layer_state.items()}  # fmt: skip
-        directions, grads, groups, params_of = {}, {}, {}, {}
-        missing = []
+        jobs, missing = {}, []
         for name in self.layers:
             trained = self._trained(name)
             if trained is None:
@@ -447,15 +453,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 A = A[..., : layer.d_in]
             group = self.param_groups[self._group_index[name]]
             grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
-            try:
-                directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
-            except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
-                reason = f"the curvature of layer {name!r} could not be inverted ({err})"
-                self._skip(self._diagnosis(stats) or reason, saved)
-                return loss
-            grads[name], groups[name], params_of[name] = grad, group, params
+            jobs[name] = (layer, params, A, G, grad, group)
         if missing:
-            self._no_statistics(missing, bool(directions))
+            self._no_statistics(missing, bool(jobs))
+        directions = {}
+        try:
+            self._prepare(
+                {n: (A, G, group) for n, (_, _, A, G, _, group) in jobs.items()}, normaliser
+            )
+            for name, (layer, _, A, G, grad, group) in jobs.items():
+                directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
+        except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
+            reason = f"the curvature could not be inverted ({err})"
+            self._skip(self._diagnosis(stats) or reason, saved)
+            return loss
+        grads = {n: job[4] for n, job in jobs.items()}
+        groups = {n: job[5] for n, job in jobs.items()}
+        params_of = {n: job[1] for n, job in jobs.items()}
         directions = self._revise(directions, grads)
         bad = self._non_finite(saved, directions)
         if bad is not None:
@@ -495,8 +509,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _non_finite(self, saved: dict, directions: dict[str, Tensor]) -> list[str] | None:
         """``None`` if every gradient, new statistic and direction is finite, else the layers.
 
-        One host synchronisation: the float64 sums of all of them, tested together (a NaN or
-        Inf anywhere, or a sum that overflows, fails the test); the layers are found only then.
+        One host synchronisation: the sums of all of them, tested together (a NaN or Inf
+        anywhere, or a sum that overflows, fails the test); the layers are found only then.
         """
         checked: list[tuple[str | None, Tensor]] = [(n, d) for n, d in directions.items()]
         for name, state in self.layer_state.items():

@@ -2,14 +2,20 @@
 
 ``W`` ranks with batch ``b`` take the step of one process with batch ``W·b``: optimizers that
 need every sample gather ``Ã`` and ``G`` (:func:`gather_samples`), KFAC and EKFAC average their
-batch factors and scalings (:func:`all_reduce_mean`).
+batch factors and scalings (:func:`all_reduce_mean`) and share out the eigen-decompositions or
+inverses of the factors (:func:`computed_once`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from fisherlab.conventions import FisherlabError
 
 
 def distributed() -> bool:
@@ -41,3 +47,50 @@ def gather_samples(
         dist.all_gather(parts_g, G.contiguous())
         gathered[name] = (torch.cat(parts_a, dim=0), torch.cat(parts_g, dim=1))
     return gathered, normaliser * dist.get_world_size()
+
+
+def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
+    """One rank per job, greedily: the costliest job first, to the least-loaded rank."""
+    load = [0.0] * world
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners
+
+
+def computed_once(
+    work: dict[str, Callable[[], tuple[Tensor, ...]]],
+    like: dict[str, tuple[Tensor, ...]],
+    costs: dict[str, float],
+    spread: bool = True,
+) -> dict[str, tuple[Tensor, ...]]:
+    """Every job's tensors, identical on every rank, each job computed by one rank.
+
+    Without ``torch.distributed`` (or with ``spread=False``) every job runs here. Otherwise
+    each job goes to one rank (greedy by ``costs``), which runs it and broadcasts its tensors,
+    shaped as ``like`` (as kfac-pytorch does with inverses): the ranks work in parallel instead
+    of repeating each other. A job that fails on its rank gives NaNs, which the step's
+    finiteness check turns into a skipped step on every rank (a broadcast never waits on an
+    error).
+    """
+    if not (spread and distributed()):
+        return {name: job() for name, job in work.items()}
+    rank = dist.get_rank()
+    owners = assign_owners(costs, dist.get_world_size())
+    results = {}
+    for name, job in work.items():
+        if owners[name] == rank:
+            try:
+                results[name] = tuple(t.contiguous() for t in job())
+            except (FisherlabError, RuntimeError):
+                results[name] = tuple(torch.full_like(t, math.nan) for t in like[name])
+        else:
+            results[name] = tuple(
+                torch.empty_like(t, memory_format=torch.contiguous_format) for t in like[name]
+            )
+    for name, tensors in results.items():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=owners[name])
+    return results

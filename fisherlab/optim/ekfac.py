@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
 from fisherlab.conventions import check_positive_int
 from fisherlab.layers import Layer
-from fisherlab.linalg import symmetric_eigh
 from fisherlab.optim.distributed import all_reduce_mean
 from fisherlab.optim.kfac import KFAC, update_average
 
@@ -40,30 +40,29 @@ class EKFAC(KFAC):
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
         loss_fn=None,
+        eigen_dtype: torch.dtype | None = None,
+        spread_eigen: bool = True,
         **loop,
     ):
         check_positive_int("basis_update_freq", basis_update_freq)
         super().__init__(
             model, lr, damping, momentum, weight_decay, stat_decay, factor_update_freq,
             inv_update_freq=basis_update_freq, kfac_approx=kfac_approx,
-            fisher_type=fisher_type, loss_fn=loss_fn, running_average=bool(running_average),
-            **loop,
+            fisher_type=fisher_type, loss_fn=loss_fn, eigen_dtype=eigen_dtype,
+            spread_eigen=spread_eigen, running_average=bool(running_average), **loop,
         )  # fmt: skip
 
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
         group: dict,
     ) -> Tensor:  # fmt: skip
-        state = self._update_factors(name, A, G, normaliser, group)
-        fresh = "u_omega" in state and state["u_omega"].shape == state["omega"].shape
-        new_basis = self.steps % group["inv_update_freq"] == 0 or not fresh
-        if new_basis:
-            state["u_gamma"] = symmetric_eigh(state["gamma"])[1]
-            state["u_omega"] = symmetric_eigh(state["omega"])[1]
-        s = all_reduce_mean(kfe_scalings(A, G, state["u_gamma"], state["u_omega"], normaliser))
+        state = self.layer_state[name]
+        u_gamma, u_omega = state["eig_gamma"][1], state["eig_omega"][1]
+        s = all_reduce_mean(kfe_scalings(A, G, u_gamma, u_omega, normaliser))
+        new_basis = name in self._new_bases
         decay = 0.0 if new_basis or not group["running_average"] else group["stat_decay"]
         s = update_average(state, "scalings", s, decay)
-        block = EKFACBlock(layer, state["u_gamma"], state["u_omega"], s, self.fisher_type, {})
+        block = EKFACBlock(layer, u_gamma, u_omega, s, self.fisher_type, {})
         return block.solve(grad, group["damping"])
 
 

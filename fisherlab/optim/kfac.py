@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from fisherlab.blocks.factors import gradient_factor, input_factor
-from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
-from fisherlab.conventions import check_choice, check_positive_int, check_range
+from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock, factored_inverses
+from fisherlab.conventions import FisherlabError, check_choice, check_positive_int, check_range
 from fisherlab.layers import Layer
 from fisherlab.linalg import symmetric_eigh
 from fisherlab.optim.base import CurvatureOptimizer
-from fisherlab.optim.distributed import all_reduce_mean
+from fisherlab.optim.distributed import all_reduce_mean, computed_once
+
+
+def _eigh_pair(gamma: Tensor, omega: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, ...]:
+    """``(λ_Γ, U_Γ, λ_Ω, U_Ω)``."""
+    return (*symmetric_eigh(gamma, dtype), *symmetric_eigh(omega, dtype))
 
 
 def update_average(state: dict, key: str, value: Tensor, decay: float) -> Tensor:
@@ -19,8 +26,8 @@ def update_average(state: dict, key: str, value: Tensor, decay: float) -> Tensor
     old = state.get(key)
     if old is None or old.shape != value.shape or decay == 0:
         state[key] = value.clone()
-    else:
-        state[key] = old.mul(decay).add_(value, alpha=1 - decay)
+    else:  # a new tensor (the old one is kept for a rollback), in one pass
+        state[key] = torch.lerp(value, old, decay)
     return state[key]
 
 
@@ -30,8 +37,9 @@ class KFAC(CurvatureOptimizer):
     Args:
         model: The network.
         lr: Learning rate.
-        damping: ``λ``: ``1/(λ_Γλ_Ω + λ)`` in the eigenbasis, or factored Tikhonov damping with
-            ``damping_mode="factored"``.
+        damping: ``λ``: ``1/(λ_Γλ_Ω + λ)`` in the eigenbasis (four products per step), or
+            factored Tikhonov damping with ``damping_mode="factored"`` (the two damped inverses
+            are formed at each eigen-decomposition: two products per step).
         momentum: Heavy-ball momentum.
         weight_decay: Decoupled weight decay.
         stat_decay: Running-average decay of the factors, in ``[0, 1)``.
@@ -41,6 +49,11 @@ class KFAC(CurvatureOptimizer):
         kl_clip: Scale updates so that ``lr²·Σ dᵀg ≤ kl_clip`` (``None``: off).
         kfac_approx: ``"expand"`` or ``"reduce"`` factors for convolutions.
         fisher_type: ``"empirical"`` or ``"mc"``.
+        eigen_dtype: Dtype of the factors' eigen-decompositions (default: float64 for float32
+            statistics; ``torch.float32`` is faster, on GPU in particular).
+        spread_eigen: Under ``torch.distributed``, compute each layer's eigen-decompositions
+            (or inverses) on one rank and broadcast them
+            (:func:`~fisherlab.optim.distributed.computed_once`).
         loss_fn: The loss (needed for ``"mc"``, MSE and ``reduction="sum"``).
         **loop: ``params``, ``output``, ``grad_scaler``: see
             :class:`~fisherlab.optim.CurvatureOptimizer`.
@@ -63,8 +76,16 @@ class KFAC(CurvatureOptimizer):
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
         loss_fn=None,
+        eigen_dtype: torch.dtype | None = None,
+        spread_eigen: bool = True,
         **loop,
     ):
+        self.spread_eigen = bool(spread_eigen)
+        if eigen_dtype is not None and not (
+            isinstance(eigen_dtype, torch.dtype) and eigen_dtype.is_floating_point
+        ):
+            raise FisherlabError(f"eigen_dtype must be a floating torch.dtype, got {eigen_dtype!r}")
+        self.eigen_dtype = eigen_dtype
         super().__init__(
             model, lr, damping, momentum, weight_decay, fisher_type, loss_fn,
             stat_decay=stat_decay, factor_update_freq=factor_update_freq,
@@ -94,21 +115,52 @@ class KFAC(CurvatureOptimizer):
             update_average(state, "omega", all_reduce_mean(input_factor(A, approx)), decay)
         return state
 
+    def _prepare(self, jobs: dict[str, tuple[Tensor, Tensor, dict]], normaliser: float) -> None:
+        """Update the factors; at inverse updates, what the steps until the next one need.
+
+        Eigen-decompositions (``damping_mode="eigen"``, EKFAC) or factored damping's two
+        inverses (Cholesky, no eigen-decomposition), shared out across ranks.
+        """
+        work, like, costs = {}, {}, {}
+        for name, (A, G, group) in jobs.items():
+            state = self._update_factors(name, A, G, normaliser, group)
+            gamma, omega = state["gamma"], state["omega"]
+            factored = group.get("damping_mode") == "factored"
+            key = "inverses" if factored else "eig_omega"
+            fresh = key in state and state[key][-1].shape == omega.shape
+            if self.steps % group["inv_update_freq"] != 0 and fresh:
+                continue
+            if factored:
+                damping = group["damping"]
+                work[name] = partial(factored_inverses, gamma, omega, damping, self.eigen_dtype)
+                like[name] = (gamma, omega)
+            else:
+                work[name] = partial(_eigh_pair, gamma, omega, self.eigen_dtype)
+                like[name] = (gamma[0], gamma, omega[0], omega)
+            costs[name] = gamma.shape[0] ** 3 + omega.shape[0] ** 3
+        for name, out in computed_once(work, like, costs, self.spread_eigen).items():
+            state = self.layer_state[name]
+            if len(out) == 2:
+                state["inverses"] = (jobs[name][2]["damping"], *out)
+            else:
+                state["eig_gamma"], state["eig_omega"] = out[:2], out[2:]
+        self._new_bases = set(work)
+
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
         group: dict,
     ) -> Tensor:  # fmt: skip
-        state = self._update_factors(name, A, G, normaliser, group)
-        fresh = "eig_omega" in state and state["eig_omega"][1].shape == state["omega"].shape
-        if self.steps % group["inv_update_freq"] == 0 or not fresh:
-            state["eig_gamma"] = symmetric_eigh(state["gamma"])
-            state["eig_omega"] = symmetric_eigh(state["omega"])
+        state = self.layer_state[name]
         block = KronBlock(
             layer, state["gamma"], state["omega"], self.fisher_type,
             {"damping_mode": group["damping_mode"]},
-            eig_gamma=state["eig_gamma"], eig_omega=state["eig_omega"],
+            eig_gamma=state.get("eig_gamma"), eig_omega=state.get("eig_omega"),
+            inverses=state.get("inverses"),
         )  # fmt: skip
-        return block.solve(grad, group["damping"])
+        direction = block.solve(grad, group["damping"])
+        if group["damping_mode"] == "factored":  # kept until the next eigen-decomposition
+            state["inverses"] = block._inverses
+        return direction
 
     def _scale(
         self, directions: dict[str, Tensor], grads: dict[str, Tensor], groups: dict[str, dict]
