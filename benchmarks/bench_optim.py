@@ -164,14 +164,14 @@ def bench_model(model_name: str, batch_size: int, args: argparse.Namespace) -> l
     def plain(make):
         torch.manual_seed(0)
         model = build().to(args.device)
-        opt = make(model)
-
-        def step():
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-
         with _quiet():
+            opt = make(model)
+
+            def step():
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+
             result = time_steps(step, args.warmup, args.steps, args.device)
         if hasattr(opt, "close"):
             opt.close()

@@ -70,7 +70,8 @@ def damped_inverse(
     shift = torch.as_tensor(shift, dtype=work_dtype, device=work.device)
     work = work + shift * torch.eye(len(work), dtype=work_dtype, device=work.device)
     chol, info = torch.linalg.cholesky_ex(work)
-    inverse = torch.where(info == 0, torch.cholesky_inverse(chol), torch.nan)
+    ok = (info == 0) & torch.isfinite(work).all()  # an infinite diagonal factors "fine"
+    inverse = torch.where(ok, torch.cholesky_inverse(chol), torch.nan)
     return inverse.to(matrix.dtype)
 
 

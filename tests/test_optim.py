@@ -356,3 +356,53 @@ def test_overflowing_factors_skip_the_step_instead_of_crashing():
         opt.layer_state[k][key] is value for k, v in state.items() for key, value in v.items()
     )
     opt.close()
+
+
+def test_damped_inverse_and_factored_inverses_against_dense_solves():
+    torch.manual_seed(0)
+    rows = torch.randn(7, 5, dtype=torch.float64)
+    matrix = rows.T @ rows  # rank 5 of 5, PSD
+    from fisherlab.blocks.kfac import factored_inverses, factored_pi
+    from fisherlab.linalg import damped_inverse
+
+    inverse = damped_inverse(matrix, 0.3)
+    shifted = matrix + 0.3 * torch.eye(5, dtype=torch.float64)
+    assert rel_err(inverse @ shifted, torch.eye(5, dtype=torch.float64)) < 1e-12
+    bad = matrix.clone()
+    bad[0, 0] = float("inf")
+    assert torch.isnan(damped_inverse(bad, 0.3)).all()  # no error, no host sync
+    gamma, omega = matrix[:3, :3], matrix
+    pi = factored_pi(gamma.diagonal().mean(), omega.diagonal().mean())
+    gi, oi = factored_inverses(gamma, omega, 0.01)
+    eye3, eye5 = torch.eye(3, dtype=torch.float64), torch.eye(5, dtype=torch.float64)
+    assert rel_err(gi, torch.linalg.inv(gamma + 0.1 / pi * eye3)) < 1e-10
+    assert rel_err(oi, torch.linalg.inv(omega + pi * 0.1 * eye5)) < 1e-10
+
+
+def test_kfac_eigen_decompositions_in_float32_are_close_to_float64():
+    loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    models = [nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [
+        fl.optim.KFAC(models[0], lr=LR, damping=DAMPING),
+        fl.optim.KFAC(models[1], lr=LR, damping=DAMPING, eigen_dtype=torch.float32),
+    ]
+    for model, opt in zip(models, opts):
+        loss_fn(model(x), y).backward()
+        opt.step()
+    assert opts[1].layer_state["0"]["eig_omega"][1].dtype == torch.float32
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert rel_err(q.detach(), p.detach()) < 1e-5
+    with pytest.raises(fl.FisherlabError, match=r"eigen_dtype must be a floating torch\.dtype"):
+        fl.optim.KFAC(models[0], eigen_dtype="float32")
+
+
+def test_work_is_shared_out_greedily_and_runs_here_without_distributed():
+    from fisherlab.optim.distributed import assign_owners, computed_once
+
+    owners = assign_owners({"a": 8.0, "b": 5.0, "c": 4.0, "d": 1.0}, 2)
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}  # loads 9 and 9
+    out = computed_once({"a": lambda: (torch.ones(2),)}, {"a": (torch.empty(2),)}, {"a": 1.0})
+    assert torch.equal(out["a"][0], torch.ones(2))

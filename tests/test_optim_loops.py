@@ -696,3 +696,25 @@ def test_fngd_shares_its_weights_under_bfloat16_autocast():
                 opt.step()
     assert fngd._precision == torch.bfloat16
     assert not torch.allclose(models[0][0].weight, models[1][0].weight)  # epoch 2 shared
+
+
+def test_a_bias_held_by_another_optimizer_is_left_to_it():
+    """Weights with TENGraD, biases with SGD: TENGraD's block is the weight's alone."""
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _data("mlp", 8, 1)
+    model = _model()
+    weights = [m.weight for m in (model[0], model[2])]
+    biases = [m.bias for m in (model[0], model[2])]
+    opt = fl.optim.TENGraD(model, lr=LR, damping=DAMPING, params=weights)
+    sgd = torch.optim.SGD(biases, lr=LR)
+    J = per_sample_grads(model, loss_fn, x, y, "0")[:, : model[0].weight.numel()]
+    loss_fn(model(x), y).backward()
+    g = model[0].weight.grad.flatten().clone()
+    before = model[0].weight.detach().flatten().clone()
+    bias_before, bias_grad = model[0].bias.detach().clone(), model[0].bias.grad.clone()
+    opt.step()
+    sgd.step()
+    F = J.T @ J / len(x)
+    expected = before - LR * torch.linalg.solve(F + DAMPING * torch.eye(len(F), dtype=F.dtype), g)
+    assert rel_err(model[0].weight.detach().flatten(), expected) <= EXACT
+    assert torch.equal(model[0].bias.detach(), bias_before - LR * bias_grad)

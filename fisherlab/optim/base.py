@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from fisherlab.capture import OutputSelector, Recorder
 from fisherlab.conventions import FisherlabError, check_range
 from fisherlab.layers import Layer, find_layers
+from fisherlab.linalg import deferred_checks
 from fisherlab.losses import LossSpec
 from fisherlab.optim.distributed import distributed, gather_samples
 
@@ -223,7 +224,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"the weight and bias of layer {name!r} are in param groups {w} and {b}; "
                     "fisherlab preconditions them as one block: put them in one group"
                 )
-            layers[name] = layer
+            # a bias this optimizer does not hold (frozen, or another optimizer's): weight only
+            layers[name] = layer if bias is None or b is not None else layer.without_bias()
             self._group_index[name] = w
         self.layers = layers
         for name, layer in layers.items():
@@ -458,11 +460,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._no_statistics(missing, bool(jobs))
         directions = {}
         try:
-            self._prepare(
-                {n: (A, G, group) for n, (_, _, A, G, _, group) in jobs.items()}, normaliser
-            )
-            for name, (layer, _, A, G, grad, group) in jobs.items():
-                directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
+            with deferred_checks():  # one finiteness check of everything, below
+                self._prepare({n: (j[2], j[3], j[5]) for n, j in jobs.items()}, normaliser)
+                for name, (layer, _, A, G, grad, group) in jobs.items():
+                    directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
         except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
             reason = f"the curvature could not be inverted ({err})"
             self._skip(self._diagnosis(stats) or reason, saved)

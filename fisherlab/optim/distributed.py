@@ -9,7 +9,7 @@ inverses of the factors (:func:`computed_once`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.distributed as dist
@@ -49,11 +49,11 @@ def gather_samples(
     return gathered, normaliser * dist.get_world_size()
 
 
-def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
+def assign_owners(costs: dict[Hashable, float], world: int) -> dict[Hashable, int]:
     """One rank per job, greedily: the costliest job first, to the least-loaded rank."""
     load = [0.0] * world
     owners = {}
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+    for name in sorted(costs, key=lambda n: (-costs[n], str(n))):
         rank = min(range(world), key=lambda r: (load[r], r))
         owners[name] = rank
         load[rank] += costs[name]
@@ -61,11 +61,11 @@ def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
 
 
 def computed_once(
-    work: dict[str, Callable[[], tuple[Tensor, ...]]],
-    like: dict[str, tuple[Tensor, ...]],
-    costs: dict[str, float],
+    work: dict[Hashable, Callable[[], tuple[Tensor, ...]]],
+    like: dict[Hashable, tuple[Tensor, ...]],
+    costs: dict[Hashable, float],
     spread: bool = True,
-) -> dict[str, tuple[Tensor, ...]]:
+) -> dict[Hashable, tuple[Tensor, ...]]:
     """Every job's tensors, identical on every rank, each job computed by one rank.
 
     Without ``torch.distributed`` (or with ``spread=False``) every job runs here. Otherwise

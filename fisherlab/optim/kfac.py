@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 from torch import Tensor
 
 from fisherlab.blocks.factors import gradient_factor, input_factor
-from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock, factored_inverses
+from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock, factored_pi
 from fisherlab.conventions import FisherlabError, check_choice, check_positive_int, check_range
 from fisherlab.layers import Layer
-from fisherlab.linalg import symmetric_eigh
+from fisherlab.linalg import damped_inverse, symmetric_eigh
 from fisherlab.optim.base import CurvatureOptimizer
 from fisherlab.optim.distributed import all_reduce_mean, computed_once
 
 
-def _eigh_pair(gamma: Tensor, omega: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, ...]:
-    """``(λ_Γ, U_Γ, λ_Ω, U_Ω)``."""
-    return (*symmetric_eigh(gamma, dtype), *symmetric_eigh(omega, dtype))
+def _inverse(factor: Tensor, shift: Tensor, dtype: torch.dtype | None) -> tuple[Tensor]:
+    return (damped_inverse(factor, shift, dtype),)
 
 
 def update_average(state: dict, key: str, value: Tensor, decay: float) -> Tensor:
@@ -119,9 +119,10 @@ class KFAC(CurvatureOptimizer):
         """Update the factors; at inverse updates, what the steps until the next one need.
 
         Eigen-decompositions (``damping_mode="eigen"``, EKFAC) or factored damping's two
-        inverses (Cholesky, no eigen-decomposition), shared out across ranks.
+        inverses (Cholesky, no eigen-decomposition), one job per factor, shared out across
+        ranks (:func:`~fisherlab.optim.distributed.computed_once`).
         """
-        work, like, costs = {}, {}, {}
+        work, like, costs, due = {}, {}, {}, {}
         for name, (A, G, group) in jobs.items():
             state = self._update_factors(name, A, G, normaliser, group)
             gamma, omega = state["gamma"], state["omega"]
@@ -130,21 +131,27 @@ class KFAC(CurvatureOptimizer):
             fresh = key in state and state[key][-1].shape == omega.shape
             if self.steps % group["inv_update_freq"] != 0 and fresh:
                 continue
-            if factored:
-                damping = group["damping"]
-                work[name] = partial(factored_inverses, gamma, omega, damping, self.eigen_dtype)
-                like[name] = (gamma, omega)
-            else:
-                work[name] = partial(_eigh_pair, gamma, omega, self.eigen_dtype)
-                like[name] = (gamma[0], gamma, omega[0], omega)
-            costs[name] = gamma.shape[0] ** 3 + omega.shape[0] ** 3
-        for name, out in computed_once(work, like, costs, self.spread_eigen).items():
+            due[name] = group["damping"] if factored else None
+            if factored:  # π from both traces, on every rank; then one inverse per factor
+                pi = factored_pi(gamma.diagonal().mean(), omega.diagonal().mean())
+                root = math.sqrt(group["damping"])
+                shifts = {"gamma": root / pi, "omega": pi * root}
+            for which, factor in (("gamma", gamma), ("omega", omega)):
+                if factored:
+                    work[name, which] = partial(_inverse, factor, shifts[which], self.eigen_dtype)
+                    like[name, which] = (factor,)
+                else:
+                    work[name, which] = partial(symmetric_eigh, factor, self.eigen_dtype)
+                    like[name, which] = (factor[0], factor)
+                costs[name, which] = factor.shape[0] ** 3
+        out = computed_once(work, like, costs, self.spread_eigen)
+        for name, damping in due.items():
             state = self.layer_state[name]
-            if len(out) == 2:
-                state["inverses"] = (jobs[name][2]["damping"], *out)
+            if damping is not None:
+                state["inverses"] = (damping, out[name, "gamma"][0], out[name, "omega"][0])
             else:
-                state["eig_gamma"], state["eig_omega"] = out[:2], out[2:]
-        self._new_bases = set(work)
+                state["eig_gamma"], state["eig_omega"] = out[name, "gamma"], out[name, "omega"]
+        self._new_bases = set(due)
 
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
