@@ -38,6 +38,7 @@ from torch import nn
 
 import fisherlab as fl
 from fisherlab.report import format_table, save_table
+from fisherlab.syncs import counting_syncs
 
 RESULTS = Path(__file__).parent / "results"
 FISHERLAB = ("kfac", "kfac-factored", "ekfac", "ekfac-ra", "tengrad", "skfac", "fngd")
@@ -105,29 +106,6 @@ def _fisherlab(name: str, warmup: int) -> Callable[[nn.Module], torch.optim.Opti
     if name == "kfac-factored":
         return lambda m: fl.optim.KFAC(m, damping_mode="factored", **kwargs)
     return lambda m: fl.optim.OPTIMIZERS[name](m, **kwargs)
-
-
-@contextlib.contextmanager
-def counting_syncs() -> Iterator[list[int]]:
-    """Count the calls that make the host wait for the device's result."""
-    names = ("__bool__", "item", "tolist", "__float__", "__int__")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-    count = [0]
-
-    def counted(original):
-        def call(self, *args):
-            count[0] += 1
-            return original(self, *args)
-
-        return call
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counted(original))
-    try:
-        yield count
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def time_steps(

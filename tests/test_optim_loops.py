@@ -15,6 +15,7 @@ from helpers import EXACT, per_sample_grads, rel_err
 from torch import nn
 
 import fisherlab as fl
+from fisherlab.syncs import counting_syncs
 
 LR, DAMPING = 0.1, 1e-2
 
@@ -718,3 +719,27 @@ def test_a_bias_held_by_another_optimizer_is_left_to_it():
     expected = before - LR * torch.linalg.solve(F + DAMPING * torch.eye(len(F), dtype=F.dtype), g)
     assert rel_err(model[0].weight.detach().flatten(), expected) <= EXACT
     assert torch.equal(model[0].bias.detach(), bias_before - LR * bias_grad)
+
+
+@pytest.mark.parametrize("name", [*NAMES, "kfac-factored"])
+def test_a_step_waits_for_the_device_once(name):
+    """One host synchronisation per step (FNGD after its first epoch: two).
+
+    Counted on the calls that make the host wait; inverse-update steps included.
+    """
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model("cnn")
+    if name == "kfac-factored":
+        opt = MAKE["kfac"](model, damping_mode="factored", inv_update_freq=2)
+    else:
+        opt = MAKE[name](model)
+    counts = []
+    for seed in range(4):
+        x, y = _data("cnn", 8, seed)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        with counting_syncs() as syncs:
+            opt.step()
+        counts.append(syncs[0])
+    # the first step also checks once that the loss's output gradient fits ν (two more)
+    assert counts == ([3, 1, 2, 2] if name == "fngd" else [3, 1, 1, 1]), counts
