@@ -743,3 +743,90 @@ def test_a_step_waits_for_the_device_once(name):
         counts.append(syncs[0])
     # the first step also checks once that the loss's output gradient fits ν (two more)
     assert counts == ([3, 1, 2, 2] if name == "fngd" else [3, 1, 1, 1]), counts
+
+
+# ------------------------------------------------------------------ sync-free steps
+def _sync_free_run(name, sync_free, bad_step=None, kind="mlp"):
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model(kind)
+    opt = MAKE[name](model, momentum=0.9, weight_decay=1e-3, sync_free=sync_free)
+    counts, snapshot = [], None
+    for step in range(5):
+        x, y = _data(kind, 8, step)
+        if step == bad_step:
+            x = x.clone()
+            x[0, 0] = float("nan")
+            snapshot = (_params(model), copy.deepcopy(opt.layer_state))
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        with counting_syncs() as syncs:
+            opt.step()
+        counts.append(syncs[0])
+        if step == bad_step:
+            after = (_params(model), copy.deepcopy(opt.layer_state))
+    return model, opt, counts, snapshot, (after if bad_step is not None else None)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sync_free_steps_equal_the_synchronised_ones_without_waiting(name):
+    synced, _, _, _, _ = _sync_free_run(name, False, kind="cnn")
+    free, opt, counts, _, _ = _sync_free_run(name, True, kind="cnn")
+    _close(_params(free), _params(synced), 1e-12)
+    # first steps: statistics without an old value (and FNGD's first epoch) synchronise once;
+    # after that nothing waits, except FNGD's test of p.grad against its batch gradient
+    expected = {"fngd": [3, 1, 1, 1, 1]}.get(name, [3, 0, 0, 0, 0])
+    assert counts == expected, counts
+    assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_bad_sync_free_step_changes_nothing_and_is_counted(name):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, opt, _, (params, state), (after_params, after_state) = _sync_free_run(
+            name, True, bad_step=3
+        )
+    if name in ("kfac", "ekfac", "ekfac-ra", "tengrad"):  # found on the device: no warning
+        assert not caught, [str(w.message) for w in caught]
+    # (SKFAC's eigh raises on NaN on the CPU, FNGD tests p.grad on the host: both warn)
+    _close(after_params, params, 0.0)
+    for layer, values in state.items():
+        for key, value in values.items():
+            for old, new in zip(_flat(value), _flat(after_state[layer][key])):
+                assert torch.equal(old, new), (layer, key)
+    # a sync-free step counts in `steps` even when skipped; SKFAC's raised on the host: it did not
+    assert opt.skipped_steps == 1 and opt.steps == (4 if name == "skfac" else 5)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _flat(value):
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _flat(value[k])]
+    if isinstance(value, tuple):
+        return [t for v in value for t in _flat(v)]
+    return []
+
+
+def test_a_gradscaler_overflow_in_a_sync_free_step_is_skipped_on_the_device():
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model(dtype=torch.float32)
+    opt = MAKE["kfac"](model, momentum=0.9, sync_free=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(3):
+        x, y = _data("mlp", 8, step, torch.float32)
+        opt.zero_grad()
+        scaler.scale(loss_fn(model(x), y)).backward()
+        if step == 2:
+            model[0].weight.grad[0, 0] = float("inf")
+            before = (_params(model), {k: dict(v) for k, v in opt.layer_state.items()})
+        scaler.step(opt)
+        scaler.update()
+    _close(_params(model), before[0], 0.0)
+    assert all(
+        opt.layer_state[k][key] is not None and torch.equal(_flat(opt.layer_state[k][key])[0],
+                                                            _flat(v)[0])
+        for k, values in before[1].items() for key, v in values.items()
+    )  # fmt: skip
+    assert opt.skipped_steps == 1 and scaler.get_scale() == 2.0**9

@@ -45,7 +45,10 @@ Shared behaviour:
 * A step whose gradients or statistics hold NaN/Inf, or whose curvature overflows or cannot be
   inverted, is skipped for all parameters, with a warning naming the layers; nothing is
   updated, neither parameters nor statistics (they are rolled back). Skipped steps are counted
-  in ``skipped_steps`` (also in ``state_dict()``).
+  in ``skipped_steps`` (also in ``state_dict()``). Deciding it takes one host synchronisation;
+  with ``sync_free=True`` (default on CUDA) none: statistics become ``where(ok, new, old)`` and
+  updates apply under the same flag on the device, a skipped step is silent and counted there,
+  and ``steps`` advances either way (steps whose statistics have no old value synchronise).
 * Statistics live on the parameters' device, in float64 for float64 models, else float32.
 * ``state_dict()`` holds the per-layer statistics too, so a resumed run continues
   bit-identically; ``load_state_dict`` refuses a state saved for other layers or shapes.
@@ -74,6 +77,17 @@ OPTIM_FISHER_TYPES = ("empirical", "mc")
 def _finite(t: Tensor) -> Tensor:
     """Whether all entries are finite, as a 0-dim tensor (sparse tensors: their values)."""
     return torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors in a statistic (a tensor, a tuple of them, a dict of them)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 def _total(t: Tensor) -> Tensor:
@@ -106,12 +120,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             models returning tuples or dicts: an index, a key or a function.
         grad_scaler: The ``GradScaler`` of the loop; needed only when the loop calls
             ``scaler.unscale_(opt)`` before ``scaler.step(opt)``.
+        sync_free: Steps without a host synchronisation once every statistic has a previous
+            value (see the module docstring); default: when the parameters are on CUDA.
         **defaults: Further per-optimizer hyper-parameters (per group).
 
     Attributes:
-        steps: Updates made (the counter method frequencies refer to).
-        skipped_steps: Steps skipped (non-finite gradients or statistics, curvature that could
-            not be inverted, a ``GradScaler`` overflow).
+        steps: Updates made (the counter method frequencies refer to; sync-free steps count
+            whether or not they were skipped).
     """
 
     gather_samples: bool = True
@@ -130,6 +145,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params: Any = None,
         output: OutputSelector = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        sync_free: bool | None = None,
         **defaults: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -165,8 +181,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         self.layers: dict[str, Layer] = {}
         self.layer_state: dict[str, dict[str, Any]] = {}
+        self.sync_free = any(p.is_cuda for p in owned) if sync_free is None else bool(sync_free)
         self.steps = 0
-        self.skipped_steps = 0
+        self._skipped = 0
+        self._skipped_unread: Tensor | None = None  # sync-free steps: counted on the device
         self._warned: set[str] = set()
         self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
         # the first step checks that a cross-entropy's gradient fits the assumed ν
@@ -383,11 +401,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return f"non-finite statistics in layers {bad} and non-finite gradients of {bad_grads}"
         return None
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped (non-finite values, curvature not invertible, ``GradScaler`` overflow).
+
+        Reading it waits for the count of sync-free steps, kept on the device.
+        """
+        unread = 0 if self._skipped_unread is None else int(self._skipped_unread)
+        return self._skipped + unread
+
     def _skip(self, reason: str, saved: dict | None = None) -> None:
         """Count a skipped step, roll the statistics back, say why."""
         if saved is not None:
             self.layer_state = saved
-        self.skipped_steps += 1
+        self._skipped += 1
         warnings.warn(
             f"step {self.steps} skipped: {reason}; parameters and statistics are unchanged",
             RuntimeWarning,
@@ -429,9 +456,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_groups()
         grad_scale, stat_scale, found_inf = self._loss_scale()
-        if found_inf is not None and bool(found_inf):  # GradScaler: overflow, skip quietly
-            self._recorder.clear()
-            self.skipped_steps += 1
+        if found_inf is not None and not self.sync_free and bool(found_inf):
+            self._recorder.clear()  # GradScaler: an overflow, skipped quietly
+            self._skipped += 1
             return loss
         if grad_scale is not None:
             self._unscale(grad_scale)
@@ -472,11 +499,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         groups = {n: job[5] for n, job in jobs.items()}
         params_of = {n: job[1] for n, job in jobs.items()}
         directions = self._revise(directions, grads)
-        bad = self._non_finite(saved, directions)
-        if bad is not None:
-            reason = f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
-            self._skip(self._diagnosis(stats) or reason, saved)
-            return loss
+        changed = self._changed(saved)
+        ok = None
+        if self.sync_free and self._can_keep_on_device(changed):
+            ok = self._finite_flag(changed, directions)
+            if found_inf is not None:
+                ok = ok & (found_inf == 0)
+            self._keep_where(ok, changed)
+            skipped = (~ok).long()
+            self._skipped_unread = (
+                skipped if self._skipped_unread is None else self._skipped_unread + skipped
+            )
+        else:
+            if found_inf is not None and bool(found_inf):  # GradScaler: quietly, rolled back
+                self.layer_state = saved
+                self._skipped += 1
+                return loss
+            bad = self._non_finite(saved, directions)
+            if bad is not None:
+                reason = (
+                    f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
+                )
+                self._skip(self._diagnosis(stats) or reason, saved)
+                return loss
         factors = self._scale(directions, grads, groups)
         updates: dict[int, Tensor] = {}
         for name, d in directions.items():
@@ -490,6 +535,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = updates.get(id(p), p.grad)
+                if ok is not None:  # sync-free: the update applies only where ok
+                    self._update_where(ok, p, update, lr, mom, wd)
+                    continue
                 if wd:
                     p.mul_(1 - lr * wd)
                 if mom:
@@ -502,6 +550,91 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr)
         self.steps += 1
         return loss
+
+    # ------------------------------------------------------------ sync-free steps
+    def _changed(self, saved: dict) -> list[tuple[str, str, Any, Any]]:
+        """``(layer, key, new, old)`` of every statistic this step replaced."""
+        changed = []
+        for name, state in self.layer_state.items():
+            before = saved.get(name, {})
+            for key, value in state.items():
+                old = before.get(key)
+                if isinstance(value, dict) and isinstance(old, dict):
+                    if any(old.get(k) is not v for k, v in value.items()) or len(old) != len(value):
+                        changed.append((name, key, value, old))
+                elif value is not old:
+                    changed.append((name, key, value, old))
+        return changed
+
+    def _can_keep_on_device(self, changed: list) -> bool:
+        """Whether every replaced statistic has an old value to fall back to on the device.
+
+        False at a layer's first step, when a shape or the damping changes, with sparse
+        gradients or new momentum buffers: those steps synchronise once, as usual.
+        """
+
+        def matches(new: Any, old: Any) -> bool:
+            if isinstance(new, Tensor):
+                return isinstance(old, Tensor) and old.shape == new.shape
+            if isinstance(new, tuple):
+                return (
+                    isinstance(old, tuple)
+                    and len(old) == len(new)
+                    and all(matches(a, b) for a, b in zip(new, old))
+                )
+            if isinstance(new, dict):
+                return (
+                    isinstance(old, dict)
+                    and new.keys() == old.keys()
+                    and all(matches(new[k], old[k]) for k in new)
+                )
+            return new == old
+
+        if not all(matches(new, old) for _, _, new, old in changed):
+            return False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and (
+                    p.grad.is_sparse
+                    or (group["momentum"] and "momentum_buffer" not in self.state[p])
+                ):
+                    return False
+        return True
+
+    def _finite_flag(self, changed: list, directions: dict[str, Tensor]) -> Tensor:
+        """Whether every gradient, replaced statistic and direction is finite (on the device)."""
+        tensors = list(directions.values())
+        for _, _, new, _ in changed:
+            tensors += _tensors(new)
+        tensors += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return torch.isfinite(torch.stack([_total(t) for t in tensors])).all()
+
+    def _keep_where(self, ok: Tensor, changed: list) -> None:
+        """Each replaced statistic becomes ``where(ok, new, old)``."""
+
+        def choose(new: Any, old: Any) -> Any:
+            if isinstance(new, Tensor):
+                return torch.where(ok, new, old)
+            if isinstance(new, tuple):
+                return tuple(choose(a, b) for a, b in zip(new, old))
+            if isinstance(new, dict):
+                return {k: choose(new[k], old[k]) for k in new}
+            return new
+
+        for name, key, new, old in changed:
+            self.layer_state[name][key] = choose(new, old)
+
+    def _update_where(
+        self, ok: Tensor, p: Tensor, update: Tensor, lr: float, mom: float, wd: float
+    ) -> None:
+        """The plain update of one parameter where ``ok``, nothing otherwise (no sync)."""
+        if wd:
+            p.mul_(torch.where(ok, torch.full((), 1 - lr * wd, dtype=p.dtype, device=p.device), 1))
+        if mom:
+            buffer = self.state[p]["momentum_buffer"]
+            buffer.copy_(torch.where(ok, buffer * mom + update, buffer))
+            update = buffer
+        p.sub_(torch.where(ok, update, 0.0) * lr)
 
     def _revise(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> dict:
         """Last changes to the directions once all are computed (FNGD's fallback)."""
@@ -583,7 +716,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
         device = next(iter(self.layers.values())).module.weight.device if self.layers else None
         self.steps = extra["steps"]
-        self.skipped_steps = extra.get("skipped_steps", 0)
+        self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
         self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
 
 
