@@ -499,7 +499,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         groups = {n: job[5] for n, job in jobs.items()}
         params_of = {n: job[1] for n, job in jobs.items()}
         directions = self._revise(directions, grads)
-        changed = self._changed(saved)
+        changed = self._changed(saved) if self.sync_free else []
         ok = None
         if self.sync_free and self._can_keep_on_device(changed):
             ok = self._finite_flag(changed, directions)
