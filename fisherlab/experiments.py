@@ -366,19 +366,95 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+#: Statuses of a run that ended (its folder is not overwritten without ``overwrite=True``).
+ENDED = ("finished", "diverged", "failed", "interrupted")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class RunLogger:
     """Writes ``config.json`` once and ``log.csv``/``log.json`` after every epoch (atomically).
+
+    The folder is locked while the run writes it (``.lock``: process id, host, run, start): a
+    second writer is refused with a message naming the first, a lock left by a process that no
+    longer runs is taken over. A folder holding an ended run is not overwritten unless
+    ``overwrite``.
 
     Args:
         folder: The run's folder (created).
         cfg: The resolved config.
+        overwrite: Replace an ended run in ``folder``.
+
+    Raises:
+        FisherlabError: when another live process writes the folder, or it holds an ended run
+            and ``overwrite`` is false.
     """
 
-    def __init__(self, folder: str | os.PathLike, cfg: RunConfig):
+    def __init__(self, folder: str | os.PathLike, cfg: RunConfig, overwrite: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.meta = {"run": cfg.to_dict(), "environment": environment(cfg)}
-        _write_atomic(self.folder / "config.json", json.dumps(self.meta, indent=2) + "\n")
+        self.lock = self.folder / ".lock"
+        self._take_lock(cfg)
+        try:
+            self._check_ended(overwrite)
+            self.meta = {"run": cfg.to_dict(), "environment": environment(cfg)}
+            _write_atomic(self.folder / "config.json", json.dumps(self.meta, indent=2) + "\n")
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self, cfg: RunConfig) -> None:
+        mine = {
+            "pid": os.getpid(),
+            "host": platform.node(),
+            "run": cfg.label,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.lock.read_text())
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                same_host = other.get("host") == platform.node()
+                if same_host and isinstance(other.get("pid"), int) and not _alive(other["pid"]):
+                    self.lock.unlink(missing_ok=True)  # left by a process that ended
+                    continue
+                raise FisherlabError(
+                    f"run folder {self.folder} is being written by another run "
+                    f"({other.get('run', '?')}, process {other.get('pid', '?')} on "
+                    f"{other.get('host', '?')}, since {other.get('started', '?')}); choose "
+                    f"another --out, or remove {self.lock} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(mine, handle)
+            return
+
+    def _check_ended(self, overwrite: bool) -> None:
+        try:
+            old = json.loads((self.folder / "log.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        if old.get("status") in ENDED and not overwrite:
+            label = old.get("run", {}).get("label") or "a run"
+            raise FisherlabError(
+                f"run folder {self.folder} holds an ended run ({old['status']}: {label}); pass "
+                "--overwrite (overwrite=True) to replace it, or choose another --out"
+            )
+
+    def close(self) -> None:
+        """Release the folder."""
+        self.lock.unlink(missing_ok=True)
 
     def write(self, rows: Sequence[dict[str, Any]], status: str, note: str = "") -> None:
         """Rewrite the logs with ``rows`` and the run's ``status``."""
@@ -435,6 +511,7 @@ def train(
     progress: bool = True,
     split: Split | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train one model with one optimizer and seed; log every epoch (see the module docstring).
 
@@ -445,6 +522,8 @@ def train(
         progress: Show a progress bar (on stderr).
         split: The data, if already loaded (saves reading files again in a sweep).
         on_epoch: Called with each finished epoch's row.
+        overwrite: Replace an ended run in ``out`` (otherwise refused); ``out`` is locked
+            while the run writes it (:class:`RunLogger`).
 
     Returns:
         The rows (epoch 0 is the initial model) and the status: ``"finished"``, ``"diverged"``
@@ -462,7 +541,7 @@ def train(
     if cfg.threads is not None and cfg.threads != threads_before:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, device, out, progress, split, on_epoch)
+        return _train(cfg, device, out, progress, split, on_epoch, overwrite)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
@@ -475,11 +554,30 @@ def _train(
     progress: bool,
     split: Split | None,
     on_epoch: Callable[[dict[str, Any]], None] | None,
+    overwrite: bool = False,
 ) -> RunResult:
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     split = split if split is not None else load_split(cfg)
+    logger = RunLogger(out, cfg, overwrite) if out is not None else None
+    try:
+        return _epochs(cfg, device, split, logger, progress, on_epoch)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _epochs(
+    cfg: RunConfig,
+    device: torch.device,
+    split: Split,
+    logger: RunLogger | None,
+    progress: bool,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> RunResult:
+    """The run itself, its folder (if any) locked meanwhile."""
+    out = logger.folder if logger is not None else None
     x_train, y_train = split.x_train[: cfg.train_subset], split.y_train[: cfg.train_subset]
     x_test, y_test = split.x_test[: cfg.test_subset], split.y_test[: cfg.test_subset]
     x_train, y_train = x_train.to(device), y_train.to(device)
@@ -492,7 +590,6 @@ def _train(
     loss_fn = nn.CrossEntropyLoss()
     opt = make_optimizer(cfg, model, steps_per_epoch, loss_fn)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    logger = RunLogger(out, cfg) if out is not None else None
     mc = cfg.fisher_type == "mc"
 
     def eval_row(epoch: int) -> dict[str, Any]:
@@ -764,7 +861,7 @@ def grid_search(
                 if folder is not None and not force and _same_run(folder, cfg.resolved()):
                     result = load_run(folder)  # a finished point of an earlier search
                 else:
-                    result = train(cfg, folder, progress=progress, split=split)
+                    result = train(cfg, folder, progress=progress, split=split, overwrite=True)
                 runs[key].append(result.rows)
                 statuses[key].append(result.status)
     epochs = base.epochs
@@ -1351,7 +1448,7 @@ def compare_optimizers(
                     results.append(load_run(run_dir))
                     log(f"reusing {run_dir} (same config, finished)")
                     continue
-                result = train(cfg, run_dir, progress=progress, split=splits[key])
+                result = train(cfg, run_dir, progress=progress, split=splits[key], overwrite=True)
                 last = result.final
                 log(
                     f"{cfg.label}: {result.status}, test accuracy "

@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             best = ", ".join(f"{k} {v:g}" for k, v in g.best.items() if v is not None)
             print(f"best at the last epoch: {best}; tables in {out}/grid.csv, grid-per-epoch.csv")
             return 0
-        result = ex.train(cfg, out, progress=not args.quiet)
+        result = ex.train(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"interrupted: the finished epochs are logged in {out}", file=sys.stderr)
         return INTERRUPTED
@@ -215,6 +215,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     tr.add_argument("--out", help="run folder (default runs/<optimizer>-<model>-<data>-seed-S)")
+    tr.add_argument(
+        "--overwrite", action="store_true", help="replace an ended run in --out (else refused)"
+    )
     tr.add_argument("--grid", action="store_true", help="grid search over lr × damping")
     tr.add_argument("--grid-lr", type=float, nargs="+", help="learning rates of the grid")
     tr.add_argument("--grid-damping", type=float, nargs="+", help="dampings of the grid")

@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import os
+import platform
 import signal
 import subprocess
 import sys
@@ -332,3 +334,27 @@ def test_the_shipped_digits_config_is_valid():
     names = [set(e["optimizers"]) for e in config["experiments"]]
     assert all(n == set(ex.OPTIMIZER_NAMES) for n in names)
     assert config["seeds"] == [0, 1, 2]
+
+
+def test_a_run_folder_is_locked_while_written_and_an_ended_run_is_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = small(epochs=1)
+    out.mkdir()
+    (out / ".lock").write_text(
+        json.dumps({"pid": os.getpid(), "host": platform.node(), "run": "kfac x", "started": "t"})
+    )
+    with pytest.raises(fl.FisherlabError, match=r"being written by another run \(kfac x, process"):
+        ex.train(cfg, out, progress=False)
+    assert not (out / "config.json").exists()  # the other run's folder is left alone
+    # a lock whose process has ended is taken over
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    (out / ".lock").write_text(json.dumps({"pid": int(child.stdout), "host": platform.node()}))
+    assert ex.train(cfg, out, progress=False).status == "finished"
+    assert not (out / ".lock").exists()  # released
+    with pytest.raises(fl.FisherlabError, match=r"holds an ended run \(finished"):
+        ex.train(cfg, out, progress=False)
+    assert not (out / ".lock").exists()
+    assert run_cli("train", "--epochs", 1, "--out", out, *TINY) != 0
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert run_cli("train", "--epochs", 1, "--out", out, "--overwrite", *TINY) == 0
