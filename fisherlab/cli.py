@@ -238,7 +238,7 @@ def _add_problem_arguments(p: argparse.ArgumentParser, model_default: str | None
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fisherlab`` command."""
-    parser = argparse.ArgumentParser(
+    parser = train_cli.OneLineParser(
         prog="fisherlab", description="Curvature of neural networks: exact Fisher and friends."
     )
     sub = parser.add_subparsers(dest="command", required=True)

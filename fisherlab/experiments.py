@@ -560,9 +560,19 @@ def _train(
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     split = split if split is not None else load_split(cfg)
-    logger = RunLogger(out, cfg, overwrite) if out is not None else None
+    x_train = split.x_train[: cfg.train_subset]
+    steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, split.input_shape, split.num_classes).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = make_optimizer(cfg, model, steps_per_epoch, loss_fn)  # bad options: nothing written
     try:
-        return _epochs(cfg, device, split, logger, progress, on_epoch)
+        logger = RunLogger(out, cfg, overwrite) if out is not None else None
+    except BaseException:
+        getattr(opt, "close", lambda: None)()
+        raise
+    try:
+        return _epochs(cfg, device, split, model, opt, loss_fn, logger, progress, on_epoch)
     finally:
         if logger is not None:
             logger.close()
@@ -572,6 +582,9 @@ def _epochs(
     cfg: RunConfig,
     device: torch.device,
     split: Split,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: nn.Module,
     logger: RunLogger | None,
     progress: bool,
     on_epoch: Callable[[dict[str, Any]], None] | None,
@@ -584,11 +597,6 @@ def _epochs(
     x_test, y_test = x_test.to(device), y_test.to(device)
     n = x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, split.input_shape, split.num_classes).to(device)
-    loss_fn = nn.CrossEntropyLoss()
-    opt = make_optimizer(cfg, model, steps_per_epoch, loss_fn)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     mc = cfg.fisher_type == "mc"
 

@@ -28,6 +28,13 @@ INTERRUPTED = 130
 """Exit status after Ctrl-C (the shell's convention for SIGINT)."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``PROG: error: …``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with the value read as JSON when it parses (numbers, booleans, null)."""
     key, sep, value = text.partition("=")
@@ -37,6 +44,18 @@ def _option(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def _format(text: str) -> str:
+    """A figure format matplotlib can write (checked before anything is written)."""
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    if text not in supported:
+        raise argparse.ArgumentTypeError(
+            f"figure format {text!r} is not supported; choose from {sorted(supported)}"
+        )
+    return text
 
 
 def dump_json(value: Any) -> str:
@@ -236,7 +255,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--out", help="runs folder (default: the config's 'out')")
     cmp.add_argument("--figures", help="figures folder (default: the config's 'figures')")
     cmp.add_argument("--target", type=float, help="test accuracy of the time-to-target table")
-    cmp.add_argument("--formats", nargs="+", default=["png", "pdf"], help="figure formats")
+    cmp.add_argument(
+        "--formats", nargs="+", type=_format, default=["png", "pdf"], help="figure formats"
+    )
     cmp.add_argument("--optimizers", nargs="+", choices=ex.OPTIMIZER_NAMES, help="only these")
     cmp.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     cmp.add_argument("--grid", action="store_true", help="tune lr and damping first")
@@ -256,7 +277,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     cur.add_argument("runs", nargs="+", help="run folders, or folders holding them")
     cur.add_argument("--out", default="figures", help="figures folder")
     cur.add_argument("--target", type=float, help="test accuracy (default: per data set)")
-    cur.add_argument("--formats", nargs="+", default=["png", "pdf"])
+    cur.add_argument("--formats", nargs="+", type=_format, default=["png", "pdf"])
     cur.add_argument("--include-grid", action="store_true", help="also the grid-search runs")
     cur.set_defaults(func=_guarded(cmd_curves))
 
@@ -277,7 +298,7 @@ def _guarded(func):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one of these subcommands on its own (before they are part of ``fisherlab``)."""
-    parser = argparse.ArgumentParser(prog="fisherlab")
+    parser = OneLineParser(prog="fisherlab")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parsers(sub)
     args = parser.parse_args(argv)

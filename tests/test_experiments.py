@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -358,3 +359,26 @@ def test_a_run_folder_is_locked_while_written_and_an_ended_run_is_kept(tmp_path,
     assert run_cli("train", "--epochs", 1, "--out", out, *TINY) != 0
     assert "pass --overwrite" in capsys.readouterr().err
     assert run_cli("train", "--epochs", 1, "--out", out, "--overwrite", *TINY) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--option", "bogus=3"], r"KFAC has no argument\(s\) \['bogus'\]"),
+        (
+            ["train", "--optimizer", "skfac", "--option", "spatial_samples=abc"],
+            "spatial_samples must be a positive integer, got 'abc'",
+        ),
+        (["curves", "--formats", "bogus"], "figure format 'bogus' is not supported"),
+    ],
+)
+def test_cli_errors_are_one_line_with_status_2_and_leave_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    extra = [tmp_path] if argv[0] == "curves" else TINY
+    try:
+        code = run_cli(*argv, "--out", out, *extra)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -130,6 +130,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """
 
     gather_samples: bool = True
+    #: The method's own per-group hyper-parameters (anything else is refused by name).
+    hyper_parameters: tuple[str, ...] = ()
     #: ``GradScaler.step`` passes ``grad_scale`` and ``found_inf`` instead of unscaling itself.
     _step_supports_amp_scaling: bool = True
 
@@ -157,6 +159,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise FisherlabError(
                 f"fisher_type {fisher_type!r} is not available in optimizers; choose one of "
                 f"{OPTIM_FISHER_TYPES}"
+            )
+        unknown = sorted(set(defaults) - set(self.hyper_parameters))
+        if unknown:
+            known = (
+                "lr, damping, momentum, weight_decay, fisher_type, loss_fn, params, output, "
+                f"grad_scaler, sync_free{''.join(', ' + h for h in self.hyper_parameters)}"
+            )
+            raise FisherlabError(
+                f"{type(self).__name__} has no argument(s) {unknown}; its arguments: {known}"
             )
         loss = LossSpec.from_module(loss_fn) if loss_fn is not None else None
         if fisher_type == "mc" and loss is None:

@@ -26,6 +26,8 @@ class EKFAC(KFAC):
             ``kl_clip``: damping is ``1/(s + λ)`` in the basis).
     """
 
+    hyper_parameters = (*KFAC.hyper_parameters, "running_average")
+
     def __init__(
         self,
         model,

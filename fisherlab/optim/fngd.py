@@ -48,6 +48,8 @@ class FNGD(TENGraD):
             :class:`~fisherlab.optim.CurvatureOptimizer`.
     """
 
+    hyper_parameters = ("steps_per_epoch", "damping_mode")
+
     def __init__(
         self,
         model,

@@ -60,6 +60,10 @@ class KFAC(CurvatureOptimizer):
     """
 
     gather_samples = False  # batch factors are averaged across ranks instead
+    hyper_parameters = (
+        "stat_decay", "factor_update_freq", "inv_update_freq", "damping_mode", "kl_clip",
+        "kfac_approx",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from fisherlab.blocks.kfac import DAMPING_MODES
 from fisherlab.blocks.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
-from fisherlab.conventions import check_choice, check_range
+from fisherlab.conventions import check_choice, check_positive_int, check_range
 from fisherlab.layers import Layer
 from fisherlab.optim.base import CurvatureOptimizer
 from fisherlab.optim.kfac import update_average
@@ -35,6 +35,8 @@ class SKFAC(CurvatureOptimizer):
             :class:`~fisherlab.optim.CurvatureOptimizer`.
     """
 
+    hyper_parameters = ("stat_decay", "conv_reduction", "spatial_samples", "damping_mode")
+
     def __init__(
         self,
         model,
@@ -61,6 +63,8 @@ class SKFAC(CurvatureOptimizer):
         check_range("stat_decay", group["stat_decay"], 0.0, 1.0)
         check_choice("conv_reduction", group["conv_reduction"], CONV_REDUCTIONS)
         check_choice("damping_mode", group["damping_mode"], DAMPING_MODES)
+        if group["spatial_samples"] is not None:
+            check_positive_int("spatial_samples", group["spatial_samples"])
 
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
