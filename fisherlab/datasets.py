@@ -187,9 +187,21 @@ def load_idx_dataset(
     x_train, x_test = _standardise(
         arrays["train_images"][:, None], arrays["test_images"][:, None], dtype
     )
-    y_train = torch.as_tensor(arrays["train_labels"].astype(np.int64))
-    y_test = torch.as_tensor(arrays["test_labels"].astype(np.int64))
+    y_train = _labels(name, "train", arrays["train_labels"])
+    y_test = _labels(name, "test", arrays["test_labels"])
     return data.Split(x_train, y_train, x_test, y_test, 10)
+
+
+def _labels(name: str, part: str, labels: np.ndarray, classes: int = 10) -> torch.Tensor:
+    """int64 labels, checked to lie in ``[0, classes)`` (a clear error naming the bad ones)."""
+    labels = labels.astype(np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise DataFilesError(
+            f"{name}: {part} labels must lie in [0, {classes}), but {bad.size} do not (first at "
+            f"index {bad[0]}: {labels[bad[0]]})"
+        )
+    return torch.as_tensor(labels)
 
 
 _PICKLE_GLOBALS = {
@@ -283,7 +295,8 @@ def load_cifar10(
     x_tr = np.concatenate([x for x, _ in train])
     y_tr = np.concatenate([y for _, y in train])
     x_train, x_test = _standardise(x_tr, x_te, dtype)
-    return data.Split(x_train, torch.as_tensor(y_tr), x_test, torch.as_tensor(y_te), 10)
+    y_train, y_test = _labels("cifar10", "train", y_tr), _labels("cifar10", "test", y_te)
+    return data.Split(x_train, y_train, x_test, y_test, 10)
 
 
 def load(

@@ -296,7 +296,12 @@ def build_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.M
         kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
     except (TypeError, ValueError):  # no signature (some builtins): call without arguments
         kwargs = {}
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as err:  # the user's code: one clear line instead of its traceback
+        raise FisherlabError(
+            f"the model factory {spec} raised {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(model, nn.Module):
         raise FisherlabError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -346,7 +351,19 @@ def environment(cfg: RunConfig) -> dict[str, Any]:
         path = Path(cfg.model.rpartition(":")[0])
         if path.is_file():
             env["model_file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if cfg.data_dir is not None:
+        env["data_fingerprint"] = data_fingerprint(cfg.data_dir)
     return env
+
+
+def data_fingerprint(folder: str | os.PathLike) -> str:
+    """A digest of the files under a data folder (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -1369,13 +1386,23 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+#: What a run depends on besides its config, compared before a finished run is reused.
+REUSE_KEYS = ("model_file_sha256", "data_fingerprint")
+
+
 def _same_run(folder: Path, cfg: RunConfig) -> bool:
-    """Whether ``folder`` holds a finished run of exactly ``cfg``."""
+    """Whether ``folder`` holds a finished run of exactly ``cfg``.
+
+    The same config, model file (its SHA-256) and data files (:func:`data_fingerprint`).
+    """
     try:
         old = load_run(folder)
     except (FisherlabError, OSError, json.JSONDecodeError, KeyError):
         return False
-    return old.status in ("finished", "diverged", "failed") and old.config == cfg
+    if old.status not in ("finished", "diverged", "failed") or old.config != cfg:
+        return False
+    now = environment(cfg)
+    return all(old.environment.get(key) == now.get(key) for key in REUSE_KEYS)
 
 
 def compare_optimizers(

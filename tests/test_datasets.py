@@ -178,3 +178,12 @@ def test_digits_come_from_data_module_and_names_are_checked():
     assert torch.equal(ours.x_train, theirs.x_train) and torch.equal(ours.y_test, theirs.y_test)
     with pytest.raises(ValueError, match="unknown data set 'svhn'"):
         datasets.load("svhn")
+
+
+def test_labels_out_of_range_are_refused_naming_them(tmp_path):
+    arrays = write_mnist_like(tmp_path, compress=False)
+    labels = arrays["train-labels-idx1-ubyte"].copy()
+    labels[3] = 12
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, False)
+    with pytest.raises(DataFilesError, match=r"train labels must lie in \[0, 10\).*index 3: 12"):
+        datasets.load("fashion-mnist", tmp_path)

@@ -382,3 +382,28 @@ def test_cli_errors_are_one_line_with_status_2_and_leave_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_factory_that_raises_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    model_file = tmp_path / "bad.py"
+    model_file.write_text("def make(**kw):\n    raise ValueError('boom in my factory')\n")
+    out = tmp_path / "run"
+    assert run_cli("train", "--model", f"{model_file}:make", "--out", out, *TINY) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "raised ValueError: boom in my factory" in err[0], err
+    assert not out.exists()
+
+
+def test_a_finished_run_is_reused_only_with_the_same_model_file(tmp_path):
+    model_file = tmp_path / "net.py"
+    model_file.write_text(
+        "import torch\n"
+        "def make(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n"
+    )
+    cfg = small(epochs=1, model=f"{model_file}:make").resolved()
+    out = tmp_path / "run"
+    ex.train(cfg, out, progress=False)
+    assert ex._same_run(out, cfg)
+    model_file.write_text(model_file.read_text() + "# changed\n")
+    assert not ex._same_run(out, cfg)  # the config text is the same, the file is not
