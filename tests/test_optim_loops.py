@@ -73,36 +73,42 @@ def _plain_steps(name, kind, batches, loss_fn, **kw):
 
 
 # ------------------------------------------------------------------ statistics follow p.grad
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("kind, loss", [("mlp", "ce"), ("cnn", "ce"), ("mlp", "mse")])
-def test_two_micro_batches_of_4_equal_one_batch_of_8(name, kind, loss):
-    loss_fn = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
-    batches = [_data(kind, 8, seed, loss=loss) for seed in (1, 2, 3)]
+def _loop_equals_plain(name, kind, loss_fn, batches, backward):
+    """Steps whose loop runs ``backward(model, x, y)`` end where the textbook loop ends."""
     reference = _plain_steps(name, kind, batches, loss_fn)
     model = _model(kind)
     opt = MAKE[name](model, loss_fn=loss_fn)
     for x, y in batches:
         opt.zero_grad()
-        for part in (slice(0, 4), slice(4, 8)):  # the usual accumulation: loss / micro-batches
-            (loss_fn(model(x[part]), y[part]) / 2).backward()
+        backward(model, x, y)
         opt.step()
     _close(_params(model), _params(reference))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind, loss", [("mlp", "ce"), ("cnn", "ce"), ("mlp", "mse")])
+def test_two_micro_batches_of_4_equal_one_batch_of_8(name, kind, loss):
+    loss_fn = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
+
+    def accumulate(model, x, y):  # the usual accumulation: loss / micro-batches
+        for part in (slice(0, 4), slice(4, 8)):
+            (loss_fn(model(x[part]), y[part]) / 2).backward()
+
+    batches = [_data(kind, 8, seed, loss=loss) for seed in (1, 2, 3)]
+    _loop_equals_plain(name, kind, loss_fn, batches, accumulate)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_two_calls_of_the_model_in_one_step_are_two_sets_of_samples(name):
     """A Siamese-style loss over two calls equals one call on both halves (no mispairing)."""
     loss_fn = nn.CrossEntropyLoss()
-    batches = [_data("mlp", 8, seed) for seed in (1, 2, 3)]
-    reference = _plain_steps(name, "mlp", batches, loss_fn)
-    model = _model()
-    opt = MAKE[name](model, loss_fn=loss_fn)
-    for x, y in batches:
-        opt.zero_grad()
+
+    def siamese(model, x, y):
         first, second = model(x[:4]), model(x[4:])
         (0.5 * loss_fn(first, y[:4]) + 0.5 * loss_fn(second, y[4:])).backward()
-        opt.step()
-    _close(_params(model), _params(reference))
+
+    batches = [_data("mlp", 8, seed) for seed in (1, 2, 3)]
+    _loop_equals_plain(name, "mlp", loss_fn, batches, siamese)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -127,17 +133,14 @@ def test_a_forward_between_backward_and_step_changes_nothing(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_backward_twice_through_one_forward_adds_up(name):
     loss_fn = nn.CrossEntropyLoss()
-    batches = [_data("mlp", 8, seed) for seed in (1, 2)]
-    reference = _plain_steps(name, "mlp", batches, loss_fn)
-    model = _model()
-    opt = MAKE[name](model, loss_fn=loss_fn)
-    for x, y in batches:
-        opt.zero_grad()
+
+    def twice(model, x, y):
         out = model(x)
         (0.25 * loss_fn(out, y)).backward(retain_graph=True)
         (0.75 * loss_fn(out, y)).backward()
-        opt.step()
-    _close(_params(model), _params(reference))
+
+    batches = [_data("mlp", 8, seed) for seed in (1, 2)]
+    _loop_equals_plain(name, "mlp", loss_fn, batches, twice)
 
 
 def test_zero_grad_drops_the_statistics_recorded_with_the_gradients():

@@ -510,7 +510,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         groups = {n: job[5] for n, job in jobs.items()}
         params_of = {n: job[1] for n, job in jobs.items()}
         directions = self._revise(directions, grads)
-        changed = self._changed(saved) if self.sync_free else []
+        changed = self._changed(saved)
         ok = None
         if self.sync_free and self._can_keep_on_device(changed):
             ok = self._finite_flag(changed, directions)
@@ -526,7 +526,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self.layer_state = saved
                 self._skipped += 1
                 return loss
-            bad = self._non_finite(saved, directions)
+            bad = self._non_finite(changed, directions)
             if bad is not None:
                 reason = (
                     f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
@@ -651,24 +651,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Last changes to the directions once all are computed (FNGD's fallback)."""
         return directions
 
-    def _non_finite(self, saved: dict, directions: dict[str, Tensor]) -> list[str] | None:
-        """``None`` if every gradient, new statistic and direction is finite, else the layers.
+    def _non_finite(self, changed: list, directions: dict[str, Tensor]) -> list[str] | None:
+        """``None`` if every gradient, replaced statistic and direction is finite, else layers.
 
-        One host synchronisation: the sums of all of them, tested together (a NaN or Inf
-        anywhere, or a sum that overflows, fails the test); the layers are found only then.
+        One host synchronisation; the layers holding non-finite values are found only when the
+        test fails.
         """
-        checked: list[tuple[str | None, Tensor]] = [(n, d) for n, d in directions.items()]
-        for name, state in self.layer_state.items():
-            for key, value in state.items():
-                if value is not saved.get(name, {}).get(key):
-                    values = value if isinstance(value, tuple) else (value,)
-                    checked += [(name, t) for t in values if isinstance(t, Tensor)]
-        checked += [
-            (None, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None
-        ]
-        if not checked or bool(torch.isfinite(torch.stack([_total(t) for _, t in checked])).all()):
+        if bool(self._finite_flag(changed, directions)):
             return None
-        return sorted({name for name, t in checked if name is not None and not bool(_finite(t))})
+        named = [(n, d) for n, d in directions.items()]
+        named += [(name, t) for name, _, new, _ in changed for t in _tensors(new)]
+        return sorted({name for name, t in named if not bool(_finite(t))})
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
