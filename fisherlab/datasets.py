@@ -1,4 +1,7 @@
-"""Real data sets read from local files with numpy: nothing downloads.
+"""Readers of real data sets' local files, with numpy: nothing downloads.
+
+The registry of data sets by name is :data:`fisherlab.data.DATASETS`; :func:`load` here is the
+same function as :func:`fisherlab.data.load`.
 
 * **digits** (default): scikit-learn's embedded 8×8 digits (:func:`fisherlab.data.load_digits`).
 * **fashion-mnist**, **mnist**: the four IDX files of the original distributions,
@@ -59,9 +62,6 @@ CIFAR10_TEST = "test_batch"
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package installs the IDX files."""
-
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
-"""Names accepted by :func:`load`."""
 
 _TORCHVISION_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 
@@ -299,30 +299,8 @@ def load_cifar10(
     return data.Split(x_train, y_train, x_test, y_test, 10)
 
 
-def load(
-    name: str,
-    data_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> data.Split:
-    """Load a data set by name: one of :data:`DATASETS`.
-
-    Args:
-        name: ``"digits"``, ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.
-        data_dir: Folder of the local files (not used by digits).
-        seed: Seed of the train/test split (digits only; the others ship their own split).
-        dtype: Floating dtype of the images.
-
-    Raises:
-        FisherlabError: For an unknown name; :class:`DataFilesError` for missing files.
-    """
-    if name == "digits":
-        return data.load_digits(seed=seed, dtype=dtype)
-    if name in _TORCHVISION_FOLDERS:
-        return load_idx_dataset(name, data_dir, dtype)
-    if name == "cifar10":
-        return load_cifar10(data_dir, dtype)
-    raise FisherlabError(f"unknown data set {name!r}; choose from {list(DATASETS)}")
+load = data.load
+DATASETS = data.DATASETS
 
 
 __all__ = [

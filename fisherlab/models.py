@@ -1,12 +1,24 @@
-"""Small reference models for the embedded digits data (8×8 images, 10 classes)."""
+"""Reference models and the one registry of models that fisherlab's commands know by name.
+
+:data:`MODELS` maps a name to a :class:`ModelEntry`: the builder with its own keyword arguments
+(defaults sized for the embedded digits, 8×8 images and 10 classes) and how to size it for any
+data set. :func:`create` builds a registered model, or a user's ``"path/to/file.py:factory"``,
+for given input shape and class count; the experiment runner, the CLI and the analyses all call
+it, so adding a model touches this file only.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
+
+from fisherlab.conventions import FisherlabError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -67,16 +79,6 @@ def small_cnn(
     )
 
 
-MODELS = {"mlp": mlp, "cnn": small_cnn}
-
-
-def build(name: str, **kwargs) -> nn.Sequential:
-    """Build a reference model by name (``"mlp"`` or ``"cnn"``)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
-
-
 def three_conv_one_fc(
     in_channels: int = 1,
     image_size: int = 8,
@@ -110,14 +112,63 @@ def three_conv_one_fc(
     return nn.Sequential(*layers)
 
 
-MODELS["3c1f"] = three_conv_one_fc
+def _square_images(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise FisherlabError(f"model {name!r} needs square images [C, H, H], got {shape}")
+    return shape[0], shape[1]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model.
+
+    Attributes:
+        build: The builder, called with its own keyword arguments (:func:`build`).
+        for_data: ``(input_shape, num_classes) -> nn.Module``: the model sized for a data set.
+        description: One line for help texts.
+    """
+
+    build: Callable[..., nn.Module]
+    for_data: Callable[[tuple[int, ...], int], nn.Module]
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "mlp": ModelEntry(
+        mlp,
+        lambda shape, classes: mlp(math.prod(shape), (128, 64), classes),
+        "fully connected, hidden widths 128 and 64, tanh",
+    ),
+    "cnn": ModelEntry(
+        small_cnn,
+        lambda shape, classes: small_cnn(*_square_images("cnn", shape), classes),
+        "two 3×3 convolutions (8 and 16 channels, the second with stride 2), linear head",
+    ),
+    "3c1f": ModelEntry(
+        three_conv_one_fc,
+        lambda shape, classes: three_conv_one_fc(*_square_images("3c1f", shape), classes),
+        "three 3×3 convolutions with 2×2 max-pooling, one linear layer (TENGraD's 3C1F)",
+    ),
+}
+"""Every model known by name: the CLI's ``--model`` choices and the experiment runner's."""
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered model by name with the builder's own keyword arguments.
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name].build(**kwargs)
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:
     """The model factory named by ``"path/to/file.py:factory"`` (a function or class in that file).
 
     The file is imported as a fresh module (its top-level code runs, so only load your own
-    files). The factory is called by :mod:`fisherlab.experiments` with the keyword arguments
+    files). The factory is called by :func:`create` with the keyword arguments
     ``input_shape`` and ``num_classes`` that its signature accepts.
 
     Raises:
@@ -139,3 +190,49 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise ValueError(f"{str(file)!r} has no callable {name!r}")
     return factory
+
+
+def create(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """A model for inputs of ``input_shape`` (e.g. ``[C, H, W]``) and ``num_classes`` outputs.
+
+    Args:
+        spec: A name of :data:`MODELS` or ``"path/to/file.py:factory"``, called with the keyword
+            arguments ``input_shape`` and ``num_classes`` its signature accepts.
+        input_shape: Shape of one input, e.g. ``(1, 8, 8)``.
+        num_classes: Number of outputs.
+
+    Raises:
+        FisherlabError: For an unknown name, a bad file spec, a factory that raises or returns
+            no ``nn.Module``, or a shape the model cannot take.
+
+    Example:
+        >>> create("3c1f", (1, 28, 28), 10)[-1]
+        Linear(in_features=576, out_features=10, bias=True)
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if spec in MODELS:
+        return MODELS[spec].for_data(shape, num_classes)
+    if ":" not in spec:
+        raise FisherlabError(
+            f"unknown model {spec!r}; choose from {list(MODELS)} or give 'path/to/file.py:factory'"
+        )
+    try:
+        factory = load_factory(spec)
+    except ValueError as err:
+        raise FisherlabError(str(err)) from err
+    offered = {"input_shape": shape, "num_classes": num_classes}
+    try:
+        params = inspect.signature(factory).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
+    except (TypeError, ValueError):  # no signature (some builtins): call without arguments
+        kwargs = {}
+    try:
+        model = factory(**kwargs)
+    except Exception as err:  # the user's code: one clear line instead of its traceback
+        raise FisherlabError(
+            f"the model factory {spec} raised {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise FisherlabError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -18,6 +18,8 @@ import fisherlab as fl
 from fisherlab import experiments as ex
 from fisherlab import models, train_cli
 from fisherlab.conventions import FisherlabError
+from fisherlab.experiments.grid import _point_name
+from fisherlab.experiments.runlog import _same_run
 
 TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--threads", "1"]
 TINY += ["--quiet"]
@@ -178,7 +180,7 @@ def test_three_conv_one_fc_fits_every_data_set(shape):
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     assert len(convs) == 3 and len(linears) == 1
     assert model(torch.zeros(2, *shape)).shape == (2, 10)
-    assert models.MODELS["3c1f"] is models.three_conv_one_fc
+    assert models.MODELS["3c1f"].build is models.three_conv_one_fc
     assert list(fl.capture(model, torch.nn.CrossEntropyLoss(), torch.randn(2, *shape),
                            torch.tensor([0, 1])))  # fmt: skip
 
@@ -235,7 +237,7 @@ def test_grid_search_selects_per_epoch_and_writes_tables(tmp_path):
     assert len(grid.points) == 4 and [r["epoch"] for r in grid.per_epoch] == [1, 2]
     for row in grid.per_epoch:
         scores = [
-            ex.load_run(tmp_path / ex._point_name(p["lr"], p["damping"]) / "seed0").rows[
+            ex.load_run(tmp_path / _point_name(p["lr"], p["damping"]) / "seed0").rows[
                 row["epoch"]
             ]["train_loss"]
             for p in grid.points
@@ -404,6 +406,6 @@ def test_a_finished_run_is_reused_only_with_the_same_model_file(tmp_path):
     cfg = small(epochs=1, model=f"{model_file}:make").resolved()
     out = tmp_path / "run"
     ex.train(cfg, out, progress=False)
-    assert ex._same_run(out, cfg)
+    assert _same_run(out, cfg)
     model_file.write_text(model_file.read_text() + "# changed\n")
-    assert not ex._same_run(out, cfg)  # the config text is the same, the file is not
+    assert not _same_run(out, cfg)  # the config text is the same, the file is not

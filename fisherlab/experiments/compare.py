@@ -1,0 +1,207 @@
+"""``compare-optimizers``: every optimizer of an experiment config, seeded, after a grid search."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fisherlab.conventions import FisherlabError
+from fisherlab.data import Split
+from fisherlab.experiments.config import DEFAULT_TARGETS, OPTIMIZER_NAMES, RunConfig
+from fisherlab.experiments.figures import curves_figure, save_figure, step_time_figure
+from fisherlab.experiments.grid import GridResult, _point_name, grid_search, grid_values
+from fisherlab.experiments.runlog import RunResult, _same_run, load_run
+from fisherlab.experiments.runner import train
+from fisherlab.experiments.setup import load_split
+from fisherlab.experiments.summary import group_runs, markdown_table, summarise
+from fisherlab.report import save_table
+
+
+def write_curves(
+    runs: Sequence[RunResult],
+    out: str | os.PathLike,
+    target: float | None = None,
+    formats: Sequence[str] = ("png", "pdf"),
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Draw the curves and step-time figures and write the time-to-target table.
+
+    Writes ``curves-<data>-<model>.*`` per data set and model,
+    ``optimizers-<data>-step-time.*`` and ``optimizers-<data>-time-to-target.{md,csv,json}`` per
+    data set into ``out``.
+
+    Returns:
+        The table rows (:func:`summarise`) and the written paths.
+    """
+    out = Path(out)
+    groups = group_runs(runs)
+    table = summarise(runs, target)
+    written: list[Path] = []
+    by_data: dict[str, dict[str, dict[str, list[RunResult]]]] = {}
+    for (data, model), by_label in groups.items():
+        tgt = target if target is not None else DEFAULT_TARGETS.get(data, 0.9)
+        some = next(iter(by_label.values()))[0].config
+        title = (
+            f"{model} on {data}: {some.epochs} epochs, batch {some.batch_size}, "
+            f"momentum {some.momentum:g}"
+        )
+        fig = curves_figure(by_label, title, tgt)
+        written += save_figure(fig, out / f"curves-{data}-{model}", formats)
+        by_data.setdefault(data, {})[model] = by_label
+    for data, by_model in by_data.items():
+        fig = step_time_figure(by_model, f"{data}: where the training time goes")
+        written += save_figure(fig, out / f"optimizers-{data}-step-time", formats)
+        rows = [r for r in table if r["data"] == data]
+        stem = out / f"optimizers-{data}-time-to-target"
+        written += save_table(rows, stem, {"target": rows[0]["target"], "spread": "sample std"})
+        md = stem.with_suffix(".md")
+        md.write_text(markdown_table(rows) + "\n")
+        written.append(md)
+    return table, written
+
+
+# --------------------------------------------------------------------- compare-optimizers
+EXPERIMENT_KEYS = {
+    "description",
+    "out",
+    "figures",
+    "seeds",
+    "target_accuracy",
+    "train",
+    "grid",
+    "experiments",
+}
+
+
+def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a compare-optimizers config (JSON; see ``configs/digits.json``).
+
+    Keys: ``train`` (settings shared by every run, as :class:`RunConfig` fields), ``seeds``,
+    ``experiments`` (a list of ``{"model": …, "optimizers": {name: {"lr": …, "damping": …,
+    "options": {…}}}}``), optional ``out`` (runs folder), ``figures``, ``target_accuracy``,
+    ``grid`` (``{name or "*": {"lr": […], "damping": […]}, "seeds": […], "select": …}``) and
+    ``description``.
+
+    Raises:
+        FisherlabError: For a missing file, bad JSON, unknown keys or optimizers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FisherlabError(f"config file {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FisherlabError(f"{path} is not valid JSON: {err}") from err
+    unknown = sorted(set(cfg) - EXPERIMENT_KEYS)
+    if unknown:
+        raise FisherlabError(f"{path}: unknown key(s) {unknown}; valid: {sorted(EXPERIMENT_KEYS)}")
+    if not cfg.get("experiments"):
+        raise FisherlabError(f"{path}: 'experiments' must list at least one model")
+    RunConfig.from_dict(cfg.get("train", {}))  # typos in shared settings fail early
+    for exp in cfg["experiments"]:
+        bad = sorted(set(exp.get("optimizers", {})) - set(OPTIMIZER_NAMES))
+        if "model" not in exp or not exp.get("optimizers") or bad:
+            raise FisherlabError(
+                f"{path}: each experiment needs 'model' and 'optimizers' from "
+                f"{list(OPTIMIZER_NAMES)} (unknown: {bad})"
+            )
+        for name, hyper in exp["optimizers"].items():
+            extra = sorted(set(hyper) - {"lr", "damping", "options", "note"})
+            if extra:
+                raise FisherlabError(f"{path}: {exp['model']}/{name}: unknown key(s) {extra}")
+    return cfg
+
+
+#: What a run depends on besides its config, compared before a finished run is reused.
+
+
+def compare_optimizers(
+    experiment: dict[str, Any],
+    out: str | os.PathLike | None = None,
+    optimizers: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    grid: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    warmup: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[list[RunResult], dict[tuple[str, str], GridResult]]:
+    """Run every optimizer of every experiment with every seed (after a grid search if asked).
+
+    Runs go to ``out/<data>-<model>/<optimizer>/seed<S>``; finished runs of the same config are
+    reused unless ``force``. With ``grid``, each optimizer's learning rate and damping are first
+    chosen by :func:`grid_search` (runs under ``out/grid/…``) and ``experiment`` is updated in
+    place with the choice. With ``warmup``, one untimed tiny run of each optimizer precedes its
+    seeded runs, so that one-time costs (loading linear-algebra kernels, first calls) do not
+    land in whichever run happens to come first.
+
+    Returns:
+        The runs and the grid results by ``(model, optimizer)``.
+    """
+    out = Path(out or experiment.get("out") or "runs/compare")
+    shared = dict(experiment.get("train", {}))
+    seeds = list(seeds if seeds is not None else experiment.get("seeds", [0]))
+    grid_cfg = experiment.get("grid", {})
+    splits: dict[tuple, Split] = {}
+    results: list[RunResult] = []
+    grids: dict[tuple[str, str], GridResult] = {}
+    for exp in experiment["experiments"]:
+        for name, hyper in exp["optimizers"].items():
+            if optimizers and name not in optimizers:
+                continue
+            base = RunConfig.from_dict(
+                {
+                    **shared,
+                    "model": exp["model"],
+                    "optimizer": name,
+                    "lr": hyper.get("lr"),
+                    "damping": hyper.get("damping"),
+                    "optimizer_options": hyper.get("options", {}),
+                }
+            ).resolved()
+            key = (base.data, base.data_dir, base.split_seed)
+            if key not in splits:
+                splits[key] = load_split(base)
+            folder = out / f"{base.data}-{Path(exp['model']).name.replace(':', '-')}"
+            if grid:
+                lrs, dampings = grid_values(name, grid_cfg)
+                log(f"grid search {name} on {exp['model']}: lr {lrs} × damping {dampings}")
+                g = grid_search(
+                    base,
+                    lrs,
+                    dampings,
+                    seeds=grid_cfg.get("seeds", [0]),
+                    select=grid_cfg.get("select", "train_loss"),
+                    out=out / "grid" / folder.name / name,
+                    progress=progress,
+                    split=splits[key],
+                    force=force,
+                )
+                grids[(exp["model"], name)] = g
+                base = dataclasses.replace(base, **g.best)
+                hyper.update({k: v for k, v in g.best.items() if v is not None})
+                log(f"  best at the last epoch ({g.select}): {_point_name(base.lr, base.damping)}")
+            if warmup:  # first calls (library loading, kernel set-up) are not timed in runs
+                tiny = dataclasses.replace(
+                    base, epochs=1, train_subset=2 * base.batch_size, test_subset=64, tag="warmup"
+                )
+                train(tiny, None, progress=False, split=splits[key])
+            for seed in seeds:
+                cfg = dataclasses.replace(base, seed=seed)
+                run_dir = folder / name / f"seed{seed}"
+                if not force and _same_run(run_dir, cfg):
+                    results.append(load_run(run_dir))
+                    log(f"reusing {run_dir} (same config, finished)")
+                    continue
+                result = train(cfg, run_dir, progress=progress, split=splits[key], overwrite=True)
+                last = result.final
+                log(
+                    f"{cfg.label}: {result.status}, test accuracy "
+                    f"{100 * last['test_accuracy']:.1f}%, train loss {last['train_loss']:.4f}, "
+                    f"{last['time_s']:.1f} s"
+                )
+                results.append(result)
+    return results, grids

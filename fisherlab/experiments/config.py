@@ -1,0 +1,236 @@
+"""What defines a run: :class:`RunConfig`, the defaults, and what results depend on besides it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fisherlab import data, models, optim
+from fisherlab.conventions import FisherlabError
+
+FIRST_ORDER = ("sgd", "adam")
+OPTIMIZER_NAMES: tuple[str, ...] = (*FIRST_ORDER, *optim.OPTIMIZERS)
+"""Every optimizer :func:`train` knows: SGD, Adam and fisherlab's curvature optimizers."""
+
+
+DEFAULT_HYPER: dict[str, dict[str, float | None]] = {
+    "sgd": {"lr": 0.3, "damping": None},
+    "adam": {"lr": 0.01, "damping": None},
+    "kfac": {"lr": 0.3, "damping": 1.0},
+    "ekfac": {"lr": 3e-4, "damping": 1e-4},
+    "ekfac-ra": {"lr": 0.3, "damping": 1.0},
+    "tengrad": {"lr": 0.3, "damping": 1.0},
+    "skfac": {"lr": 0.03, "damping": 0.1},
+    "fngd": {"lr": 0.3, "damping": 1.0},
+}
+"""Learning rate and damping used when a run gives none: the grid search's choice for the digits
+MLP (10 epochs, batch 64, momentum 0.9; lowest training loss over 42 lr × damping points).
+
+``configs/digits.json`` keeps the per-model values (the small CNN's differ); other data sets and
+models deserve their own search (``fisherlab train --grid``). On digits the curvature
+optimizers' results depend mostly on ``lr/damping``: e.g. KFAC reaches almost the same loss at
+(0.3, 1), (0.03, 0.1) and (0.003, 0.01).
+"""
+
+DEFAULT_GRID: dict[str, dict[str, list[float]]] = {
+    "sgd": {"lr": [0.01, 0.03, 0.1, 0.3]},
+    "adam": {"lr": [3e-4, 1e-3, 3e-3, 1e-2]},
+    "*": {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "damping": [1e-3, 1e-2, 1e-1, 1.0]},
+}
+"""The grid of :func:`grid_search` per optimizer (``"*"``: every curvature optimizer)."""
+
+DEFAULT_TARGETS = {name: entry.target_accuracy for name, entry in data.DATASETS.items()}
+"""Test accuracy of the time-to-target table when none is given (from the data registry)."""
+
+SELECT_CRITERIA = {"train_loss": min, "test_loss": min, "test_accuracy": max}
+"""Grid-search criteria and whether lower (``min``) or higher (``max``) is better."""
+
+ROW_KEYS = (
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "train_loss_running",
+    "test_loss",
+    "test_accuracy",
+    "time_s",
+    "epoch_time_s",
+    "step_time_s",
+    "forward_backward_s",
+    "eval_time_s",
+    "steps",
+    "skipped_steps",
+)
+"""Columns of ``log.csv``, in order."""
+
+
+# --------------------------------------------------------------------------------- config
+@dataclass
+class RunConfig:
+    """Everything that defines one training run; ``config.json`` holds :meth:`to_dict`.
+
+    Args:
+        optimizer: One of :data:`OPTIMIZER_NAMES`.
+        model: A name of :data:`fisherlab.models.MODELS` or ``"path/to/file.py:factory"``.
+        data: One of :data:`fisherlab.data.DATASETS`.
+        data_dir: Folder of the local data files (not needed for digits).
+        epochs: Passes over the training set.
+        batch_size: Mini-batch size (the last batch of an epoch may be smaller).
+        lr: Learning rate (``None``: :data:`DEFAULT_HYPER`).
+        damping: Damping ``λ`` of the curvature optimizers (``None``: :data:`DEFAULT_HYPER`;
+            ignored by SGD and Adam).
+        momentum: Heavy-ball momentum of SGD and the curvature optimizers (Adam: ``β₁``).
+        weight_decay: Weight decay (decoupled in fisherlab's optimizers, L2 in SGD/Adam).
+        fisher_type: ``"empirical"`` or ``"mc"`` for the curvature optimizers.
+        optimizer_options: Further keyword arguments of the optimizer's constructor.
+        seed: Seed of initialisation and shuffling.
+        split_seed: Seed of the train/test split (digits), fixed across seeds by default.
+        device: ``"cpu"`` or ``"cuda"``.
+        train_subset: Use only the first ``n`` training samples (``None``: all).
+        test_subset: Use only the first ``n`` test samples.
+        eval_train: Evaluate the whole training set after each epoch (else ``train_loss`` is
+            the running mean of the mini-batch losses).
+        eval_batch_size: Batch size of the evaluations.
+        threads: ``torch.set_num_threads`` during the run, restored after it (``None``: leave
+            as is). One thread gives the steadiest timings of small models on a busy machine.
+        tag: Free label; runs tagged ``"grid"`` are left out of curves by default.
+    """
+
+    optimizer: str = "kfac"
+    model: str = "mlp"
+    data: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None
+    damping: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    fisher_type: str = "empirical"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    split_seed: int = 0
+    device: str = "cpu"
+    train_subset: int | None = None
+    test_subset: int | None = None
+    eval_train: bool = True
+    eval_batch_size: int = 1024
+    threads: int | None = None
+    tag: str = ""
+
+    def resolved(self) -> RunConfig:
+        """A checked copy with the default learning rate and damping filled in.
+
+        Raises:
+            FisherlabError: Naming the first invalid field.
+        """
+        cfg = copy.deepcopy(self)
+        if cfg.optimizer not in OPTIMIZER_NAMES:
+            raise FisherlabError(
+                f"unknown optimizer {cfg.optimizer!r}; choose from {list(OPTIMIZER_NAMES)}"
+            )
+        if cfg.data not in data.DATASETS:
+            raise FisherlabError(
+                f"unknown data set {cfg.data!r}; choose from {list(data.DATASETS)}"
+            )
+        if cfg.model not in models.MODELS and ":" not in cfg.model:
+            raise FisherlabError(
+                f"unknown model {cfg.model!r}; choose from {list(models.MODELS)} or give "
+                "'path/to/file.py:factory'"
+            )
+        if cfg.device not in ("cpu", "cuda"):
+            raise FisherlabError(f"device must be 'cpu' or 'cuda', got {cfg.device!r}")
+        defaults = DEFAULT_HYPER[cfg.optimizer]
+        if cfg.lr is None:
+            cfg.lr = defaults["lr"]
+        if cfg.optimizer in FIRST_ORDER:
+            cfg.damping = None
+        elif cfg.damping is None:
+            cfg.damping = defaults["damping"]
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FisherlabError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("train_subset", "test_subset", "threads"):
+            value = getattr(cfg, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise FisherlabError(f"{name} must be an integer or null, got {value!r}")
+            if value is not None and value < 1:
+                raise FisherlabError(f"{name} must be >= 1, got {value!r}")
+        if not (isinstance(cfg.lr, int | float) and math.isfinite(cfg.lr) and cfg.lr > 0):
+            raise FisherlabError(f"lr must be a positive number, got {cfg.lr!r}")
+        if not 0 <= cfg.momentum < 1:
+            raise FisherlabError(f"momentum must lie in [0, 1), got {cfg.momentum!r}")
+        if cfg.fisher_type != "empirical" and cfg.optimizer in FIRST_ORDER:
+            raise FisherlabError(
+                f"--fisher-type applies to curvature optimizers, not {cfg.optimizer}"
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """The config of a dict such as :meth:`to_dict` or a ``config.json``'s ``"run"`` entry.
+
+        Raises:
+            FisherlabError: For keys that are not fields (typos in config files).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise FisherlabError(
+                f"unknown run setting(s) {unknown}; valid ones are {sorted(names)}"
+            )
+        return cls(**values)
+
+    @property
+    def label(self) -> str:
+        """Short description, e.g. ``kfac mlp digits seed 0``."""
+        return f"{self.optimizer} {Path(self.model).name} {self.data} seed {self.seed}"
+
+
+def environment(cfg: RunConfig) -> dict[str, Any]:
+    """What the results depend on besides the config: versions, threads, device, machine."""
+    import fisherlab
+
+    env: dict[str, Any] = {
+        "fisherlab": fisherlab.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if cfg.device == "cuda" and torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name()
+    if ":" in cfg.model:
+        path = Path(cfg.model.rpartition(":")[0])
+        if path.is_file():
+            env["model_file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if cfg.data_dir is not None:
+        env["data_fingerprint"] = data_fingerprint(cfg.data_dir)
+    return env
+
+
+def data_fingerprint(folder: str | os.PathLike) -> str:
+    """A digest of the files under a data folder (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,226 @@
+"""The optimizer comparisons' figures: training curves and where the time goes."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fisherlab.experiments.config import FIRST_ORDER, OPTIMIZER_NAMES
+from fisherlab.experiments.runlog import RunResult
+
+
+# ------------------------------------------------------------------------------ figures
+def _palette() -> dict[str, Any]:
+    import seaborn as sns
+
+    colors = sns.color_palette("tab10", len(OPTIMIZER_NAMES))
+    return dict(zip(OPTIMIZER_NAMES, colors))
+
+
+def _aggregate(rs: Sequence[RunResult], key: str) -> tuple[np.ndarray, ...]:
+    """Per-epoch mean, min and max of ``key`` over seeds, and the mean cumulative time."""
+    length = min(len(r.rows) for r in rs)
+    values = np.array([[r.rows[e][key] for e in range(length)] for r in rs], dtype=float)
+    times = np.array([[r.rows[e]["time_s"] for e in range(length)] for r in rs], dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of diverged runs
+        return (
+            np.arange(length),
+            np.nanmean(values, 0),
+            np.nanmin(values, 0),
+            np.nanmax(values, 0),
+            times.mean(0),
+        )
+
+
+def _seconds(value: float, _pos: int) -> str:
+    """Tick label of a log time axis: ``0.1``, ``1``, ``10``."""
+    return f"{value:g}"
+
+
+def curves_figure(
+    by_label: dict[str, list[RunResult]],
+    title: str,
+    target: float | None = None,
+    log_time: bool = True,
+):
+    """Training loss vs epoch and vs wall-clock, test accuracy vs wall-clock; one line per label.
+
+    Lines are means over seeds, bands their min–max; on the wall-clock axes each point sits at
+    the mean cumulative training time of its epoch.
+
+    Args:
+        by_label: Runs over seeds per curve label (:func:`group_runs`).
+        title: Figure title.
+        target: Test accuracy drawn as a dotted line.
+        log_time: Logarithmic wall-clock axes (the optimizers' costs differ by orders of
+            magnitude); they then start at epoch 1.
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    palette = _palette()
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+        start_losses = []
+        for i, (label, rs) in enumerate(by_label.items()):
+            name = label.split(" ")[0]
+            color = palette.get(name, f"C{i % 10}")
+            style = "--" if name in FIRST_ORDER else "-"
+            c = rs[0].config
+            hyper = f"lr {c.lr:g}" + ("" if c.damping is None else f", λ {c.damping:g}")
+            bad = [r.status for r in rs if r.status in ("diverged", "failed")]
+            legend = f"{label}: {hyper}, n={len(rs)}" + (
+                f" ({len(bad)} {'/'.join(sorted(set(bad)))})" if bad else ""
+            )
+            epochs, loss, lo, hi, wall = _aggregate(rs, "train_loss")
+            _, acc, acc_lo, acc_hi, _ = _aggregate(rs, "test_accuracy")
+            start_losses.append(loss[0])
+            kw = dict(color=color, linestyle=style, linewidth=1.8, marker="o", markersize=2.5)
+            axes[0].plot(epochs, loss, label=legend, **kw)
+            axes[0].fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
+            t = slice(1, None) if log_time else slice(None)  # time 0 has no place on a log axis
+            axes[1].plot(wall[t], loss[t], **kw)
+            axes[1].fill_between(wall[t], lo[t], hi[t], color=color, alpha=0.15, linewidth=0)
+            axes[2].plot(wall[t], 100 * acc[t], **kw)
+            axes[2].fill_between(
+                wall[t], 100 * acc_lo[t], 100 * acc_hi[t], color=color, alpha=0.15, lw=0
+            )
+        top = 3 * max((v for v in start_losses if math.isfinite(v)), default=10.0)
+        for ax in axes[:2]:
+            ax.set_yscale("log")
+            ax.set_ylim(top=top)  # diverged runs leave the plot upwards
+            ax.set_ylabel("training loss (cross-entropy, whole training set)")
+        axes[0].set_xlabel("epoch")
+        for ax in axes[1:]:
+            ax.set_xlabel(
+                "training wall-clock time (s" + (", log scale, from epoch 1)" if log_time else ")")
+            )
+            if log_time:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_seconds))
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axes[2].set_ylabel("test accuracy (%)")
+        finals = [100 * _aggregate(rs, "test_accuracy")[1][-1] for rs in by_label.values() if rs]
+        if finals and all(math.isfinite(f) for f in finals):
+            low = min(min(finals) - 5, 100 * target - 3 if target else 100)
+            high = max(max(finals) + 3, 100 * target + 2 if target else 0)
+            axes[2].set_ylim(max(low, 0), min(high, 100))  # the target line stays inside
+        axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if target is not None:
+            axes[2].axhline(100 * target, color="0.3", linewidth=1, linestyle=":")
+            axes[2].annotate(
+                f"target {100 * target:g}%",
+                (0.02, 100 * target),
+                xycoords=("axes fraction", "data"),
+                ha="left",
+                va="bottom",
+                fontsize=9,
+                color="0.3",
+            )
+        axes[0].set_title("loss vs epoch")
+        axes[1].set_title("loss vs wall-clock")
+        axes[2].set_title("accuracy vs wall-clock")
+        fig.legend(
+            *axes[0].get_legend_handles_labels(),
+            loc="outside right center",
+            frameon=False,
+            title="optimizer: settings, seeds",
+        )
+        fig.suptitle(f"{title} — mean over seeds, band: min–max", fontsize=12)
+    return fig
+
+
+def step_time_figure(runs_by_model: dict[str, dict[str, list[RunResult]]], title: str):
+    """Seconds per epoch per optimizer, split into ``optimizer.step()`` and the rest.
+
+    Returns:
+        A matplotlib ``Figure`` with one panel per model.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    palette = _palette()
+    n = len(runs_by_model)
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
+        bars = max(len(v) for v in runs_by_model.values())
+        fig, axes = plt.subplots(
+            1, n, figsize=(5.5 * n, max(4.0, 0.45 * bars + 1.6)), constrained_layout=True,
+            squeeze=False,
+        )  # fmt: skip
+        for ax, (model, by_label) in zip(axes[0], runs_by_model.items()):
+            labels = list(by_label)
+            step, rest = [], []
+            for rs in by_label.values():
+                per_run = [
+                    (
+                        sum(r["step_time_s"] for r in run.rows) / max(run.final["epoch"], 1),
+                        (run.final["time_s"] - sum(r["step_time_s"] for r in run.rows))
+                        / max(run.final["epoch"], 1),
+                    )
+                    for run in rs
+                ]
+                step.append(float(np.mean([p[0] for p in per_run])))
+                rest.append(float(np.mean([p[1] for p in per_run])))
+            y = np.arange(len(labels))[::-1]
+            colors = [palette.get(lbl.split(" ")[0], "0.5") for lbl in labels]
+            ax.barh(y, rest, color="0.8", label="forward, backward, batching")
+            ax.barh(y, step, left=rest, color=colors, label="inside optimizer.step()")
+            ax.set_yticks(y, labels)
+            ax.set_xlabel("training time per epoch (s)")
+            ax.set_title(model)
+        handles = [
+            plt.Rectangle((0, 0), 1, 1, color="0.8"),
+            plt.Rectangle((0, 0), 1, 1, color="0.35"),
+        ]
+        fig.legend(
+            handles,
+            ["forward, backward, batching", "inside optimizer.step() (in the optimizer's colour)"],
+            loc="outside lower center",
+            ncols=2,
+            frameon=False,
+        )
+        fig.suptitle(f"{title} — mean over seeds", fontsize=12)
+    return fig
+
+
+def save_figure(
+    fig, path: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")
+) -> list[Path]:
+    """Save ``fig`` as ``path.<format>`` (PNG at 150 dpi) and close it; returns the paths."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        fig.savefig(target, dpi=150, bbox_inches="tight", metadata=_figure_metadata(fmt))
+        written.append(target)
+    plt.close(fig)
+    return written
+
+
+def _figure_metadata(fmt: str) -> dict[str, Any] | None:
+    """Fixed metadata so that re-drawing the same runs gives the same files."""
+    if fmt == "pdf":
+        return {"CreationDate": None, "Creator": "fisherlab", "Producer": "fisherlab"}
+    if fmt == "png":
+        return {"Software": "fisherlab"}
+    return None
