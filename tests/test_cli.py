@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fisherlab import cli
+from fisherlab.cli import exact as exact_cmd
 
 
 def test_exact_prints_and_saves_a_per_layer_table(tmp_path, capsys):
@@ -57,6 +58,6 @@ def test_largest_eigenvalue_by_lobpcg_matches_dense():
     torch.manual_seed(0)
     rows = torch.randn(40, 600, dtype=torch.float64)
     block = rows.T @ rows
-    assert cli._largest_eigenvalue(block, dense_limit=100) == pytest.approx(
+    assert exact_cmd._largest_eigenvalue(block, dense_limit=100) == pytest.approx(
         float(torch.linalg.eigvalsh(block)[-1]), rel=1e-8
     )

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import fisherlab as fl
+from fisherlab import cli, models
 from fisherlab import experiments as ex
-from fisherlab import models, train_cli
+from fisherlab.cli.common import INTERRUPTED
 from fisherlab.conventions import FisherlabError
 from fisherlab.experiments.grid import _point_name
 from fisherlab.experiments.runlog import _same_run
@@ -29,7 +30,7 @@ LOG_KEYS = set(ex.ROW_KEYS)
 
 
 def run_cli(*argv):
-    return train_cli.main([str(a) for a in argv])
+    return cli.main([str(a) for a in argv])
 
 
 def read_log(folder):
@@ -109,7 +110,7 @@ def test_ctrl_c_keeps_the_finished_epochs(tmp_path, capsys):
         "train", "--optimizer", "kfac", "--model", f"{model_file}:factory", "--epochs", 5,
         "--out", out, *TINY,
     )  # fmt: skip
-    assert code == train_cli.INTERRUPTED
+    assert code == INTERRUPTED
     assert "interrupted" in capsys.readouterr().err
     payload, rows = read_log(out)
     assert payload["status"] == "interrupted" and "during epoch 3" in payload["note"]
@@ -124,7 +125,7 @@ def test_a_real_sigint_keeps_the_finished_epochs(tmp_path):
     out = tmp_path / "run"
     code = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from fisherlab import train_cli; sys.exit(train_cli.main(sys.argv[1:]))"
+        "from fisherlab.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     argv = ["train", "--epochs", "100000", "--out", str(out), *TINY]
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.PIPE, text=True)
@@ -141,7 +142,7 @@ def test_a_real_sigint_keeps_the_finished_epochs(tmp_path):
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == train_cli.INTERRUPTED and "interrupted" in err
+    assert proc.returncode == INTERRUPTED and "interrupted" in err
     payload, rows = read_log(out)
     assert payload["status"] == "interrupted" and len(payload["rows"]) >= 3
     assert len(rows) == len(payload["rows"])
@@ -237,9 +238,9 @@ def test_grid_search_selects_per_epoch_and_writes_tables(tmp_path):
     assert len(grid.points) == 4 and [r["epoch"] for r in grid.per_epoch] == [1, 2]
     for row in grid.per_epoch:
         scores = [
-            ex.load_run(tmp_path / _point_name(p["lr"], p["damping"]) / "seed0").rows[
-                row["epoch"]
-            ]["train_loss"]
+            ex.load_run(tmp_path / _point_name(p["lr"], p["damping"]) / "seed0").rows[row["epoch"]][
+                "train_loss"
+            ]
             for p in grid.points
         ]
         assert row["train_loss"] == min(scores)

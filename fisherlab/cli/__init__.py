@@ -1,0 +1,52 @@
+"""The ``fisherlab`` command line: one module per subcommand, one error handler.
+
+* ``exact`` (:mod:`~fisherlab.cli.exact`): the exact per-layer Fisher blocks, summarised;
+* ``compare`` (:mod:`~fisherlab.cli.compare`): every approximation against the exact Fisher of the
+  training data, per layer;
+* ``verify`` (:mod:`~fisherlab.cli.verify`): the facts the approximations rest on;
+* ``figures`` (:mod:`fisherlab.figures_cli`): the approximation-quality figures;
+* ``train``, ``compare-optimizers``, ``curves`` (:mod:`~fisherlab.cli.train`,
+  :mod:`~fisherlab.cli.compare_optimizers`, :mod:`~fisherlab.cli.curves`): optimizers head to head.
+
+Every subcommand module has ``add_parser(subparsers)`` and ``run(args) -> int``. Errors in the
+arguments and fisherlab's own errors (:class:`~fisherlab.conventions.FisherlabError`) are one line,
+``fisherlab: error: …``, with exit status 2 (:func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fisherlab import figures_cli
+from fisherlab.cli import compare, compare_optimizers, curves, exact, train, verify
+from fisherlab.cli.common import OneLineParser
+from fisherlab.conventions import FisherlabError
+
+SUBCOMMANDS = (exact, compare, verify, figures_cli, train, compare_optimizers, curves)
+"""The subcommand modules, in the order of ``fisherlab --help``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fisherlab`` command."""
+    parser = OneLineParser(
+        prog="fisherlab", description="Curvature of neural networks: exact Fisher and friends."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fisherlab`` console command: the one error handler."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FisherlabError as err:
+        print(f"fisherlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]

@@ -1,0 +1,135 @@
+"""What the subcommands share: the one-line argument parser, argument types, reference problems."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+import torch
+
+from fisherlab import data, models
+from fisherlab.problem import Problem
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (the shell's convention for SIGINT)."""
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``PROG: error: …``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (else a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value read as JSON when it parses (numbers, booleans, null)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def figure_format(text: str) -> str:
+    """A figure format matplotlib can write (checked before anything is written)."""
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    if text not in supported:
+        raise argparse.ArgumentTypeError(
+            f"figure format {text!r} is not supported; choose from {sorted(supported)}"
+        )
+    return text
+
+
+def dump_json(value: Any) -> str:
+    """JSON with two-space indents; lists of numbers and dicts of plain values on one line."""
+    text = json.dumps(value, indent=2)
+
+    def one_line(match: re.Match) -> str:
+        return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
+
+    def one_line_dict(match: re.Match) -> str:
+        return "{" + ", ".join(item.strip() for item in match.group(1).split(",")) + "}"
+
+    text = re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", one_line, text)
+    scalars = r'(?:"[\w-]+": (?:[-+.\deE]+|\[[^\[\]{}]*\]|null|true|false),?\s+)+'
+    return re.sub(r"\{\s+(" + scalars + r")\}", one_line_dict, text) + "\n"
+
+
+def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) -> Problem:
+    """The ``--model`` (seeded) on ``--samples`` training images, in ``--batch-size`` batches."""
+    dtype = DTYPES[args.dtype]
+    split = data.load(args.data, seed=args.seed, dtype=dtype)
+    torch.manual_seed(args.seed)
+    model = models.build(args.model).to(dtype).eval()
+    n = len(split.x_train) if args.samples is None else min(args.samples, len(split.x_train))
+    x, y = split.x_train[:n], split.y_train[:n]
+    batches = [
+        (x[i : i + args.batch_size], y[i : i + args.batch_size])
+        for i in range(0, n, args.batch_size)
+    ]
+    return Problem(
+        model,
+        torch.nn.CrossEntropyLoss(),
+        batches,
+        fisher_type=fisher_type or args.fisher_type,
+        mc_samples=getattr(args, "mc_samples", 1),
+        seed=args.seed,
+        progress=False if args.quiet else None,
+    )
+
+
+def where(args: argparse.Namespace, problem: Problem) -> str:
+    """One line saying which model, data and samples a reference problem holds."""
+    return (
+        f"{args.model} on {args.data}: {problem.num_samples} training samples in batches of "
+        f"{args.batch_size}, {args.dtype}"
+    )
+
+
+def add_problem_arguments(p: argparse.ArgumentParser, model_default: str | None = "mlp") -> None:
+    """The options of the reference problem (:func:`reference_problem`)."""
+    p.add_argument("--model", choices=sorted(models.MODELS), default=model_default)
+    p.add_argument("--data", choices=sorted(data.DATASETS), default="digits")
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=None,
+        help="training samples the Fisher is taken over (default: all)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=128, help="batch size of the streamed passes"
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results", help="folder for the CSV/JSON tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")

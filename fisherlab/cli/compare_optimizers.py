@@ -1,0 +1,92 @@
+"""``fisherlab compare-optimizers``: the optimizers of a config file, seeded, then the figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from fisherlab import experiments as ex
+from fisherlab.cli.common import INTERRUPTED, figure_format
+from fisherlab.report import format_table, save_table
+
+
+def dump_json(value: Any) -> str:
+    """JSON with two-space indents; lists of numbers and dicts of plain values on one line."""
+    text = json.dumps(value, indent=2)
+
+    def one_line(match: re.Match) -> str:
+        return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
+
+    def one_line_dict(match: re.Match) -> str:
+        return "{" + ", ".join(item.strip() for item in match.group(1).split(",")) + "}"
+
+    text = re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", one_line, text)
+    scalars = r'(?:"[\w-]+": (?:[-+.\deE]+|\[[^\[\]{}]*\]|null|true|false),?\s+)+'
+    return re.sub(r"\{\s+(" + scalars + r")\}", one_line_dict, text) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the optimizers of a config file with several seeds, then draw the figures."""
+    experiment = ex.load_experiment(args.config)
+    out = Path(args.out or experiment.get("out") or "runs/compare")
+    try:
+        runs, grids = ex.compare_optimizers(
+            experiment,
+            out,
+            optimizers=args.optimizers,
+            seeds=args.seeds,
+            grid=args.grid,
+            force=args.force,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: finished runs and epochs are logged under {out}", file=sys.stderr)
+        return INTERRUPTED
+    if args.grid:
+        rows = [
+            {"model": m, "optimizer": o, **g.best, "select": g.select}
+            for (m, o), g in grids.items()
+        ]
+        print("grid search, best at the last epoch:")
+        print(format_table(rows))
+        save_table(rows, out / "grid" / "best", {"config": str(args.config)})
+        if args.update_config:
+            Path(args.config).write_text(dump_json(experiment))
+            print(f"wrote the tuned learning rates and dampings into {args.config}")
+    figures = args.figures or experiment.get("figures")
+    target = args.target if args.target is not None else experiment.get("target_accuracy")
+    if figures:
+        table, written = ex.write_curves(runs, figures, target, args.formats)
+        print(ex.markdown_table(table))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``compare-optimizers``."""
+    cmp = subparsers.add_parser(
+        "compare-optimizers",
+        help="run several optimizers with several seeds from a config file",
+        description="Run every optimizer of a JSON config (see configs/digits.json) with every "
+        "seed, reuse finished runs, then draw the curves and the time-to-target table.",
+    )
+    cmp.add_argument("--config", required=True, help="JSON experiment file")
+    cmp.add_argument("--out", help="runs folder (default: the config's 'out')")
+    cmp.add_argument("--figures", help="figures folder (default: the config's 'figures')")
+    cmp.add_argument("--target", type=float, help="test accuracy of the time-to-target table")
+    cmp.add_argument(
+        "--formats", nargs="+", type=figure_format, default=["png", "pdf"], help="figure formats"
+    )
+    cmp.add_argument("--optimizers", nargs="+", choices=ex.OPTIMIZER_NAMES, help="only these")
+    cmp.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    cmp.add_argument("--grid", action="store_true", help="tune lr and damping first")
+    cmp.add_argument(
+        "--update-config", action="store_true", help="with --grid: write the choice to --config"
+    )
+    cmp.add_argument("--force", action="store_true", help="rerun finished runs")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=run)
