@@ -234,7 +234,10 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
 
 def test_grid_search_selects_per_epoch_and_writes_tables(tmp_path):
     base = small(optimizer="kfac", epochs=2)
-    grid = ex.grid_search(base, [1e-3, 1e-2], [1e-2, 1.0], out=tmp_path, progress=False)
+    grid = ex.grid_search(
+        base, [1e-3, 1e-2], [1e-2, 1.0], select="train_loss", out=tmp_path, progress=False,
+        extend=0,
+    )  # fmt: skip
     assert len(grid.points) == 4 and [r["epoch"] for r in grid.per_epoch] == [1, 2]
     for row in grid.per_epoch:
         scores = [
@@ -247,18 +250,65 @@ def test_grid_search_selects_per_epoch_and_writes_tables(tmp_path):
     best = min(grid.points, key=lambda p: p["final_train_loss"])
     assert grid.best == {"lr": best["lr"], "damping": best["damping"]}
     assert (tmp_path / "grid.csv").is_file() and (tmp_path / "grid-per-epoch.json").is_file()
-    sgd = ex.grid_search(small(optimizer="sgd", epochs=1), [0.01, 0.1], [1.0], progress=False)
+    sgd = ex.grid_search(
+        small(optimizer="sgd", epochs=1), [0.01, 0.1], [1.0], progress=False, extend=0
+    )
     assert [p["damping"] for p in sgd.points] == [None, None]
+
+
+def test_grid_selects_on_a_validation_split_and_never_looks_at_the_test_set(tmp_path):
+    base = small(optimizer="sgd", epochs=1, train_subset=200)
+    grid = ex.grid_search(base, [1e-4, 1e-3, 1e-2], out=tmp_path, progress=False, extend=0)
+    runs = {p["lr"]: ex.load_run(p["runs"]) for p in grid.points}
+    for run in runs.values():
+        assert run.config.validation == 0.1 and not run.config.eval_test
+        assert all(r["test_loss"] is None or math.isnan(r["test_loss"]) for r in run.rows)
+        assert run.rows[-1]["val_loss"] > 0
+    best = min(runs, key=lambda lr: runs[lr].rows[-1]["val_loss"])
+    assert grid.best["lr"] == best and grid.select == "val_loss"
+    with pytest.raises(FisherlabError, match="never the test set"):
+        ex.grid_search(base, [1e-3], select="test_accuracy", progress=False)
+
+
+def test_a_winner_on_the_edge_extends_the_grid_and_is_flagged():
+    base = small(optimizer="sgd", epochs=1, momentum=0.0)
+    # tiny learning rates: the largest is best, so the grid grows upwards by its own step
+    grid = ex.grid_search(base, [1e-5, 1e-4], progress=False, extend=1)
+    assert grid.extended == ["lr 0.001"]
+    assert sorted(p["lr"] for p in grid.points) == pytest.approx([1e-5, 1e-4, 1e-3])
+    assert grid.best["lr"] == pytest.approx(1e-3) and grid.edge == ["lr high"]
+
+
+def test_relative_damping_is_a_multiple_of_the_fisher_scale_at_initialisation():
+    from fisherlab.scale import fisher_scale
+
+    cfg = small(optimizer="tengrad", epochs=1, damping=0.1, relative_damping=True)
+    cfg.scale_samples = 48
+    result = ex.train(cfg, progress=False)
+    row0 = result.rows[0]
+    # the same model and probe samples, measured independently
+    split = fl.data.load("digits")
+    ex.seed_everything(cfg.seed)
+    model = ex.build_model("mlp", split.input_shape, 10).eval()
+    x, y = split.x_train[:48], split.y_train[:48]
+    problem = fl.Problem(model, torch.nn.CrossEntropyLoss(), (x, y), fisher_type="empirical")
+    lam = fisher_scale(problem).lambda_max
+    assert row0["lambda_max"] == pytest.approx(lam, rel=1e-5)
+    assert row0["damping"] == pytest.approx(0.1 * lam, rel=1e-5)
+    assert row0["damping_ratio"] == pytest.approx(0.1)
+    assert 0 < result.rows[1]["direction_cosine"] <= 1
+    assert result.rows[1]["lambda_max"] != row0["lambda_max"]  # measured again after the epoch
 
 
 def test_train_cli_grid(tmp_path, capsys):
     code = run_cli(
         "train", "--optimizer", "ekfac", "--grid", "--grid-lr", 0.001, 0.01, "--grid-damping",
-        0.1, "--epochs", 1, "--out", tmp_path, *TINY,
+        0.1, "--grid-extend", 0, "--epochs", 1, "--out", tmp_path, *TINY,
     )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "per-epoch best (train_loss)" in out and "best at the last epoch: lr" in out
+    assert "per-epoch best (val_loss)" in out and "best at the last epoch: lr" in out
+    assert "ON THE EDGE of the grid: lr" in out  # two learning rates: the best is on an edge
     assert len(ex.find_runs([tmp_path])) == 2
 
 
@@ -285,7 +335,11 @@ def test_compare_optimizers_and_curves_end_to_end(tmp_path, capsys):
             "test_subset": 64,
             "threads": 1,
         },
-        "grid": {"*": {"lr": [0.003], "damping": [0.01, 0.1]}, "sgd": {"lr": [0.03, 0.1]}},
+        "grid": {
+            "*": {"lr": [0.003], "damping": [0.01, 0.1]},
+            "sgd": {"lr": [0.03, 0.1]},
+            "extend": 0,
+        },
         "experiments": [
             {"model": "mlp", "optimizers": {"sgd": {"lr": 0.05}, "tengrad": {"lr": 0.003}}}
         ],

@@ -37,12 +37,19 @@ def _config_from_args(args: argparse.Namespace) -> ex.RunConfig:
         test_subset=args.test_subset,
         eval_train=not args.no_eval_train,
         threads=args.threads,
+        relative_damping=args.relative_damping,
+        validation=args.validation,
+        scale_samples=args.scale_samples,
     )
 
 
 def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
-    keys = ("epoch", "train_loss", "test_loss", "test_accuracy", "time_s", "step_time_s")
-    print(format_table([{k: r[k] for k in keys} for r in rows]))
+    keys = (
+        "epoch", "train_loss", "val_loss", "test_loss", "test_accuracy", "time_s", "step_time_s",
+        "lambda_max", "damping_ratio", "direction_cosine",
+    )  # fmt: skip
+    shown = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    print(format_table([{k: r.get(k) for k in shown} for r in rows]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.label.replace(" ", "-")
     try:
         if args.grid:
-            lrs, dampings = ex.grid_values(cfg.optimizer)
+            lrs, dampings, relative = ex.grid_values(cfg.optimizer)
             g = ex.grid_search(
                 cfg,
                 args.grid_lr or lrs,
@@ -60,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
                 select=args.select,
                 out=out,
                 progress=not args.quiet,
+                relative=args.relative_damping if args.grid_damping else relative,
+                validation=args.validation or 0.1,
+                extend=args.grid_extend,
             )
             print(
                 f"grid search of {cfg.optimizer} on {cfg.model}/{cfg.data}: {len(g.points)} points"
@@ -68,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"per-epoch best ({g.select}):")
             print(format_table(g.per_epoch))
             best = ", ".join(f"{k} {v:g}" for k, v in g.best.items() if v is not None)
+            best += " (damping as λ/λ_max)" if g.relative else ""
+            if g.extended:
+                print(f"grid extended beyond its edges: {', '.join(g.extended)}")
+            if g.edge:
+                print(f"the best point lies ON THE EDGE of the grid: {', '.join(g.edge)}")
             print(f"best at the last epoch: {best}; tables in {out}/grid.csv, grid-per-epoch.csv")
             return 0
         result = ex.train(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
@@ -100,6 +115,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--batch-size", type=int, default=64)
     tr.add_argument("--lr", type=float, help="learning rate (default: tuned on digits)")
     tr.add_argument("--damping", type=float, help="damping λ (default: tuned on digits)")
+    tr.add_argument(
+        "--relative-damping",
+        action="store_true",
+        help="read --damping (and --grid-damping) as λ/λ_max, λ_max the largest eigenvalue of "
+        "the Fisher at initialisation",
+    )
+    tr.add_argument(
+        "--validation",
+        type=float,
+        default=0.0,
+        help="share of the training set held out for validation (--grid: 0.1 when not given)",
+    )
+    tr.add_argument(
+        "--scale-samples",
+        type=int,
+        default=256,
+        help="training samples λ_max is measured on after every epoch (0: not measured)",
+    )
     tr.add_argument("--momentum", type=float, default=0.9)
     tr.add_argument("--weight-decay", type=float, default=0.0)
     tr.add_argument("--fisher-type", choices=("empirical", "mc"), default="empirical")
@@ -128,6 +161,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--grid-lr", type=float, nargs="+", help="learning rates of the grid")
     tr.add_argument("--grid-damping", type=float, nargs="+", help="dampings of the grid")
     tr.add_argument("--grid-seeds", type=int, nargs="+", default=[0])
-    tr.add_argument("--select", choices=sorted(ex.SELECT_CRITERIA), default="train_loss")
+    tr.add_argument(
+        "--grid-extend",
+        type=int,
+        default=2,
+        help="extend the grid past an edge holding the best point, at most this often",
+    )
+    tr.add_argument("--select", choices=list(ex.SELECT_CRITERIA), default="val_loss")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=run)

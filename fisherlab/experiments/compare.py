@@ -81,9 +81,10 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``train`` (settings shared by every run, as :class:`RunConfig` fields), ``seeds``,
     ``experiments`` (a list of ``{"model": …, "optimizers": {name: {"lr": …, "damping": …,
-    "options": {…}}}}``), optional ``out`` (runs folder), ``figures``, ``target_accuracy``,
-    ``grid`` (``{name or "*": {"lr": […], "damping": […]}, "seeds": […], "select": …}``) and
-    ``description``.
+    "relative_damping": …, "options": {…}}}}``), optional ``out`` (runs folder), ``figures``,
+    ``target_accuracy``, ``grid`` (``{name or "*": {"lr": […], "damping": […], "relative": …},
+    "seeds": […], "select": …, "validation": …, "extend": …}``, see
+    :func:`~fisherlab.experiments.grid.grid_search`) and ``description``.
 
     Raises:
         FisherlabError: For a missing file, bad JSON, unknown keys or optimizers.
@@ -109,7 +110,9 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
                 f"{list(OPTIMIZER_NAMES)} (unknown: {bad})"
             )
         for name, hyper in exp["optimizers"].items():
-            extra = sorted(set(hyper) - {"lr", "damping", "options", "note"})
+            extra = sorted(
+                set(hyper) - {"lr", "damping", "relative_damping", "options", "note", "grid"}
+            )
             if extra:
                 raise FisherlabError(f"{path}: {exp['model']}/{name}: unknown key(s) {extra}")
     return cfg
@@ -159,6 +162,7 @@ def compare_optimizers(
                     "optimizer": name,
                     "lr": hyper.get("lr"),
                     "damping": hyper.get("damping"),
+                    "relative_damping": hyper.get("relative_damping", False),
                     "optimizer_options": hyper.get("options", {}),
                 }
             ).resolved()
@@ -167,23 +171,34 @@ def compare_optimizers(
                 splits[key] = load_split(base)
             folder = out / f"{base.data}-{Path(exp['model']).name.replace(':', '-')}"
             if grid:
-                lrs, dampings = grid_values(name, grid_cfg)
-                log(f"grid search {name} on {exp['model']}: lr {lrs} × damping {dampings}")
+                lrs, dampings, relative = grid_values(name, grid_cfg)
+                what = "λ/λ_max" if relative else "damping"
+                log(f"grid search {name} on {exp['model']}: lr {lrs} × {what} {dampings}")
                 g = grid_search(
                     base,
                     lrs,
                     dampings,
                     seeds=grid_cfg.get("seeds", [0]),
-                    select=grid_cfg.get("select", "train_loss"),
+                    select=grid_cfg.get("select", "val_loss"),
                     out=out / "grid" / folder.name / name,
                     progress=progress,
                     split=splits[key],
                     force=force,
+                    relative=relative,
+                    validation=grid_cfg.get("validation", 0.1),
+                    extend=grid_cfg.get("extend", 2),
                 )
                 grids[(exp["model"], name)] = g
-                base = dataclasses.replace(base, **g.best)
+                base = dataclasses.replace(base, **g.best, relative_damping=g.relative)
                 hyper.update({k: v for k, v in g.best.items() if v is not None})
-                log(f"  best at the last epoch ({g.select}): {_point_name(base.lr, base.damping)}")
+                if g.relative:
+                    hyper["relative_damping"] = True
+                else:
+                    hyper.pop("relative_damping", None)
+                hyper["grid"] = {"edge": g.edge, "extended": g.extended, "select": g.select}
+                chosen = _point_name(base.lr, base.damping, g.relative)
+                edge = f"; ON THE EDGE of the grid ({', '.join(g.edge)})" if g.edge else ""
+                log(f"  best at the last epoch ({g.select}): {chosen}{edge}")
             if warmup:  # first calls (library loading, kernel set-up) are not timed in runs
                 tiny = dataclasses.replace(
                     base, epochs=1, train_subset=2 * base.batch_size, test_subset=64, tag="warmup"

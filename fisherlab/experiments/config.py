@@ -42,18 +42,30 @@ optimizers' results depend mostly on ``lr/damping``: e.g. KFAC reaches almost th
 (0.3, 1), (0.03, 0.1) and (0.003, 0.01).
 """
 
-DEFAULT_GRID: dict[str, dict[str, list[float]]] = {
-    "sgd": {"lr": [0.01, 0.03, 0.1, 0.3]},
-    "adam": {"lr": [3e-4, 1e-3, 3e-3, 1e-2]},
-    "*": {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "damping": [1e-3, 1e-2, 1e-1, 1.0]},
+DEFAULT_GRID: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]},
+    "adam": {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1]},
+    "*": {
+        "lr": [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+        "damping": [1.0, 1e-1, 1e-2, 1e-3, 1e-4],
+        "relative": True,
+    },
 }
-"""The grid of :func:`grid_search` per optimizer (``"*"``: every curvature optimizer)."""
+"""The grid of :func:`~fisherlab.experiments.grid.grid_search` per optimizer (``"*"``: every
+curvature optimizer). With ``"relative": True`` the dampings are ``λ/λ_max``, ``λ_max`` the
+largest eigenvalue of the Fisher at each run's initialisation (``RunConfig.relative_damping``):
+from the SGD-like regime (``λ = λ_max``: ``(F+λI)⁻¹`` within a factor 2 of ``I/λ``) down to
+``10⁻⁴·λ_max``, crossed with learning rates over four decades. The first-order optimizers'
+one axis gets half-decade steps. Every point trains for the same epochs with the same seeds; a
+winner on the edge of the grid extends it (``extend``)."""
 
 DEFAULT_TARGETS = {name: entry.target_accuracy for name, entry in data.DATASETS.items()}
 """Test accuracy of the time-to-target table when none is given (from the data registry)."""
 
-SELECT_CRITERIA = {"train_loss": min, "test_loss": min, "test_accuracy": max}
-"""Grid-search criteria and whether lower (``min``) or higher (``max``) is better."""
+SELECT_CRITERIA = {"val_loss": min, "val_accuracy": max, "train_loss": min}
+"""Grid-search criteria and whether lower (``min``) or higher (``max``) is better: the
+validation split's loss or accuracy, or the training loss (how far an optimizer optimises).
+Never the test set."""
 
 ROW_KEYS = (
     "epoch",
@@ -69,6 +81,12 @@ ROW_KEYS = (
     "eval_time_s",
     "steps",
     "skipped_steps",
+    "val_loss",
+    "val_accuracy",
+    "lambda_max",
+    "damping",
+    "damping_ratio",
+    "direction_cosine",
 )
 """Columns of ``log.csv``, in order."""
 
@@ -97,6 +115,15 @@ class RunConfig:
         device: ``"cpu"`` or ``"cuda"``.
         train_subset: Use only the first ``n`` training samples (``None``: all).
         test_subset: Use only the first ``n`` test samples.
+        relative_damping: Read ``damping`` as ``λ/λ_max``: the optimizer's damping is ``damping``
+            times the largest eigenvalue of the Fisher (:func:`fisherlab.scale.fisher_scale`,
+            ``fisher_type``) measured on ``scale_samples`` training samples at initialisation.
+        validation: Share of the training set held out for validation (stratified, seeded by
+            ``split_seed``); the run trains on the rest and logs ``val_loss``/``val_accuracy``.
+        eval_test: Evaluate the test set after each epoch (grid searches turn it off: they
+            select on the validation split and never look at the test set).
+        scale_samples: Training samples ``λ_max`` is measured on, at initialisation and after
+            every epoch (``0``: not measured, unless ``relative_damping`` needs it).
         eval_train: Evaluate the whole training set after each epoch (else ``train_loss`` is
             the running mean of the mini-batch losses).
         eval_batch_size: Batch size of the evaluations.
@@ -122,6 +149,10 @@ class RunConfig:
     device: str = "cpu"
     train_subset: int | None = None
     test_subset: int | None = None
+    relative_damping: bool = False
+    validation: float = 0.0
+    eval_test: bool = True
+    scale_samples: int = 256
     eval_train: bool = True
     eval_batch_size: int = 1024
     threads: int | None = None
@@ -168,6 +199,18 @@ class RunConfig:
                 raise FisherlabError(f"{name} must be >= 1, got {value!r}")
         if not (isinstance(cfg.lr, int | float) and math.isfinite(cfg.lr) and cfg.lr > 0):
             raise FisherlabError(f"lr must be a positive number, got {cfg.lr!r}")
+        if not (isinstance(cfg.validation, int | float) and 0 <= cfg.validation < 1):
+            raise FisherlabError(f"validation must lie in [0, 1), got {cfg.validation!r}")
+        if isinstance(cfg.scale_samples, bool) or not isinstance(cfg.scale_samples, int):
+            raise FisherlabError(f"scale_samples must be an integer, got {cfg.scale_samples!r}")
+        if cfg.scale_samples < (1 if cfg.relative_damping else 0):
+            raise FisherlabError(
+                f"scale_samples must be >= {1 if cfg.relative_damping else 0}"
+                f"{' with relative_damping' if cfg.relative_damping else ''}, "
+                f"got {cfg.scale_samples}"
+            )
+        if cfg.relative_damping and cfg.optimizer in FIRST_ORDER:
+            cfg.relative_damping = False
         if not 0 <= cfg.momentum < 1:
             raise FisherlabError(f"momentum must lie in [0, 1), got {cfg.momentum!r}")
         if cfg.fisher_type != "empirical" and cfg.optimizer in FIRST_ORDER:

@@ -16,9 +16,17 @@ from tqdm.auto import tqdm
 
 from fisherlab.conventions import FisherlabError
 from fisherlab.data import Split
-from fisherlab.experiments.config import RunConfig, environment
+from fisherlab.experiments.config import FIRST_ORDER, RunConfig, environment
 from fisherlab.experiments.runlog import RunLogger, RunResult
-from fisherlab.experiments.setup import load_split, make_optimizer, seed_everything
+from fisherlab.experiments.setup import (
+    RunData,
+    lambda_max,
+    load_split,
+    make_optimizer,
+    optimizer_fisher_type,
+    run_data,
+    seed_everything,
+)
 from fisherlab.models import create as build_model
 
 
@@ -28,8 +36,15 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``(x, y)``."""
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024
+) -> tuple[float | None, float | None]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``(x, y)``.
+
+    ``(None, None)`` for an empty set.
+    """
+    if x.shape[0] == 0:
+        return None, None
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0
@@ -98,68 +113,104 @@ def _train(
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     split = split if split is not None else load_split(cfg)
-    x_train = split.x_train[: cfg.train_subset]
-    steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
+    tensors = run_data(cfg, split).to(device)
+    steps_per_epoch = math.ceil(tensors.x_train.shape[0] / cfg.batch_size)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, split.input_shape, split.num_classes).to(device)
     loss_fn = nn.CrossEntropyLoss()
-    opt = make_optimizer(cfg, model, steps_per_epoch, loss_fn)  # bad options: nothing written
+    run = _Run(cfg, device, model, loss_fn, tensors)
+    damping = None
+    if cfg.relative_damping:  # λ = ratio·λ_max of the Fisher at initialisation
+        damping = cfg.damping * run.scale()
+    opt = make_optimizer(cfg, model, steps_per_epoch, loss_fn, damping)  # bad options: no files
+    run.opt = opt
+    if hasattr(opt, "track_direction_cosine"):
+        opt.track_direction_cosine = True
     try:
         logger = RunLogger(out, cfg, overwrite) if out is not None else None
     except BaseException:
         getattr(opt, "close", lambda: None)()
         raise
+    run.logger = logger
     try:
-        return _epochs(cfg, device, split, model, opt, loss_fn, logger, progress, on_epoch)
+        return _epochs(run, progress, on_epoch)
     finally:
         if logger is not None:
             logger.close()
 
 
-def _epochs(
-    cfg: RunConfig,
-    device: torch.device,
-    split: Split,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    logger: RunLogger | None,
-    progress: bool,
-    on_epoch: Callable[[dict[str, Any]], None] | None,
-) -> RunResult:
-    """The run itself, its folder (if any) locked meanwhile."""
-    out = logger.folder if logger is not None else None
-    x_train, y_train = split.x_train[: cfg.train_subset], split.y_train[: cfg.train_subset]
-    x_test, y_test = split.x_test[: cfg.test_subset], split.y_test[: cfg.test_subset]
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    x_test, y_test = x_test.to(device), y_test.to(device)
-    n = x_train.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    mc = cfg.fisher_type == "mc"
+class _Run:
+    """What the epochs of one run share: the model, its optimizer, the data and the clock."""
 
-    def eval_row(epoch: int) -> dict[str, Any]:
+    def __init__(
+        self, cfg: RunConfig, device: torch.device, model: nn.Module, loss_fn: nn.Module,
+        data: RunData,
+    ):  # fmt: skip
+        self.cfg, self.device, self.model, self.loss_fn, self.data = (
+            cfg, device, model, loss_fn, data
+        )  # fmt: skip
+        self.opt: torch.optim.Optimizer | None = None
+        self.logger: RunLogger | None = None
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.steps = 0
+        self.wall = 0.0
+        self._scale: float | None = None
+
+    def scale(self) -> float:
+        """``λ_max`` of the current model's Fisher on the fixed probe samples (cached per state)."""
+        if self._scale is None:
+            n = self.cfg.scale_samples
+            x, y = self.data.x_train[:n], self.data.y_train[:n]
+            self._scale = lambda_max(
+                self.model, self.loss_fn, x, y, optimizer_fisher_type(self.cfg), self.cfg.seed
+            )
+        return self._scale
+
+    def evaluation(self, epoch: int) -> dict[str, Any]:
+        """The row of ``epoch`` without its timings: losses, accuracies and the curvature regime."""
+        cfg, d = self.cfg, self.data
         start = time.perf_counter()
-        test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
-        train_loss, train_acc = (
-            evaluate(model, x_train, y_train, cfg.eval_batch_size)
-            if cfg.eval_train
-            else (None, None)
-        )
-        return {
+        self._scale = None  # the model changed
+        test = evaluate(self.model, d.x_test, d.y_test, cfg.eval_batch_size)
+        val = evaluate(self.model, d.x_val, d.y_val, cfg.eval_batch_size)
+        train = evaluate(self.model, d.x_train, d.y_train, cfg.eval_batch_size)
+        row: dict[str, Any] = {
             "epoch": epoch,
-            "train_loss": train_loss,
-            "train_accuracy": train_acc,
+            "train_loss": train[0] if cfg.eval_train else None,
+            "train_accuracy": train[1] if cfg.eval_train else None,
             "train_loss_running": None,
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "eval_time_s": time.perf_counter() - start,
+            "test_loss": test[0] if cfg.eval_test else None,
+            "test_accuracy": test[1] if cfg.eval_test else None,
+            "val_loss": val[0],
+            "val_accuracy": val[1],
         }
+        lam = None
+        if cfg.scale_samples:
+            try:
+                lam = self.scale()
+            except FisherlabError:  # e.g. a diverged model: its Fisher overflows
+                lam = math.nan
+        damping = None
+        if self.opt is not None and cfg.optimizer not in FIRST_ORDER:
+            damping = float(self.opt.param_groups[0]["damping"])
+        row.update(
+            lambda_max=lam,
+            damping=damping,
+            damping_ratio=damping / lam if damping is not None and lam else None,  # nan stays
+            direction_cosine=getattr(self.opt, "direction_cosine", lambda: None)(),
+            eval_time_s=time.perf_counter() - start,
+        )
+        return row
 
-    row0 = eval_row(0)
+
+def _epochs(
+    run: _Run, progress: bool, on_epoch: Callable[[dict[str, Any]], None] | None
+) -> RunResult:
+    """The run itself, its folder (if any) locked meanwhile: one :func:`run_epoch` per epoch."""
+    cfg, opt, logger = run.cfg, run.opt, run.logger
     rows = [
         {
-            **row0,
+            **run.evaluation(0),
             "time_s": 0.0,
             "epoch_time_s": 0.0,
             "step_time_s": 0.0,
@@ -170,79 +221,25 @@ def _epochs(
     ]
     if logger:
         logger.write(rows, "running")
-    status, note, wall, steps = "running", "", 0.0, 0
+    status, note = "running", ""
+    steps_per_epoch = math.ceil(run.data.x_train.shape[0] / cfg.batch_size)
     bar = tqdm(
         total=cfg.epochs * steps_per_epoch, desc=cfg.label, disable=not progress, leave=False
     )
-    model.train()
+    run.model.train()
     try:
         for epoch in range(1, cfg.epochs + 1):
-            order = torch.randperm(n, generator=shuffle).to(device)
-            running = torch.zeros((), dtype=torch.float64, device=device)
-            step_s = fb_s = 0.0
-            seen = 0
-            skipped_before = getattr(opt, "skipped_steps", 0)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                _sync(device)
-                epoch_start = time.perf_counter()
-                try:
-                    for i in range(steps_per_epoch):
-                        idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                        t0 = time.perf_counter()
-                        opt.zero_grad(set_to_none=True)
-                        loss = loss_fn(model(x_train[idx]), y_train[idx])
-                        if mc:
-                            opt.mc_backward()
-                        loss.backward()
-                        _sync(device)
-                        t1 = time.perf_counter()
-                        if not bool(torch.isfinite(loss)):
-                            status = "diverged"
-                            note = f"non-finite training loss at step {steps + 1}"
-                            break
-                        opt.step()
-                        _sync(device)
-                        t2 = time.perf_counter()
-                        fb_s += t1 - t0
-                        step_s += t2 - t1
-                        running += loss.detach().double() * idx.numel()
-                        seen += idx.numel()
-                        steps += 1
-                        bar.update(1)
-                except Exception as err:  # a crash in the optimizer: log it, end the run
-                    status = "failed"
-                    note = f"step {steps + 1}: {type(err).__name__}: {err}"
-                _sync(device)
-                epoch_s = time.perf_counter() - epoch_start
-            for w in caught:
-                if not (issubclass(w.category, RuntimeWarning) and "skipped" in str(w.message)):
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            # the optimizer's own counter (torch optimizers skip nothing)
-            skipped = getattr(opt, "skipped_steps", 0) - skipped_before
-            wall += epoch_s
-            row = eval_row(epoch)
-            row["train_loss_running"] = float(running) / seen if seen else math.nan
-            if not cfg.eval_train:
-                row["train_loss"] = row["train_loss_running"]
-            row.update(
-                time_s=wall,
-                epoch_time_s=epoch_s,
-                step_time_s=step_s,
-                forward_backward_s=fb_s,
-                steps=steps,
-                skipped_steps=skipped,
-            )
+            row, status, note = run_epoch(run, epoch, bar)
             rows.append(row)
             if status == "running" and not all(
-                math.isfinite(row[k]) for k in ("train_loss_running", "test_loss")
+                row[k] is None or math.isfinite(row[k])
+                for k in ("train_loss_running", "test_loss", "val_loss")
             ):
                 status, note = "diverged", f"non-finite loss after epoch {epoch}"
             if status == "running" and epoch == cfg.epochs:
                 status = "finished"
-            bar.set_postfix(
-                epoch=epoch, loss=f"{row['train_loss']:.3g}", acc=f"{row['test_accuracy']:.3f}"
-            )
+            shown = {k: row[k] for k in ("train_loss", "test_accuracy") if row[k] is not None}
+            bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in shown.items()})
             if logger:
                 logger.write(rows, status, note)
             if on_epoch is not None:
@@ -263,4 +260,80 @@ def _epochs(
         if close is not None:
             close()
     env = logger.meta["environment"] if logger else environment(cfg)
-    return RunResult(cfg, rows, status, Path(out) if out is not None else None, env, note)
+    out = Path(logger.folder) if logger is not None else None
+    return RunResult(cfg, rows, status, out, env, note)
+
+
+def run_epoch(run: _Run, epoch: int, bar: Any = None) -> tuple[dict[str, Any], str, str]:
+    """One pass over the shuffled training part, then its evaluation.
+
+    Times (``time_s``, ``epoch_time_s``, ``step_time_s``, ``forward_backward_s``) exclude the
+    evaluations and the measurement of ``λ_max``.
+
+    Returns:
+        The epoch's row, the status (``"running"``, or ``"diverged"``/``"failed"`` when a step
+        stopped the epoch) and a note saying why.
+    """
+    cfg, opt, model, loss_fn, device = run.cfg, run.opt, run.model, run.loss_fn, run.device
+    x_train, y_train = run.data.x_train, run.data.y_train
+    n = x_train.shape[0]
+    status, note = "running", ""
+    order = torch.randperm(n, generator=run.shuffle).to(device)
+    running = torch.zeros((), dtype=torch.float64, device=device)
+    step_s = fb_s = 0.0
+    seen = 0
+    skipped_before = getattr(opt, "skipped_steps", 0)
+    mc = cfg.fisher_type == "mc" and cfg.optimizer not in FIRST_ORDER
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _sync(device)
+        epoch_start = time.perf_counter()
+        try:
+            for i in range(math.ceil(n / cfg.batch_size)):
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x_train[idx]), y_train[idx])
+                if mc:
+                    opt.mc_backward()
+                loss.backward()
+                _sync(device)
+                t1 = time.perf_counter()
+                if not bool(torch.isfinite(loss)):
+                    status = "diverged"
+                    note = f"non-finite training loss at step {run.steps + 1}"
+                    break
+                opt.step()
+                _sync(device)
+                t2 = time.perf_counter()
+                fb_s += t1 - t0
+                step_s += t2 - t1
+                running += loss.detach().double() * idx.numel()
+                seen += idx.numel()
+                run.steps += 1
+                if bar is not None:
+                    bar.update(1)
+        except Exception as err:  # a crash in the optimizer: log it, end the run
+            status = "failed"
+            note = f"step {run.steps + 1}: {type(err).__name__}: {err}"
+        _sync(device)
+        epoch_s = time.perf_counter() - epoch_start
+    for w in caught:
+        if not (issubclass(w.category, RuntimeWarning) and "skipped" in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    # the optimizer's own counter (torch optimizers skip nothing)
+    skipped = getattr(opt, "skipped_steps", 0) - skipped_before
+    run.wall += epoch_s
+    row = run.evaluation(epoch)
+    row["train_loss_running"] = float(running) / seen if seen else math.nan
+    if not cfg.eval_train:
+        row["train_loss"] = row["train_loss_running"]
+    row.update(
+        time_s=run.wall,
+        epoch_time_s=epoch_s,
+        step_time_s=step_s,
+        forward_backward_s=fb_s,
+        steps=run.steps,
+        skipped_steps=skipped,
+    )
+    return row, status, note

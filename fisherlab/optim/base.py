@@ -54,6 +54,11 @@ Shared behaviour:
   bit-identically; ``load_state_dict`` refuses a state saved for other layers or shapes.
 * The hooks are global module hooks acting on this model only: copies (``copy.deepcopy``,
   e.g. for an EMA or a teacher) and pickles (``torch.save(model)``) of the model carry none.
+* With ``track_direction_cosine = True`` (off by default: it adds three reductions per step),
+  every step accumulates on the device the cosine between the preconditioned gradient
+  ``d = (F̂+λI)⁻¹g`` (after KL clipping, before momentum and weight decay) and ``g``, over all
+  preconditioned layers jointly; :meth:`~CurvatureOptimizer.direction_cosine` returns their
+  mean. Near 1 the preconditioner does nothing but rescale the step (``λ ≫ λ_max``).
 """
 
 from __future__ import annotations
@@ -196,6 +201,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.steps = 0
         self._skipped = 0
         self._skipped_unread: Tensor | None = None  # sync-free steps: counted on the device
+        self.track_direction_cosine = False
+        self._cosines: tuple[Tensor, Tensor] | None = None  # (sum, count) on the device
         self._warned: set[str] = set()
         self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
         # the first step checks that a cross-entropy's gradient fits the assumed ν
@@ -421,6 +428,35 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         unread = 0 if self._skipped_unread is None else int(self._skipped_unread)
         return self._skipped + unread
 
+    def _add_cosine(
+        self,
+        directions: dict[str, Tensor],
+        factors: dict[str, Any],
+        grads: dict[str, Tensor],
+        ok: Tensor | None,
+    ) -> None:
+        """Add this step's ``cos(d, g)`` over all preconditioned layers (on the device)."""
+        d = torch.cat([(directions[n] * factors[n]).reshape(-1) for n in directions])
+        g = torch.cat([grads[n].reshape(-1) for n in directions])
+        norms = torch.linalg.vector_norm(d) * torch.linalg.vector_norm(g)
+        cosine = torch.dot(d, g) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        weight = torch.ones_like(cosine) if ok is None else ok.to(cosine.dtype)
+        total, count = self._cosines or (torch.zeros_like(cosine), torch.zeros_like(cosine))
+        self._cosines = (total + weight * cosine, count + weight)
+
+    def direction_cosine(self) -> float | None:
+        """Mean ``cos((F̂+λI)⁻¹g, g)`` over the steps taken since the last call, then reset.
+
+        Only with ``track_direction_cosine = True`` (else, or without a step, ``None``). The
+        cosine is over all preconditioned layers jointly, of the direction after KL clipping
+        and before momentum and weight decay. Reading it synchronises with the device once.
+        """
+        if self._cosines is None:
+            return None
+        total, count = (float(t) for t in self._cosines)
+        self._cosines = None
+        return total / count if count else None
+
     def _skip(self, reason: str, saved: dict | None = None) -> None:
         """Count a skipped step, roll the statistics back, say why."""
         if saved is not None:
@@ -534,6 +570,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._skip(self._diagnosis(stats) or reason, saved)
                 return loss
         factors = self._scale(directions, grads, groups)
+        if self.track_direction_cosine and directions:
+            self._add_cosine(directions, factors, grads, ok)
         updates: dict[int, Tensor] = {}
         for name, d in directions.items():
             d, offset = d * factors[name], 0
