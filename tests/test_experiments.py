@@ -22,6 +22,7 @@ from fisherlab.conventions import FisherlabError
 from fisherlab.experiments.grid import _point_name
 from fisherlab.experiments.runlog import _same_run
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--threads", "1"]
 TINY += ["--quiet"]
 """One short epoch: 3 steps on a digits subset."""
@@ -464,3 +465,37 @@ def test_a_finished_run_is_reused_only_with_the_same_model_file(tmp_path):
     assert _same_run(out, cfg)
     model_file.write_text(model_file.read_text() + "# changed\n")
     assert not _same_run(out, cfg)  # the config text is the same, the file is not
+
+
+def test_quick_variant_shrinks_the_protocol_and_keeps_the_full_config_apart(tmp_path):
+    experiment = ex.load_experiment(ROOT / "configs" / "fashion-mnist.json")
+    quick = ex.quick_variant(experiment)
+    assert quick["train"]["epochs"] == 2 and quick["train"]["train_subset"] == 640
+    assert quick["out"].endswith("-quick") and quick["figures"].endswith("quick")
+    assert quick["grid"]["seeds"] == [10] and experiment["grid"] != quick["grid"]
+    assert experiment["train"].get("train_subset") is None  # the full config is untouched
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(experiment))
+    code = run_cli("compare-optimizers", "--config", config, "--quick", "--update-config")
+    assert code == 2
+
+
+def test_grid_train_overrides_apply_to_the_grid_only(tmp_path):
+    experiment = {
+        "train": {"epochs": 1, "batch_size": 32, "train_subset": 128, "test_subset": 64},
+        "seeds": [0],
+        "grid": {
+            "sgd": {"lr": [0.01, 0.1]},
+            "extend": 0,
+            "validation": 0.2,
+            "train": {"train_subset": 100},
+        },
+        "experiments": [{"model": "mlp", "optimizers": {"sgd": {}}}],
+    }
+    runs, grids = ex.compare_optimizers(
+        experiment, tmp_path, grid=True, progress=False, warmup=False, log=lambda _: None
+    )
+    grid_runs = [ex.load_run(f) for f in ex.find_runs([tmp_path / "grid"])]
+    assert {r.config.train_subset for r in grid_runs} == {100}
+    assert runs[0].config.train_subset == 128 and runs[0].config.validation == 0
+    assert runs[0].config.lr == grids["mlp", "sgd"].best["lr"]

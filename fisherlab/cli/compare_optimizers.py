@@ -11,6 +11,7 @@ from typing import Any
 
 from fisherlab import experiments as ex
 from fisherlab.cli.common import INTERRUPTED, figure_format
+from fisherlab.conventions import FisherlabError
 from fisherlab.report import format_table, save_table
 
 
@@ -32,6 +33,10 @@ def dump_json(value: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the optimizers of a config file with several seeds, then draw the figures."""
     experiment = ex.load_experiment(args.config)
+    if args.quick:
+        experiment = ex.quick_variant(experiment)
+        if args.update_config:
+            raise FisherlabError("--quick and --update-config: a quick grid does not tune")
     out = Path(args.out or experiment.get("out") or "runs/compare")
     try:
         runs, grids = ex.compare_optimizers(
@@ -88,5 +93,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--update-config", action="store_true", help="with --grid: write the choice to --config"
     )
     cmp.add_argument("--force", action="store_true", help="rerun finished runs")
+    cmp.add_argument(
+        "--quick",
+        action="store_true",
+        help="the whole protocol shrunk to minutes (subsets, 2 epochs, a small grid); runs in "
+        "<out>-quick, figures in <figures>/quick",
+    )
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(func=run)

@@ -47,8 +47,10 @@ and :mod:`~fisherlab.experiments.compare` (``compare-optimizers``).
 
 from fisherlab.experiments.compare import (
     EXPERIMENT_KEYS,
+    QUICK,
     compare_optimizers,
     load_experiment,
+    quick_variant,
     write_curves,
 )
 from fisherlab.experiments.config import (
@@ -83,6 +85,7 @@ __all__ = [
     "EXPERIMENT_KEYS",
     "FIRST_ORDER",
     "OPTIMIZER_NAMES",
+    "QUICK",
     "REUSE_KEYS",
     "ROW_KEYS",
     "SELECT_CRITERIA",
@@ -105,6 +108,7 @@ __all__ = [
     "load_split",
     "make_optimizer",
     "markdown_table",
+    "quick_variant",
     "save_figure",
     "seed_everything",
     "step_time_figure",

@@ -64,6 +64,42 @@ def write_curves(
 
 
 # --------------------------------------------------------------------- compare-optimizers
+QUICK: dict[str, Any] = {
+    "train": {"epochs": 2, "train_subset": 640, "test_subset": 320},
+    "seeds": [0, 1],
+    "grid": {
+        "*": {"lr": [1e-3, 1e-2, 1e-1], "damping": [1e-1, 1e-3], "relative": True},
+        "sgd": {"lr": [0.03, 0.1, 0.3]},
+        "adam": {"lr": [1e-3, 3e-3, 1e-2]},
+        "seeds": [10],
+        "extend": 1,
+        "train": {},
+    },
+}
+"""What ``--quick`` changes in an experiment (:func:`quick_variant`)."""
+
+
+def quick_variant(experiment: dict[str, Any]) -> dict[str, Any]:
+    """The experiment shrunk to run in minutes: :data:`QUICK`'s subsets, epochs, seeds and grid.
+
+    Runs and figures go to ``<out>-quick`` and ``<figures>/quick``; the tuned settings of the
+    config are kept as the starting point. For a smoke test of the whole protocol, not for
+    conclusions.
+    """
+    quick = json.loads(json.dumps(experiment))
+    quick["train"] = {**quick.get("train", {}), **QUICK["train"]}
+    for key in ("train_subset", "test_subset"):
+        full = experiment.get("train", {}).get(key)
+        if full is not None:
+            quick["train"][key] = min(full, QUICK["train"][key])
+    quick["seeds"] = QUICK["seeds"]
+    quick["grid"] = json.loads(json.dumps(QUICK["grid"]))
+    quick["out"] = str(experiment.get("out") or "runs/compare") + "-quick"
+    if experiment.get("figures"):
+        quick["figures"] = str(Path(experiment["figures"]) / "quick")
+    return quick
+
+
 EXPERIMENT_KEYS = {
     "description",
     "out",
@@ -83,7 +119,8 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
     ``experiments`` (a list of ``{"model": …, "optimizers": {name: {"lr": …, "damping": …,
     "relative_damping": …, "options": {…}}}}``), optional ``out`` (runs folder), ``figures``,
     ``target_accuracy``, ``grid`` (``{name or "*": {"lr": […], "damping": […], "relative": …},
-    "seeds": […], "select": …, "validation": …, "extend": …}``, see
+    "seeds": […], "select": …, "validation": …, "extend": …, "train": {…}}``, ``train``
+    overriding run settings for the grid only (e.g. a subset of a large training set), see
     :func:`~fisherlab.experiments.grid.grid_search`) and ``description``.
 
     Raises:
@@ -175,7 +212,7 @@ def compare_optimizers(
                 what = "λ/λ_max" if relative else "damping"
                 log(f"grid search {name} on {exp['model']}: lr {lrs} × {what} {dampings}")
                 g = grid_search(
-                    base,
+                    dataclasses.replace(base, **grid_cfg.get("train", {})),
                     lrs,
                     dampings,
                     seeds=grid_cfg.get("seeds", [0]),
@@ -190,6 +227,7 @@ def compare_optimizers(
                 )
                 grids[(exp["model"], name)] = g
                 base = dataclasses.replace(base, **g.best, relative_damping=g.relative)
+                base = base.resolved()
                 hyper.update({k: v for k, v in g.best.items() if v is not None})
                 if g.relative:
                     hyper["relative_damping"] = True

@@ -13,6 +13,7 @@ import numpy as np
 
 from fisherlab.experiments.config import FIRST_ORDER, OPTIMIZER_NAMES
 from fisherlab.experiments.runlog import RunResult
+from fisherlab.experiments.summary import regime
 
 
 # ------------------------------------------------------------------------------ figures
@@ -81,7 +82,16 @@ def curves_figure(
             color = palette.get(name, f"C{i % 10}")
             style = "--" if name in FIRST_ORDER else "-"
             c = rs[0].config
-            hyper = f"lr {c.lr:g}" + ("" if c.damping is None else f", λ {c.damping:g}")
+            hyper = f"lr {c.lr:.3g}"
+            r = regime(rs)
+            if math.isfinite(r["damping_ratio_start"]):
+                hyper += f", λ/λ_max {r['damping_ratio_start']:.0e}"
+                if math.isfinite(r["damping_ratio_end"]):
+                    hyper += f"→{r['damping_ratio_end']:.0e}"
+            elif c.damping is not None:
+                hyper += f", λ {c.damping:g}"
+            if math.isfinite(r["direction_cosine"]):
+                hyper += f", cos {r['direction_cosine']:.2f}"
             bad = [r.status for r in rs if r.status in ("diverged", "failed")]
             legend = f"{label}: {hyper}, n={len(rs)}" + (
                 f" ({len(bad)} {'/'.join(sorted(set(bad)))})" if bad else ""
@@ -107,7 +117,7 @@ def curves_figure(
         axes[0].set_xlabel("epoch")
         for ax in axes[1:]:
             ax.set_xlabel(
-                "training wall-clock time (s" + (", log scale, from epoch 1)" if log_time else ")")
+                "training time (s" + (", log scale)" if log_time else ")")
             )
             if log_time:
                 ax.set_xscale("log")
@@ -132,13 +142,14 @@ def curves_figure(
                 color="0.3",
             )
         axes[0].set_title("loss vs epoch")
-        axes[1].set_title("loss vs wall-clock")
-        axes[2].set_title("accuracy vs wall-clock")
+        after = " (from epoch 1)" if log_time else ""
+        axes[1].set_title("loss vs wall-clock" + after)
+        axes[2].set_title("accuracy vs wall-clock" + after)
         fig.legend(
             *axes[0].get_legend_handles_labels(),
             loc="outside right center",
             frameon=False,
-            title="optimizer: settings, seeds",
+            title="optimizer: lr, λ/λ_max (start→end),\nmean cos((F̂+λI)⁻¹g, g), seeds",
         )
         fig.suptitle(f"{title} — mean over seeds, band: min–max", fontsize=12)
     return fig

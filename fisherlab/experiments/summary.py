@@ -34,6 +34,25 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def regime(rs: Sequence[RunResult]) -> dict[str, float]:
+    """Where runs sat relative to their curvature: means over seeds (NaN where not logged).
+
+    ``damping_ratio_start``/``damping_ratio_end``: ``λ/λ_max`` at initialisation and after the
+    last epoch; ``direction_cosine``: the mean over epochs of ``cos((F̂+λI)⁻¹g, g)`` (near 1:
+    the preconditioner does nothing but rescale the step).
+    """
+
+    def mean(values: list) -> float:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    return {
+        "damping_ratio_start": mean([r.rows[0].get("damping_ratio") for r in rs]),
+        "damping_ratio_end": mean([r.final.get("damping_ratio") for r in rs]),
+        "direction_cosine": mean([row.get("direction_cosine") for r in rs for row in r.rows[1:]]),
+    }
+
+
 def group_runs(runs: Sequence[RunResult]) -> dict[tuple[str, str], dict[str, list[RunResult]]]:
     """Runs grouped as ``{(data, model): {label: [runs over seeds]}}``.
 
@@ -72,8 +91,9 @@ def summarise(runs: Sequence[RunResult], target: float | None = None) -> list[di
     over the seeds that reached the target), ``reached`` (``k/n`` seeds), ``epochs_to_target``,
     ``vs_sgd`` (time to target ÷ SGD's in the same group), ``final_test_accuracy`` (± std),
     ``final_train_loss`` (± std), ``time_per_epoch_s``, ``step_share`` (time inside
-    ``optimizer.step()`` ÷ training time), ``diverged`` and ``failed`` (runs that stopped
-    early; their last epoch counts as final) and the settings.
+    ``optimizer.step()`` ÷ training time), the curvature regime (:func:`regime`), ``diverged``
+    and ``failed`` (runs that stopped early; their last epoch counts as final) and the settings
+    (``damping`` is ``λ/λ_max`` when ``relative_damping``).
     """
     table = []
     for (data, model), by_label in group_runs(runs).items():
@@ -110,6 +130,7 @@ def summarise(runs: Sequence[RunResult], target: float | None = None) -> list[di
                     "final_train_loss_std": loss_std,
                     "time_per_epoch_s": float(np.mean([t / e for t, e in zip(total, epochs)])),
                     "step_share": float(np.mean([s / max(t, 1e-12) for s, t in zip(step, total)])),
+                    **regime(rs),
                     "diverged": sum(r.status == "diverged" for r in rs),
                     "failed": sum(r.status == "failed" for r in rs),
                 }
@@ -133,17 +154,24 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     def num(value: float, fmt: str) -> str:
         return "—" if not math.isfinite(value) else format(value, fmt)
 
+    def ratio(r: dict[str, Any]) -> str:
+        start, end = r.get("damping_ratio_start", math.nan), r.get("damping_ratio_end", math.nan)
+        if not math.isfinite(start):
+            return "—"
+        return f"{start:.0e} → {end:.0e}" if math.isfinite(end) else f"{start:.0e}"
+
     head = (
-        "| data | model | optimizer | lr | damping | time to target (s) | reached | "
-        "epochs | ÷ SGD | final test acc. (%) | final train loss | s / epoch | in step() |"
+        "| data | model | optimizer | lr | λ/λ_max (start → end) | cos(d, g) | "
+        "time to target (s) | reached | epochs | ÷ SGD | final test acc. (%) | "
+        "final train loss | s / epoch | in step() |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         stopped = [f"{r[k]}/{r['seeds']} {k}" for k in ("diverged", "failed") if r.get(k)]
         name = r["optimizer"] + (f" ({', '.join(stopped)})" if stopped else "")
         lines.append(
-            f"| {r['data']} | {r['model']} | {name} | {r['lr']:g} | "
-            f"{'—' if r['damping'] is None else format(r['damping'], 'g')} | "
+            f"| {r['data']} | {r['model']} | {name} | {r['lr']:g} | {ratio(r)} | "
+            f"{num(r.get('direction_cosine', math.nan), '.2f')} | "
             f"{pm(r['time_to_target_s'], r['time_to_target_std'], '.2f')} | {r['reached']} | "
             f"{num(r['epochs_to_target'], '.1f')} | {num(r['vs_sgd'], '.2f')} | "
             f"{pm(r['final_test_accuracy'], r['final_test_accuracy_std'], '.1f', 100)} | "
