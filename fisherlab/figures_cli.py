@@ -1,8 +1,11 @@
 """``fisherlab figures``: every approximation-quality figure of the embedded default, regenerated.
 
 For each model (``mlp``: 64-32-16-10 tanh; ``cnn``: conv 1→4, conv/2 4→8, linear; both on
-digits, float64, after one epoch of SGD) and each figure family in :data:`FAMILIES`, computes
-the data (:mod:`fisherlab.analysis`), draws the figure (:mod:`fisherlab.plots`) and writes
+digits, float64) one training run (SGD with momentum from a seeded initialisation to a low
+loss, a checkpoint at every step) is shared by every family in :data:`FAMILIES`: the
+trajectory families evaluate its checkpoints against the Fisher of the training set, the
+snapshot families its final state. Each family computes the data (:mod:`fisherlab.analysis`),
+draws the figure (:mod:`fisherlab.plots`) and writes
 ``{out}/{model}-{family}.png`` and ``.pdf``, the data as ``{model}-{family}-{table}.csv`` and
 the settings as ``{model}-{family}.json``. ``--from-data`` redraws from those files without
 recomputing. The scripts in ``analyses/`` run one family each through :func:`script_main`.
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 from fisherlab import analysis as an
 from fisherlab import plots
 from fisherlab.analysis import FigureData
+from fisherlab.problem import Problem
 
 MODELS = ("mlp", "cnn")
 
@@ -56,30 +60,129 @@ class Settings:
 
     @property
     def training(self) -> dict:
-        """Arguments of :func:`fisherlab.analysis.training_errors`."""
+        """Arguments of :func:`fisherlab.analysis.train_trajectory` (the shared run)."""
         if self.quick:
-            return {"epochs": 2, "batch_size": 32, "basis_every": 4}
-        return {"epochs": 3, "batch_size": 64, "basis_every": 20}
+            return {
+                "epochs": 3,
+                "batch_size": 32,
+                "lr": 0.1,
+                "optimizer_options": {"momentum": 0.9},
+            }
+        return {"epochs": 10, "batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
+
+    def epoch_steps(self, per_epoch: int, epochs: Sequence[float]) -> list[int]:
+        """Steps of the given epochs (at least 1, distinct)."""
+        return sorted({max(1, round(e * per_epoch)) for e in epochs})
+
+    @property
+    def trajectory_epochs(self) -> tuple[float, ...]:
+        """Epochs of the decomposition's checkpoints."""
+        return (0.5, 1, 3) if self.quick else (0.5, 1, 2, 4, 7, 10)
+
+    @property
+    def protocol_epochs(self) -> tuple[float, ...]:
+        """Epochs of the EKFAC-protocol checkpoints (besides step 0)."""
+        return (0.25, 0.5, 1, 2, 3) if self.quick else (0.1, 0.25, 0.5, 1, 2, 3, 5, 7, 10)
+
+    @property
+    def lag(self) -> int:
+        """Staleness ``k`` of the decomposition, in steps."""
+        return 2 if self.quick else 10
+
+    @property
+    def decomposition_batch(self) -> int:
+        """``b`` of the decomposition."""
+        return 16 if self.quick else 64
 
 
 class _Problems:
-    """Figure problems, built once per (model, seed)."""
+    """Figure problems and their training run, built once per (model, seed).
+
+    :meth:`get` returns the problem with the model in its final trained state; :meth:`trajectory`
+    the run's checkpoints.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._cache: dict[tuple[str, int], an.FigureProblem] = {}
+        self._cache: dict[tuple[str, int], tuple[an.FigureProblem, an.Trajectory]] = {}
 
-    def get(self, name: str, offset: int = 0) -> an.FigureProblem:
+    def _build(self, name: str, offset: int) -> tuple[an.FigureProblem, an.Trajectory]:
         key = (name, self.settings.seed + offset)
         if key not in self._cache:
-            self._cache[key] = an.figure_problem(name, key[1], self.settings.quick)
+            prob = an.figure_problem(name, key[1], self.settings.quick, warmup_epochs=0)
+            split = prob.split
+            run = an.train_trajectory(
+                prob.model, prob.loss_fn, split.x_train, split.y_train, seed=key[1],
+                **self.settings.training,
+            )  # fmt: skip
+            self._cache[key] = (prob, run)
         return self._cache[key]
+
+    def get(self, name: str, offset: int = 0) -> an.FigureProblem:
+        return self._build(name, offset)[0]
+
+    def trajectory(self, name: str, offset: int = 0) -> an.Trajectory:
+        return self._build(name, offset)[1]
+
+    def reference(self, name: str, fisher_type: str) -> Problem:
+        """The Fisher of the training set at the final state."""
+        prob = self.get(name)
+        x, y = prob.split.x_train, prob.split.y_train
+        return an.reference_problem(prob.model, prob.loss_fn, x, y, fisher_type)
+
+    def state(self, name: str) -> dict:
+        """Training state and protocol of the final model, for the JSON."""
+        run = self.trajectory(name)
+        last = run.checkpoints[-1]
+        return {"state": last.describe(), "training": {**run.settings, **last.as_row()}}
 
 
 def _heatmaps(p: _Problems, name: str) -> FigureData:
     prob = p.get(name)
     ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
-    return an.block_heatmaps(prob.model, prob.loss_fn, x, y)
+    data = an.block_heatmaps(
+        prob.model, prob.loss_fn, x, y, fisher_type="empirical", reference="network"
+    )
+    data.meta["protocol"] = (
+        "TENGraD Fig. 6: empirical Fisher of one batch; exact = the layer's block of the whole "
+        "network's (F+λI)⁻¹ (exact NGD)"
+    )
+    return data
+
+
+def _block_diagonal(p: _Problems, name: str) -> FigureData:
+    return an.block_diagonal_error(p.reference(name, "empirical"))
+
+
+def _decomposition(p: _Problems, name: str) -> FigureData:
+    s = p.settings
+    prob, run = p.get(name), p.trajectory(name)
+    steps = s.epoch_steps(run.settings["steps_per_epoch"], s.trajectory_epochs)
+    steps = [max(step, s.lag) for step in steps]
+    x, y = prob.split.x_train, prob.split.y_train
+    return an.error_decomposition(
+        run, prob.loss_fn, x, y, sorted(set(steps)), s.lag, s.decomposition_batch,
+        batches=2 if s.quick else 3, fisher_type="true", seed=s.seed,
+    )  # fmt: skip
+
+
+def _ekfac_protocol(p: _Problems, name: str) -> FigureData:
+    s = p.settings
+    prob, run = p.get(name), p.trajectory(name)
+    steps = [0, *s.epoch_steps(run.settings["steps_per_epoch"], s.protocol_epochs)]
+    x, y = prob.split.x_train, prob.split.y_train
+    return an.ekfac_protocol(run, prob.loss_fn, x, y, steps)
+
+
+def _fngd(p: _Problems, name: str) -> FigureData:
+    s = p.settings
+    prob, run = p.get(name), p.trajectory(name)
+    epochs = (1, 2) if s.quick else (1, 2, 4, 6, 9)
+    positions = (0, 1) if s.quick else (0, 3, 6, 9, 12, 15)
+    x, y = prob.split.x_train, prob.split.y_train
+    return an.coefficient_sharing(
+        run, prob.loss_fn, x, y, epochs, dampings=(1e-4, 1e-2, 1e-1, 1.0), positions=positions
+    )
 
 
 def _frobenius(p: _Problems, name: str) -> FigureData:
@@ -91,9 +194,8 @@ def _frobenius(p: _Problems, name: str) -> FigureData:
 
 
 def _spectra(p: _Problems, name: str) -> FigureData:
-    prob = p.get(name)
-    ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
-    return an.spectra(prob.model, prob.loss_fn, x, y, an.default_methods(prob.model))
+    # no Woodbury reduce-sum: its Gram over the whole training set (N·C rows) is too large
+    return an.spectra(p.reference(name, "true"), methods=list(an.APPROXIMATIONS))
 
 
 def _sample_correlation(p: _Problems, name: str) -> FigureData:
@@ -103,43 +205,45 @@ def _sample_correlation(p: _Problems, name: str) -> FigureData:
 
 
 def _kfe_correlation(p: _Problems, name: str) -> FigureData:
-    prob = p.get(name)
-    ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
-    return an.kfe_decorrelation(prob.model, prob.loss_fn, x, y)
-
-
-def _training(p: _Problems, name: str) -> FigureData:
-    s = p.settings
-    prob = an.figure_problem(name, s.seed, s.quick, warmup_epochs=0)  # SGD from initialisation
-    split = prob.split
-    return an.training_errors(
-        prob.model,
-        prob.loss_fn,
-        split.x_train,
-        split.y_train,
-        seed=s.seed,
-        progress=s.progress,
-        **s.training,
-    )
+    return an.kfe_decorrelation(p.reference(name, "empirical"))
 
 
 def _directions(p: _Problems, name: str) -> FigureData:
-    prob = p.get(name)
-    ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
-    methods = an.default_methods(prob.model)
-    return an.direction_quality_vs_damping(prob.model, prob.loss_fn, x, y, methods)
+    methods = list(an.APPROXIMATIONS)  # as in _spectra
+    dampings = [10.0**e for e in torch.linspace(-6, 3, 19).tolist()]
+    return an.direction_quality_vs_damping(
+        p.reference(name, "true"), methods=methods, dampings=dampings
+    )
 
 
-FAMILIES: dict[str, Callable[[_Problems, str], FigureData]] = {
+def _stated(
+    family: Callable[[_Problems, str], FigureData],
+) -> Callable[[_Problems, str], FigureData]:
+    """``family`` with the training state and protocol of the shared run added to its meta."""
+
+    def compute(p: _Problems, name: str) -> FigureData:
+        data = family(p, name)
+        data.meta.update(p.state(name))
+        return data
+
+    compute.__doc__ = family.__doc__
+    return compute
+
+
+_FAMILIES: dict[str, Callable[[_Problems, str], FigureData]] = {
+    "decomposition": _decomposition,
+    "ekfac_protocol": _ekfac_protocol,
+    "fngd": _fngd,
     "heatmaps": _heatmaps,
+    "block_diagonal": _block_diagonal,
     "frobenius": _frobenius,
     "spectra": _spectra,
     "sample_correlation": _sample_correlation,
     "kfe_correlation": _kfe_correlation,
-    "training": _training,
     "directions": _directions,
 }
-"""Figure families, in the order of the README: name → data of one model."""
+FAMILIES = {name: _stated(f) for name, f in _FAMILIES.items()}
+"""Figure families, in the order of the README: name → data of one model (with its state)."""
 
 
 def run(

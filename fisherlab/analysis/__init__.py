@@ -31,7 +31,10 @@ Example:
 """
 
 from fisherlab.analysis.correlation import kfe_decorrelation, matrix_similarity, sample_correlations
+from fisherlab.analysis.decomposition import DECOMPOSITION_METHODS, TERMS, error_decomposition
 from fisherlab.analysis.directions import direction_quality_vs_damping
+from fisherlab.analysis.ekfac_protocol import EKFAC_SERIES, ekfac_protocol
+from fisherlab.analysis.fngd import coefficient_sharing
 from fisherlab.analysis.frobenius import frobenius_errors
 from fisherlab.analysis.heatmaps import block_heatmaps
 from fisherlab.analysis.setup import (
@@ -50,19 +53,36 @@ from fisherlab.analysis.setup import (
 )
 from fisherlab.analysis.spectra import spectra
 from fisherlab.analysis.table import FigureData, matrix_rows, rows_to_matrices
+from fisherlab.analysis.tengrad import block_diagonal_error
 from fisherlab.analysis.training import TRAINING_SERIES, training_errors
+from fisherlab.analysis.trajectory import (
+    Checkpoint,
+    Trajectory,
+    reference_problem,
+    train_trajectory,
+    training_state,
+)
 
 __all__ = [
     "APPROXIMATIONS",
     "CONV_EXTRA",
+    "DECOMPOSITION_METHODS",
+    "EKFAC_SERIES",
     "HEATMAP_METHODS",
+    "TERMS",
     "TRAINING_SERIES",
+    "Checkpoint",
     "FigureData",
     "FigureProblem",
+    "Trajectory",
+    "block_diagonal_error",
     "block_heatmaps",
     "choose_layer",
+    "coefficient_sharing",
     "default_methods",
     "direction_quality_vs_damping",
+    "ekfac_protocol",
+    "error_decomposition",
     "exact_reference",
     "exact_spectrum",
     "figure_batches",
@@ -72,9 +92,12 @@ __all__ = [
     "kfe_decorrelation",
     "matrix_rows",
     "matrix_similarity",
+    "reference_problem",
     "rows_to_matrices",
     "sample_correlations",
     "spectra",
     "train_sgd",
+    "train_trajectory",
     "training_errors",
+    "training_state",
 ]

@@ -15,8 +15,15 @@ from fisherlab.analysis.setup import (
 )
 from fisherlab.analysis.table import FigureData, matrix_rows
 from fisherlab.blocks import build_block, parse_method
+from fisherlab.conventions import FisherlabError
+from fisherlab.exact import exact_fisher
+from fisherlab.linalg import add_to_diagonal
 from fisherlab.metrics import frobenius_error
 from fisherlab.problem import Problem
+
+
+def _as_problem(model, loss_fn, x, y, fisher_type) -> Problem:
+    return Problem(model, loss_fn, (x, y), fisher_type=fisher_type)
 
 
 def block_heatmaps(
@@ -30,6 +37,7 @@ def block_heatmaps(
     relative_damping: float = 0.1,
     max_params: int = 200,
     fisher_type: str | None = None,
+    reference: str = "block",
 ) -> FigureData:
     r"""Damped inverse blocks :math:`(F̂+λI)^{-1}` of one layer, exact and approximate.
 
@@ -51,6 +59,11 @@ def block_heatmaps(
         relative_damping: See ``damping``.
         max_params: Layer choice and crop size.
         fisher_type: Fisher type (default ``"true"``; a Problem's own with a Problem).
+        reference: ``"block"``: the exact reference is the inverse of the layer's damped block
+            ``(F_ll+λI)⁻¹`` (which Woodbury/TENGraD computes exactly); ``"network"``: the layer's
+            block of the whole network's ``(F+λI)⁻¹`` (exact NGD, from
+            :func:`fisherlab.exact_fisher`; TENGraD Fig. 6's reference), so that the
+            block-diagonal approximation itself shows.
 
     Returns:
         Tables ``inverse`` (wide rows ``matrix, row, c0…``: ``"exact"`` and one per method, in
@@ -64,7 +77,20 @@ def block_heatmaps(
     lam = float(damping) if damping is not None else relative_damping * float(dense.trace()) / size
     eye = torch.eye(size, dtype=dense.dtype)
     shown = min(size, max_params)
-    inverses = {"exact": exact.solve(eye, lam)}
+    if reference == "network":
+        full = exact_fisher(
+            model if isinstance(model, Problem) else _as_problem(model, loss_fn, x, y, fisher_type)
+        )
+        s = full.slices[name]
+        inv = torch.linalg.solve(
+            add_to_diagonal(full.matrix, lam),
+            torch.eye(len(full.matrix), dtype=full.matrix.dtype),
+        )
+        inverses = {"exact": inv[s, s]}
+    elif reference == "block":
+        inverses = {"exact": exact.solve(eye, lam)}
+    else:
+        raise FisherlabError(f"reference must be 'block' or 'network', got {reference!r}")
     summary = []
     for spec in methods:
         method, options = parse_method(spec)
@@ -86,5 +112,6 @@ def block_heatmaps(
         "fisher_type": fisher_type,
         "batch_size": cap.num_samples,
         "methods": list(methods),
+        "reference": reference,
     }
     return FigureData("heatmaps", {"inverse": matrix_rows(crop), "summary": summary}, meta)

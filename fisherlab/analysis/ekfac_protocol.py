@@ -1,0 +1,142 @@
+r"""EKFAC Fig. 3 (right) and Fig. 5c under the paper's protocol: a basis fixed at step 0.
+
+Protocol (EKFAC paper, Sec. 4 and Fig. 5c): the **empirical** Fisher, the Kronecker-factored
+eigenbasis computed once at the start of training (or, as an option, every ``basis_every``
+steps) and kept while the network trains to a low loss, and every approximation compared with
+the exact Fisher block of the **training set** at each checkpoint. Series per layer:
+
+* ``kfac``: KFAC's factors from the reference set at the last basis computation (frozen);
+* ``ekfac``: that basis, with the scalings ``s`` of the reference set at the checkpoint (EKFAC
+  re-estimates them every step; here from all the data, so no batch noise enters);
+* ``ekfac-ra``: that basis, with scalings the running average (``decay``) of every training
+  batch's scalings since the basis was computed — fisherlab's EKFAC-ra
+  (:class:`fisherlab.optim.EKFAC` with ``running_average=True``).
+* ``kfac-fresh``: KFAC of the reference set at the checkpoint (recomputed; not in the paper,
+  the structural floor of Kronecker factors).
+
+Metrics: relative Frobenius error ``‖F̂−F‖_F/‖F‖_F`` and the relative distance of sorted spectra
+(:func:`fisherlab.metrics.spectrum_distance`), from dense matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from fisherlab.analysis.setup import _layer_info
+from fisherlab.analysis.table import FigureData
+from fisherlab.analysis.trajectory import Trajectory, reference_problem
+from fisherlab.blocks import build, curvature
+from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
+from fisherlab.capture import capture
+from fisherlab.metrics import frobenius_error, spectrum, spectrum_distance
+
+EKFAC_SERIES = ("kfac", "ekfac", "ekfac-ra", "kfac-fresh")
+"""Series of :func:`ekfac_protocol`."""
+
+
+def ekfac_protocol(
+    trajectory: Trajectory,
+    loss_fn: nn.Module,
+    x_ref: Tensor,
+    y_ref: Tensor,
+    steps: Sequence[int],
+    basis_every: int | None = None,
+    decay: float = 0.95,
+    fisher_type: str = "empirical",
+) -> FigureData:
+    """KFAC, EKFAC and EKFAC-ra with a fixed (or amortised) basis against the reference Fisher.
+
+    Args:
+        trajectory: A trajectory with a checkpoint at every step up to ``max(steps)`` (for the
+            running average; :func:`~fisherlab.analysis.trajectory.train_trajectory` with
+            ``checkpoints=None``).
+        loss_fn: The loss.
+        x_ref: Reference set (the training set).
+        y_ref: Reference targets.
+        steps: Checkpoints evaluated.
+        basis_every: Steps between basis (and frozen-KFAC) recomputations; ``None``: once, at
+            step 0 (Fig. 5c).
+        decay: Running-average decay of EKFAC-ra's scalings.
+        fisher_type: ``"empirical"`` (the paper's), or another type.
+
+    Returns:
+        Table ``curves`` (``step, epoch, loss, accuracy, basis_step, layer, method,
+        rel_frobenius, spectrum_distance``).
+    """
+    last = max(steps)
+    wanted = set(steps)
+    rows: list[dict[str, Any]] = []
+    frozen: dict[str, Any] = {}
+    average: dict[str, Tensor] = {}
+    layers: list[dict[str, Any]] = []
+    basis_step = 0
+    for step in range(last + 1):
+        model = trajectory.model_at(step)
+        refresh = step == 0 or (basis_every is not None and step % basis_every == 0)
+        ref = None
+        if refresh:
+            ref = reference_problem(model, loss_fn, x_ref, y_ref, fisher_type)
+            frozen = {"kfac": curvature("kfac", ref), "ekfac": curvature("ekfac", ref)}
+            average = {}
+            basis_step = step
+        if step in wanted:
+            ref = ref or reference_problem(model, loss_fn, x_ref, y_ref, fisher_type)
+            exact = curvature("exact", ref)
+            blocks = {
+                "kfac": frozen["kfac"],
+                "ekfac": build("ekfac", ref, basis=frozen["ekfac"]),
+                "kfac-fresh": curvature("kfac", ref),
+            }
+            ck = trajectory.at(step)
+            if not layers:
+                cap = capture(model, loss_fn, x_ref[:2], y_ref[:2])
+                layers = [_layer_info(cap, name) for name in cap]
+            for name, block in exact.items():
+                f = block.to_dense()
+                reference = spectrum(f).clamp_min(0)
+                series = {k: v[name] for k, v in blocks.items()}
+                if average:
+                    old = frozen["ekfac"][name]
+                    series["ekfac-ra"] = EKFACBlock(
+                        old.layer, old.u_gamma, old.u_omega, average[name], fisher_type, {}
+                    )
+                for method in EKFAC_SERIES:
+                    if method not in series:
+                        continue
+                    approx = series[method].to_dense()
+                    rows.append(
+                        {
+                            **ck.as_row(),
+                            "basis_step": basis_step,
+                            "layer": name,
+                            "method": method,
+                            "rel_frobenius": frobenius_error(f, approx),
+                            "spectrum_distance": spectrum_distance(reference, spectrum(approx)),
+                        }
+                    )
+        if step < last:  # the batch of update `step`, at the parameters it started from
+            index = trajectory.batches[step]
+            cap = capture(model, loss_fn, x_ref[index], y_ref[index], fisher_type=fisher_type)
+            for name, lc in cap.items():
+                old = frozen["ekfac"][name]
+                s = kfe_scalings(lc.A, lc.G, old.u_gamma, old.u_omega, cap.normaliser)
+                a = average.get(name)
+                average[name] = s if a is None else decay * a + (1 - decay) * s
+    meta = {
+        "fisher_type": fisher_type,
+        "reference": f"training set ({len(x_ref)} samples)",
+        "basis_every": basis_every,
+        "basis": "fixed at step 0" if basis_every is None else f"every {basis_every} steps",
+        "decay": decay,
+        "layers": layers,
+        "series": list(EKFAC_SERIES),
+        **trajectory.settings,
+        "final": trajectory.at(last).describe(),
+    }
+    return FigureData("ekfac_protocol", {"curves": rows}, meta)
+
+
+__all__ = ["EKFAC_SERIES", "ekfac_protocol"]

@@ -1,0 +1,245 @@
+"""Training with checkpoints, and the fixed reference set every checkpoint is judged against.
+
+:func:`train_trajectory` trains a model (plain SGD by default, or any optimizer of
+:data:`fisherlab.optim.OPTIMIZERS`) on seeded mini-batches and keeps a copy of the parameters
+at the requested steps; :meth:`Trajectory.model_at` gives the model of one checkpoint back.
+:func:`reference_problem` is the :class:`~fisherlab.problem.Problem` of a fixed reference set
+(by default the whole training set), streamed in batches: the Fisher every approximation is
+compared with, whatever batch it was built from.
+
+Example:
+    >>> import fisherlab.analysis as an
+    >>> p = an.figure_problem("mlp", quick=True, warmup_epochs=0)
+    >>> t = an.train_trajectory(p.model, p.loss_fn, p.split.x_train, p.split.y_train,
+    ...                         epochs=1, checkpoints=[0, 4], batch_size=32)
+    >>> [c.step for c in t.checkpoints], t.checkpoints[1].loss < t.checkpoints[0].loss
+    ([0, 4], True)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fisherlab.conventions import FisherlabError
+from fisherlab.problem import Problem
+
+
+def training_state(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``(x, y)`` (no gradient), as a figure states them."""
+    with torch.no_grad():
+        out = model(x)
+        return {
+            "loss": float(loss_fn(out, y)),
+            "accuracy": float((out.argmax(-1) == y).double().mean()),
+        }
+
+
+@dataclass
+class Checkpoint:
+    """The parameters after ``step`` updates, and the training state there.
+
+    Attributes:
+        step: Updates done.
+        epoch: ``step`` in epochs (a float).
+        state: A copy of the model's ``state_dict``.
+        loss: Loss on the whole training set.
+        accuracy: Accuracy on the whole training set.
+    """
+
+    step: int
+    epoch: float
+    state: dict[str, Tensor]
+    loss: float
+    accuracy: float
+
+    def describe(self) -> str:
+        """``"epoch 3.0, loss 0.21, acc. 95%"`` for titles."""
+        return f"epoch {self.epoch:.1f}, loss {self.loss:.3g}, acc. {100 * self.accuracy:.0f}%"
+
+    def as_row(self) -> dict[str, Any]:
+        """The training state as a table row."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+        }
+
+
+@dataclass
+class Trajectory:
+    """Checkpoints of one training run.
+
+    Attributes:
+        model: The trained model (its final parameters).
+        checkpoints: In order of ``step``.
+        step_losses: The mini-batch loss of every update.
+        batches: The training-set indices of every update's batch.
+        settings: Optimizer, learning rate, batch size, seed, steps per epoch.
+    """
+
+    model: nn.Module
+    checkpoints: list[Checkpoint]
+    step_losses: list[float] = field(default_factory=list)
+    batches: list[Tensor] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def at(self, step: int) -> Checkpoint:
+        """The checkpoint after ``step`` updates."""
+        for c in self.checkpoints:
+            if c.step == step:
+                return c
+        raise FisherlabError(f"no checkpoint at step {step}; there are {self.steps}")
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps of the checkpoints."""
+        return [c.step for c in self.checkpoints]
+
+    def model_at(self, step: int) -> nn.Module:
+        """A copy of the model with the parameters of the checkpoint at ``step``."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.at(step).state)
+        return model
+
+
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, options: Mapping[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """``"sgd"`` (``torch.optim.SGD``) or a :data:`fisherlab.optim.OPTIMIZERS` name."""
+    from fisherlab.optim import OPTIMIZERS
+
+    options = dict(options or {})
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, **options)
+    if name not in OPTIMIZERS:
+        raise FisherlabError(
+            f"unknown optimizer {name!r}; choose 'sgd' or one of {list(OPTIMIZERS)}"
+        )
+    return OPTIMIZERS[name](model, lr=lr, **options)
+
+
+def train_trajectory(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    checkpoints: Sequence[int] | None = None,
+    batch_size: int = 64,
+    lr: float = 0.1,
+    optimizer: str = "sgd",
+    optimizer_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    on_step: Callable[[int, nn.Module, Tensor, Tensor], None] | None = None,
+) -> Trajectory:
+    """Train ``model`` in place on seeded mini-batches, keeping checkpoints.
+
+    Each epoch draws a permutation from a generator seeded by ``seed`` (the last incomplete
+    batch is dropped). ``on_step(step, model, xb, yb)`` runs before each update, on the
+    parameters the update starts from.
+
+    Args:
+        model: The network (trained in place; :attr:`Trajectory.model` is it).
+        loss_fn: The loss.
+        x: Training inputs.
+        y: Training targets.
+        epochs: Epochs.
+        checkpoints: Steps (updates done) to keep; ``0`` is the initial model. Steps beyond
+            ``epochs`` are an error. ``None``: every step (small models: a copy of the
+            parameters per step).
+        batch_size: Mini-batch size.
+        lr: Learning rate.
+        optimizer: ``"sgd"`` or a fisherlab optimizer name.
+        optimizer_options: Keyword arguments of the optimizer (``momentum=0.9``, ``damping=``).
+        seed: Seed of the batch order.
+        on_step: Callback before each update.
+    """
+    per_epoch = len(x) // batch_size
+    total = epochs * per_epoch
+    wanted = sorted(set(range(total + 1) if checkpoints is None else map(int, checkpoints)))
+    if not wanted or wanted[0] < 0 or wanted[-1] > total:
+        raise FisherlabError(f"checkpoints {wanted} must lie in 0…{total} ({epochs} epochs)")
+    opt = make_optimizer(model, optimizer, lr, optimizer_options)
+    generator = torch.Generator().manual_seed(seed)
+    kept: list[Checkpoint] = []
+    losses: list[float] = []
+    used: list[Tensor] = []
+
+    def keep(step: int) -> None:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        kept.append(
+            Checkpoint(step, step / per_epoch, state, **training_state(model, loss_fn, x, y))
+        )
+
+    step = 0
+    if wanted[0] == 0:
+        keep(0)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, per_epoch * batch_size, batch_size):
+            if step >= wanted[-1]:
+                break
+            index = order[start : start + batch_size]
+            xb, yb = x[index], y[index]
+            used.append(index)
+            if on_step is not None:
+                on_step(step, model, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if step in wanted:
+                keep(step)
+    opt.zero_grad(set_to_none=True)
+    settings = {
+        "optimizer": optimizer,
+        "optimizer_options": dict(optimizer_options or {}),
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "steps_per_epoch": per_epoch,
+    }
+    return Trajectory(model, kept, losses, used, settings)
+
+
+def reference_problem(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    fisher_type: str = "empirical",
+    batch_size: int = 512,
+) -> Problem:
+    """The :class:`~fisherlab.problem.Problem` of a fixed reference set, in batches."""
+    data = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return Problem(model, loss_fn, data, fisher_type=fisher_type, progress=False)
+
+
+def protocol_text(meta: Mapping[str, Any]) -> str:
+    """One line of protocol for a title: Fisher type, reference set, optimizer."""
+    parts = [f"{meta['fisher_type']} Fisher"]
+    if "reference" in meta:
+        parts.append(f"reference: {meta['reference']}")
+    if "optimizer" in meta:
+        parts.append(f"trained by {meta['optimizer']} (lr {meta.get('lr')})")
+    return "; ".join(parts)
+
+
+__all__ = [
+    "Checkpoint",
+    "Trajectory",
+    "make_optimizer",
+    "protocol_text",
+    "reference_problem",
+    "train_trajectory",
+    "training_state",
+]

@@ -1,0 +1,143 @@
+"""The one fisherlab look: palette, labels, line styles, rcParams, and the figure saver."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from fisherlab.analysis import CONV_EXTRA, FigureData
+
+_PALETTE = sns.color_palette("colorblind", 10)
+METHOD_COLORS: dict[str, Any] = {
+    "exact": (0.15, 0.15, 0.15),
+    "woodbury": _PALETTE[0],
+    "kfac": _PALETTE[1],
+    "ekfac": _PALETTE[2],
+    "skfac": _PALETTE[4],
+    "diag": _PALETTE[7],
+    CONV_EXTRA: _PALETTE[9],
+    "kfac_amortized": _PALETTE[3],
+    "ekfac_amortized": _PALETTE[2],
+    "ekfac-ra": _PALETTE[8],
+    "kfac-fresh": _PALETTE[1],
+}
+"""One colour per method, shared by every figure."""
+
+METHOD_LABELS: dict[str, str] = {
+    "exact": "exact",
+    "woodbury": "Woodbury (TENGraD)",
+    "kfac": "KFAC",
+    "ekfac": "EKFAC",
+    "skfac": "SKFAC",
+    "diag": "diagonal",
+    CONV_EXTRA: "Woodbury reduce-sum",
+    "kfac_amortized": "KFAC, factors every k steps",
+    "ekfac_amortized": "EKFAC, basis every k steps",
+    "ekfac-ra": "EKFAC-ra (running-average scalings)",
+    "kfac-fresh": "KFAC recomputed (not in the paper)",
+}
+"""Legend labels of method specs (unknown specs are shown as they are)."""
+
+METHOD_STYLES: dict[str, tuple[str, str]] = {
+    "exact": ("-", ""),
+    "woodbury": ("-", "D"),
+    "kfac": ("-", "o"),
+    "ekfac": ("-", "s"),
+    "skfac": ("--", "x"),
+    "diag": ("-.", "v"),
+    CONV_EXTRA: (":", "^"),
+    "kfac_amortized": ("-", ""),
+    "ekfac_amortized": ("-", ""),
+}
+"""Line style and marker per method, so that coinciding curves (SKFAC = KFAC on Linear layers)
+stay distinguishable."""
+
+RC: dict[str, Any] = {
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "legend.title_fontsize": 8,
+    "figure.titlesize": 11,
+    "image.interpolation": "nearest",
+    "pdf.fonttype": 42,
+}
+"""fisherlab's rcParams on top of seaborn's ``whitegrid`` style and ``paper`` context."""
+
+FISHER_UNITS = "nats / param²"
+"""Units of Fisher entries and eigenvalues: the loss (nats) per squared parameter unit."""
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    """The one fisherlab look: seaborn ``whitegrid`` + ``paper`` context and :data:`RC`.
+
+    Every figure function draws inside it, and :func:`save_figure` saves inside it.
+    """
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"), mpl.rc_context(RC):
+        yield
+
+
+def label(method: str) -> str:
+    """The legend label of a method spec."""
+    return METHOD_LABELS.get(method, method)
+
+
+def color(method: str) -> Any:
+    """The colour of a method spec (grey for unknown ones)."""
+    return METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
+
+
+def linestyle(method: str) -> str:
+    """The line style of a method spec."""
+    return METHOD_STYLES.get(method, ("-", ""))[0]
+
+
+def marker(method: str) -> str:
+    """The marker of a method spec (empty for none)."""
+    return METHOD_STYLES.get(method, ("-", ""))[1]
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _suptitle(fig: Figure, data: FigureData, text: str) -> None:
+    model = data.meta.get("model")
+    fig.suptitle(f"{text}\n{model}" if model else text)
+
+
+def save_figure(
+    fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")
+) -> list[Path]:
+    """Save ``fig`` as ``stem.png`` (150 dpi, for READMEs) and ``stem.pdf`` (for papers)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with style():
+        for fmt in formats:
+            path = stem.with_suffix(f".{fmt}")
+            fig.savefig(path, format=fmt)
+            paths.append(path)
+    return paths
+
+
+def _grid(n: int, columns: int) -> tuple[int, int]:
+    columns = min(n, columns)
+    return math.ceil(n / columns), columns
+
+
+def _layer_title(info: dict[str, Any]) -> str:
+    kind = "conv" if info["type"] == "Conv2d" else info["type"]
+    return f"layer {info['layer']}: {kind} {info['weight']}, P={info['P']}"

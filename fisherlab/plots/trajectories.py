@@ -1,0 +1,212 @@
+"""Figures along training under the papers' protocols (data of the trajectory analyses)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.figure import Figure
+
+from fisherlab.analysis import FigureData
+from fisherlab.plots.base import _figure, _layer_title, _suptitle, color, label, style
+
+TERM_COLORS = {"structural": "0.35", "estimation": "#e6a141", "staleness": "#5fa8d3"}
+"""Colours of the error terms of the decomposition figure."""
+
+
+def _infos(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {info["layer"]: info for info in meta.get("layers", [])}
+
+
+def _state_line(data: FigureData) -> str:
+    m = data.meta
+    opt = m.get("optimizer", "sgd")
+    options = m.get("optimizer_options") or {}
+    extra = "".join(f", {k} {v}" for k, v in options.items())
+    return (
+        f"trained by {opt} (lr {m.get('lr')}{extra}, batch {m.get('batch_size')}); "
+        f"final: {m.get('final', '?')}"
+    )
+
+
+def _select(rows: Sequence[dict], **where: Any) -> list[dict]:
+    return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
+def plot_decomposition(data: FigureData) -> Figure:
+    """Stacked error terms (structural, estimation, staleness) over training; total as a line.
+
+    One row per method, one column per layer; x is the epoch of the checkpoint.
+    """
+    rows = data.rows("errors")
+    meta = data.meta
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    infos = _infos(meta)
+    with style():
+        fig = _figure(3.4 * len(layers) + 1.6, 2.5 * len(methods) + 1.4)
+        axes = fig.subplots(len(methods), len(layers), sharex=True, squeeze=False)
+        for i, method in enumerate(methods):
+            for j, layer in enumerate(layers):
+                ax = axes[i, j]
+                pts = _select(rows, layer=layer, method=method)
+                x = np.array([r["epoch"] for r in pts])
+                terms = [np.array([r[t] for r in pts]) for t in TERM_COLORS]
+                ax.stackplot(
+                    x,
+                    *terms,
+                    colors=list(TERM_COLORS.values()),
+                    labels=list(TERM_COLORS),
+                    alpha=0.85,
+                )
+                total = np.array([r["total"] for r in pts])
+                sd = np.array([r["total_sd"] for r in pts])
+                ax.plot(x, total, color="k", lw=1.6, marker="o", ms=3, label="total (deployed)")
+                ax.fill_between(x, total - sd, total + sd, color="k", alpha=0.15, lw=0)
+                if i == 0:
+                    ax.set_title(_layer_title(infos[layer]) if layer in infos else f"layer {layer}")
+                if j == 0:
+                    ax.set_ylabel(f"{label(method)}\nerror / ‖F‖_F (dimensionless)")
+                if i == len(methods) - 1:
+                    ax.set_xlabel("epoch")
+                ax.set_ylim(bottom=0)
+        handles, labels_ = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside lower center", ncols=4, frameon=False)
+        _suptitle(
+            fig,
+            data,
+            f"Where the error comes from: {meta['fisher_type']} Fisher of {meta['reference']}; "
+            f"batch b = {meta['batch_size']} (band: sd over {meta['batches']} batches), "
+            f"staleness k = {meta['lag']} steps\n{_state_line(data)}",
+        )
+    return fig
+
+
+def plot_ekfac_protocol(data: FigureData) -> Figure:
+    """Frobenius error (top, log) and spectrum distance (bottom, log) with a fixed basis."""
+    rows = data.rows("curves")
+    meta = data.meta
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    series = list(dict.fromkeys(r["method"] for r in rows))
+    infos = _infos(meta)
+    styles = {"kfac": "-", "ekfac": "-", "ekfac-ra": "--", "kfac-fresh": ":"}
+    names = {
+        "kfac": "KFAC, factors from the basis step",
+        "ekfac": "EKFAC, that basis, current scalings",
+    }
+    with style():
+        fig = _figure(3.6 * len(layers) + 1.5, 5.8)
+        axes = fig.subplots(2, len(layers), sharex=True, squeeze=False)
+        for col, layer in enumerate(layers):
+            for row, (key, ylabel) in enumerate(
+                (
+                    ("rel_frobenius", "‖F̂ − F‖_F / ‖F‖_F"),
+                    ("spectrum_distance", "‖λ(F̂) − λ(F)‖₂ / ‖λ(F)‖₂"),
+                )
+            ):
+                ax = axes[row, col]
+                for s in series:
+                    pts = _select(rows, layer=layer, method=s)
+                    ax.plot(
+                        [r["epoch"] for r in pts],
+                        [r[key] for r in pts],
+                        ls=styles.get(s, "-"),
+                        marker="o",
+                        ms=3,
+                        color=color(s),
+                        label=names.get(s, label(s)),
+                    )
+                ax.set_yscale("log")
+                if row == 0:
+                    ax.set_title(_layer_title(infos[layer]) if layer in infos else f"layer {layer}")
+                else:
+                    ax.set_xlabel("epoch")
+                if col == 0:
+                    ax.set_ylabel(f"{ylabel}\n(dimensionless)")
+        handles, labels_ = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside lower center", ncols=len(series), frameon=False)
+        _suptitle(
+            fig,
+            data,
+            f"EKFAC Fig. 3 right / 5c protocol: {meta['fisher_type']} Fisher of the "
+            f"{meta['reference']}; KFE basis and KFAC factors {meta['basis']}\n"
+            f"{_state_line(data)}",
+        )
+    return fig
+
+
+def plot_fngd(data: FigureData) -> Figure:
+    """Cosine to the fresh natural gradient: shared weights (solid) vs plain gradient (dashed).
+
+    One panel per layer (and the whole network); colour: damping ``δ``; x: epoch; bands: ± sd
+    over the evaluated positions within an epoch.
+    """
+    rows = data.rows("cosines")
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    dampings = list(dict.fromkeys(r["damping"] for r in rows))
+    cmap = mpl.colormaps["viridis"]
+    shades = {d: cmap(i / max(len(dampings) - 1, 1) * 0.85) for i, d in enumerate(dampings)}
+    with style():
+        fig = _figure(3.1 * len(layers) + 1.8, 3.4)
+        axes = fig.subplots(1, len(layers), sharey=True, squeeze=False)[0]
+        for ax, layer in zip(axes, layers):
+            for d in dampings:
+                for key, ls in (("shared", "-"), ("gradient", "--")):
+                    pts = _select(rows, layer=layer, damping=d)
+                    epochs = sorted({r["epoch"] for r in pts})
+                    vals = [np.array([r[key] for r in pts if r["epoch"] == e]) for e in epochs]
+                    mean = np.array([v.mean() for v in vals])
+                    sd = np.array([v.std() for v in vals])
+                    name = "shared weights" if key == "shared" else "plain gradient"
+                    ax.plot(epochs, mean, ls=ls, marker="o", ms=3, color=shades[d],
+                            label=f"{name}, δ = {d:g}")  # fmt: skip
+                    ax.fill_between(epochs, mean - sd, mean + sd, color=shades[d], alpha=0.12)
+            ax.set_title("whole network" if layer == "network" else f"layer {layer}")
+            ax.set_xlabel("epoch (weights from epoch 0)")
+        axes[0].set_ylabel("cosine to the fresh natural gradient\n(dimensionless)")
+        handles, labels_ = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside right center", frameon=False, fontsize=7)
+        _suptitle(
+            fig,
+            data,
+            "FNGD's hypothesis: epoch-0 coefficients reused vs the fresh natural gradient of "
+            f"the same batch (empirical Fisher, {data.meta['damping_mode']})\n"
+            f"{_state_line(data)}",
+        )
+    return fig
+
+
+def plot_block_diagonal(data: FigureData) -> Figure:
+    """Block-diagonal inverse vs the whole network's ``(F+λI)⁻¹``: error and cosine vs damping."""
+    rows = data.rows("errors")
+    meta = data.meta
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    with style():
+        fig = _figure(9.0, 3.4)
+        axes = fig.subplots(1, 2)
+        for layer in layers:
+            pts = _select(rows, layer=layer)
+            kw = {"color": "k", "lw": 2.0} if layer == "network" else {}
+            name = "whole network" if layer == "network" else f"layer {layer} (P={pts[0]['P']})"
+            x = [r["relative_damping"] for r in pts]
+            axes[0].plot(x, [r["inverse_error"] for r in pts], marker="o", ms=3, label=name, **kw)
+            axes[1].plot(x, [r["cosine"] for r in pts], marker="o", ms=3, label=name, **kw)
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xlabel("damping λ / (tr F / P)")
+        axes[0].set_ylabel("‖[(F+λI)⁻¹]_ll − (F_ll+λI)⁻¹‖ / ‖[(F+λI)⁻¹]_ll‖")
+        axes[1].set_ylabel("cos(block-diagonal NG, exact NG) (dimensionless)")
+        axes[1].legend(frameon=False, fontsize=7)
+        _suptitle(
+            fig,
+            data,
+            f"TENGraD's block-diagonal approximation vs exact NGD ({meta['fisher_type']} Fisher "
+            f"of {meta['reference']}); off-diagonal energy ‖F−bdiag F‖²/‖F‖² = "
+            f"{meta['offdiagonal_energy']:.2f}\n{meta.get('state', '')}",
+        )
+    return fig
+
+
+__all__ = ["plot_block_diagonal", "plot_decomposition", "plot_ekfac_protocol", "plot_fngd"]

@@ -1,0 +1,286 @@
+"""Trajectory analyses against float64 brute force (torch.func per-sample gradients, dense)."""
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fisherlab import analysis as an
+from fisherlab.analysis.decomposition import sample_batches
+from fisherlab.metrics import spectrum_distance
+from tests.helpers import per_sample_grads
+
+TOL = 1e-8  # float64 quantities equal in exact arithmetic (differences of matrices ~1)
+LAYERS = ("0", "2")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 5-4-3 tanh MLP on 24 random samples, trained 2 epochs (batch 8), every step kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    run = an.train_trajectory(model, loss_fn, x, y, epochs=2, batch_size=8, lr=0.5)
+    return run, loss_fn, x, y
+
+
+# ----------------------------------------------------------------- brute-force references
+def _inputs(model: nn.Module, name: str, x: Tensor) -> Tensor:
+    """Homogeneous inputs ``[a; 1]`` of a layer of the Sequential, ``[N, d_in+1]``."""
+    a = model[: int(name)](x).detach()
+    return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], dim=1)
+
+
+def _to_param(d_out: int, d_in: int) -> Tensor:
+    """Index map: parameter order (W row-major, then b) → Kronecker order vec_r([W | b])."""
+    order = [i * (d_in + 1) + j for i in range(d_out) for j in range(d_in)]
+    return torch.tensor(order + [i * (d_in + 1) + d_in for i in range(d_out)])
+
+
+class Brute:
+    """Empirical Fisher, KFAC and EKFAC of one layer from per-sample gradients."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, name: str):
+        layer = model.get_submodule(name)
+        self.d_out, self.d_in = layer.weight.shape
+        self.j = per_sample_grads(model, loss_fn, x, y, name)  # [N, P] (summed per-sample loss)
+        n = len(x)
+        self.fisher = self.j.T @ self.j / n
+        a = _inputs(model, name, x)
+        g = self.j[:, -self.d_out :]  # the bias gradient is the output gradient
+        self.gamma, self.omega = g.T @ g / n, a.T @ a / n
+        self.perm = _to_param(self.d_out, self.d_in)
+
+    def kron(self, m: Tensor) -> Tensor:
+        """A matrix in Kronecker order, returned in parameter order."""
+        return m[self.perm][:, self.perm]
+
+    def basis(self) -> Tensor:
+        """``Q = U_Γ ⊗ U_Ω`` in parameter order (rows)."""
+        q = torch.kron(torch.linalg.eigh(self.gamma)[1], torch.linalg.eigh(self.omega)[1])
+        return q[self.perm]
+
+    def kfac(self) -> Tensor:
+        return self.kron(torch.kron(self.gamma, self.omega))
+
+    def ekfac(self, q: Tensor | None = None, scalings_of: Tensor | None = None) -> Tensor:
+        """``Q diag(diag(QᵀFQ)) Qᵀ`` with ``Q`` (default: own basis) and ``F`` (default: own)."""
+        q = self.basis() if q is None else q
+        f = self.fisher if scalings_of is None else scalings_of
+        s = torch.diagonal(q.T @ f @ q)
+        return q @ torch.diag(s) @ q.T
+
+
+def _rel(a: Tensor, b: Tensor, norm: Tensor) -> float:
+    return float(torch.linalg.matrix_norm(a - b).detach() / norm)
+
+
+# ----------------------------------------------------------------------------- trajectory
+def test_checkpoints_replay_the_recorded_batches(tiny):
+    run, loss_fn, x, y = tiny
+    assert run.steps == list(range(7)) and len(run.batches) == 6
+    assert torch.equal(torch.sort(torch.cat(run.batches[:3])).values, torch.arange(24))
+    model = run.model_at(0)
+    for step, index in enumerate(run.batches):
+        model.zero_grad()
+        loss_fn(model(x[index]), y[index]).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+        for p, q in zip(model.parameters(), run.model_at(step + 1).parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    state = an.training_state(run.model_at(6), loss_fn, x, y)
+    assert state["loss"] == pytest.approx(run.at(6).loss, rel=1e-12)
+    assert run.at(3).epoch == 1.0
+
+
+def test_train_trajectory_rejects_checkpoints_past_the_end(tiny):
+    run, loss_fn, x, y = tiny
+    with pytest.raises(an.setup.FisherlabError, match="checkpoints"):
+        an.train_trajectory(run.model_at(0), loss_fn, x, y, epochs=1, checkpoints=[4], batch_size=8)
+
+
+# -------------------------------------------------------------------------- decomposition
+def test_error_decomposition_matches_brute_force(tiny):
+    run, loss_fn, x, y = tiny
+    step, lag, b, count = 5, 2, 4, 2
+    data = an.error_decomposition(
+        run, loss_fn, x, y, [step], lag, batch_size=b, batches=count,
+        methods=["kfac", "ekfac", "diag"], fisher_type="empirical", seed=3,
+    )  # fmt: skip
+    index = sample_batches(len(x), b, 2 * count, 3)
+    now, old = run.model_at(step), run.model_at(step - lag)
+    rows = {(r["layer"], r["method"]): r for r in data.rows("errors")}
+    assert len(rows) == 2 * 3
+    for name in LAYERS:
+        ref, ref_old = Brute(now, loss_fn, x, y, name), Brute(old, loss_fn, x, y, name)
+        f, norm = ref.fisher, torch.linalg.matrix_norm(ref.fisher)
+        now_b = [Brute(now, loss_fn, x[i], y[i], name) for i in index[:count]]
+        old_b = [Brute(old, loss_fn, x[i], y[i], name) for i in index[count:]]
+        build = {
+            "kfac": lambda m: m.kfac(),
+            "ekfac": lambda m: m.ekfac(),
+            "diag": lambda m: torch.diag(torch.diagonal(m.fisher)),
+        }
+        stale = {"kfac": ref_old.kfac(), "ekfac": ref.ekfac(q=ref_old.basis())}
+        stale["diag"] = build["diag"](ref_old)
+        for method, make in build.items():
+            r = rows[name, method]
+            a_ref = make(ref)
+            est = torch.tensor([_rel(make(m), a_ref, norm) for m in now_b])
+            if method == "ekfac":  # the old batch's basis, the current batch's scalings
+                deployed = [m.ekfac(q=o.basis()) for m, o in zip(now_b, old_b)]
+            else:
+                deployed = [make(o) for o in old_b]
+            tot = torch.tensor([_rel(d, f, norm) for d in deployed])
+            assert r["structural"] == pytest.approx(_rel(a_ref, f, norm), rel=TOL)
+            assert r["estimation"] == pytest.approx(float(est.mean()), rel=TOL)
+            assert r["estimation_sd"] == pytest.approx(float(est.std()), rel=1e-6)
+            assert r["staleness"] == pytest.approx(_rel(stale[method], a_ref, norm), rel=TOL)
+            assert r["total"] == pytest.approx(float(tot.mean()), rel=TOL)
+        # EKFAC's theorem on the reference set: never worse than KFAC
+        assert rows[name, "ekfac"]["structural"] <= rows[name, "kfac"]["structural"] + TOL
+
+
+# -------------------------------------------------------------------------- EKFAC protocol
+def test_ekfac_protocol_matches_brute_force(tiny):
+    run, loss_fn, x, y = tiny
+    decay = 0.9
+    data = an.ekfac_protocol(run, loss_fn, x, y, [0, 4], decay=decay)
+    rows = {(r["step"], r["layer"], r["method"]): r for r in data.rows("curves")}
+    assert {k[2] for k in rows if k[0] == 0} == {"kfac", "ekfac", "kfac-fresh"}
+    for name in LAYERS:
+        first = Brute(run.model_at(0), loss_fn, x, y, name)
+        q = first.basis()
+        now = Brute(run.model_at(4), loss_fn, x, y, name)
+        average = None
+        for step in range(4):  # running average of each update's batch scalings in the basis
+            i = run.batches[step]
+            batch = Brute(run.model_at(step), loss_fn, x[i], y[i], name)
+            s = torch.diagonal(q.T @ batch.fisher @ q)
+            average = s if average is None else decay * average + (1 - decay) * s
+        expected = {
+            "kfac": first.kfac(),
+            "ekfac": now.ekfac(q=q),
+            "ekfac-ra": q @ torch.diag(average) @ q.T,
+            "kfac-fresh": now.kfac(),
+        }
+        f = now.fisher
+        exact_spec = torch.linalg.eigvalsh(f).flip(0).clamp_min(0)
+        for method, approx in expected.items():
+            r = rows[4, name, method]
+            norm = torch.linalg.matrix_norm(f)
+            assert r["rel_frobenius"] == pytest.approx(_rel(approx, f, norm), rel=TOL)
+            spec = torch.linalg.eigvalsh(approx).flip(0)
+            assert r["spectrum_distance"] == pytest.approx(
+                spectrum_distance(exact_spec, spec), rel=1e-6, abs=1e-10
+            )
+        # at the basis step, the frozen and the fresh KFAC coincide and EKFAC is not worse
+        r0 = {m: rows[0, name, m]["rel_frobenius"] for m in ("kfac", "ekfac", "kfac-fresh")}
+        assert r0["kfac"] == pytest.approx(r0["kfac-fresh"], rel=TOL)
+        assert r0["ekfac"] <= r0["kfac"] + TOL
+
+
+# ---------------------------------------------------------------------------------- FNGD
+def test_coefficient_sharing_matches_brute_force(tiny):
+    run, loss_fn, x, y = tiny
+    delta = 1e-2
+    data = an.coefficient_sharing(run, loss_fn, x, y, epochs=[1], dampings=[delta], positions=[1])
+    rows = {r["layer"]: r for r in data.rows("cosines")}
+    assert set(rows) == {*LAYERS, "network"}
+    i = run.batches[1]
+    step = 3 + 1
+    j = run.batches[step]
+    dirs = {"fresh": [], "shared": [], "gradient": []}
+    for name in LAYERS:
+        then = per_sample_grads(run.model_at(1), loss_fn, x[i], y[i], name)
+        now = per_sample_grads(run.model_at(step), loss_fn, x[j], y[j], name)
+        n = len(now)
+
+        def weights(jac: Tensor) -> Tensor:
+            k, eye = jac @ jac.T, torch.eye(len(jac), dtype=jac.dtype)
+            return torch.linalg.solve(k + delta * torch.linalg.matrix_norm(k) * eye, eye.sum(1))
+
+        grad = now.mean(0)
+        fresh = now.T @ weights(now)
+        # the weighted sum is the damped natural gradient (F + λI)⁻¹g, λ = δ‖K‖/N
+        lam = delta * float(torch.linalg.matrix_norm(now @ now.T)) / n
+        dense = torch.linalg.solve(now.T @ now / n + lam * torch.eye(now.shape[1]), grad)
+        assert (
+            float(torch.linalg.vector_norm(fresh - dense) / torch.linalg.vector_norm(dense)) < 1e-6
+        )
+        shared = now.T @ weights(then)
+        cos = torch.nn.functional.cosine_similarity
+        assert rows[name]["shared"] == pytest.approx(float(cos(shared, fresh, dim=0)), rel=TOL)
+        assert rows[name]["gradient"] == pytest.approx(float(cos(grad, fresh, dim=0)), rel=TOL)
+        for key, v in (("fresh", fresh), ("shared", shared), ("gradient", grad)):
+            dirs[key].append(v)
+    cat = {k: torch.cat(v) for k, v in dirs.items()}
+    expected = torch.nn.functional.cosine_similarity(cat["shared"], cat["fresh"], dim=0)
+    assert rows["network"]["shared"] == pytest.approx(float(expected), rel=TOL)
+
+
+# -------------------------------------------------------------------------- block diagonal
+def test_block_diagonal_error_matches_brute_force(tiny):
+    run, loss_fn, x, y = tiny
+    model = run.model_at(6)
+    problem = an.reference_problem(model, loss_fn, x, y, "empirical")
+    data = an.block_diagonal_error(problem, relative_dampings=[1e-2, 1.0])
+    j = torch.cat([per_sample_grads(model, loss_fn, x, y, name) for name in LAYERS], dim=1)
+    f = j.T @ j / len(x)
+    g = j.mean(0)
+    sizes = [model.get_submodule(n).weight.numel() + model.get_submodule(n).bias.numel()
+             for n in LAYERS]  # fmt: skip
+    slices = [slice(0, sizes[0]), slice(sizes[0], sum(sizes))]
+    mask = torch.zeros_like(f, dtype=torch.bool)
+    for s in slices:
+        mask[s, s] = True
+    assert data.meta["offdiagonal_energy"] == pytest.approx(
+        float((f[~mask] ** 2).sum() / (f**2).sum()), rel=TOL
+    )
+    rows = {(r["relative_damping"], r["layer"]): r for r in data.rows("errors")}
+    for rel in (1e-2, 1.0):
+        lam = rel * float(f.trace()) / len(f)
+        inverse = torch.linalg.inv(f + lam * torch.eye(len(f)))
+        blockwise = torch.zeros_like(f)
+        for s in slices:
+            blockwise[s, s] = torch.linalg.inv(f[s, s] + lam * torch.eye(s.stop - s.start))
+        for name, s in zip(LAYERS, slices):
+            r = rows[rel, name]
+            err = torch.linalg.matrix_norm(inverse[s, s] - blockwise[s, s])
+            assert r["inverse_error"] == pytest.approx(
+                float(err / torch.linalg.matrix_norm(inverse[s, s])), rel=1e-7
+            )
+            cos = torch.nn.functional.cosine_similarity(
+                inverse[s] @ g, blockwise[s, s] @ g[s], dim=0
+            )
+            assert r["cosine"] == pytest.approx(float(cos), rel=1e-7)
+        cos = torch.nn.functional.cosine_similarity(inverse @ g, blockwise @ g, dim=0)
+        assert rows[rel, "network"]["cosine"] == pytest.approx(float(cos), rel=1e-7)
+    # more damping, closer to the block-diagonal inverse (both tend to I/λ)
+    assert rows[1.0, "network"]["inverse_error"] < rows[1e-2, "network"]["inverse_error"]
+
+
+def test_heatmaps_with_the_network_reference_show_the_block_of_the_full_inverse(tiny):
+    run, loss_fn, x, y = tiny
+    model = run.model_at(6)
+    data = an.block_heatmaps(
+        model, loss_fn, x, y, layer="2", damping=1e-2, fisher_type="empirical",
+        reference="network", methods=["woodbury"],
+    )  # fmt: skip
+    j = torch.cat([per_sample_grads(model, loss_fn, x, y, name) for name in LAYERS], dim=1)
+    f = j.T @ j / len(x)
+    p0 = 4 * 5 + 4
+    inverse = torch.linalg.inv(f + 1e-2 * torch.eye(len(f)))[p0:, p0:]
+    shown = an.rows_to_matrices(data.rows("inverse"))
+    assert _rel(shown["exact"], inverse, torch.linalg.matrix_norm(inverse)) < 1e-6  # κ ≈ 1e8
+    block = torch.linalg.inv(f[p0:, p0:] + 1e-2 * torch.eye(len(f) - p0))
+    assert _rel(shown["woodbury"], block, torch.linalg.matrix_norm(block)) < 1e-6
+    (summary,) = data.rows("summary")
+    expected = torch.linalg.matrix_norm(block - inverse) / torch.linalg.matrix_norm(inverse)
+    assert summary["rel_frobenius_inverse"] == pytest.approx(float(expected), rel=1e-7)
+    assert not math.isclose(summary["rel_frobenius_inverse"], 0.0)
