@@ -137,6 +137,31 @@ class _Problems:
         return {"state": last.describe(), "training": {**run.settings, **last.as_row()}}
 
 
+def _batch_size(p: _Problems, name: str) -> FigureData:
+    prob = p.get(name)
+    sizes = (8, 32, 256) if p.settings.quick else (16, 32, 64, 128, 256, 512, 10**9)
+    x, y = prob.split.x_train, prob.split.y_train
+    repeats = 2 if p.settings.quick else 3
+    return an.batch_size_sweep(prob.model, prob.loss_fn, x, y, sizes, repeats, seed=p.settings.seed)
+
+
+def _spatial(p: _Problems, name: str) -> FigureData:
+    prob = p.get(name)
+    x, y = prob.split.x_train, prob.split.y_train
+    batch, repeats = (16, 2) if p.settings.quick else (64, 3)
+    return an.spatial_sweep(
+        prob.model, prob.loss_fn, x, y, batch_size=batch, repeats=repeats, seed=p.settings.seed
+    )
+
+
+def _fisher_types(p: _Problems, name: str) -> FigureData:
+    s = p.settings
+    prob, run = p.get(name), p.trajectory(name)
+    steps = s.epoch_steps(run.settings["steps_per_epoch"], s.trajectory_epochs)
+    x, y = prob.split.x_train, prob.split.y_train
+    return an.fisher_type_comparison(run, prob.loss_fn, x, y, steps)
+
+
 def _heatmaps(p: _Problems, name: str) -> FigureData:
     prob = p.get(name)
     ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
@@ -236,6 +261,9 @@ _FAMILIES: dict[str, Callable[[_Problems, str], FigureData]] = {
     "fngd": _fngd,
     "heatmaps": _heatmaps,
     "block_diagonal": _block_diagonal,
+    "batch_size": _batch_size,
+    "spatial": _spatial,
+    "fisher_types": _fisher_types,
     "frobenius": _frobenius,
     "spectra": _spectra,
     "sample_correlation": _sample_correlation,
@@ -243,6 +271,8 @@ _FAMILIES: dict[str, Callable[[_Problems, str], FigureData]] = {
     "directions": _directions,
 }
 FAMILIES = {name: _stated(f) for name, f in _FAMILIES.items()}
+ONLY_MODELS = {"spatial": ("cnn",)}
+"""Families that apply to some models only (SKFAC's spatial sampling: convolutions)."""
 """Figure families, in the order of the README: name → data of one model (with its state)."""
 
 
@@ -264,7 +294,7 @@ def run(
     problems = _Problems(settings)
     out = Path(out)
     paths: list[Path] = []
-    work = [(m, f) for m in models for f in families]
+    work = [(m, f) for m in models for f in families if m in ONLY_MODELS.get(f, (m,))]
     bar = tqdm(work, desc="figures", disable=not progress, unit="fig")
     for model, family in bar:
         bar.set_postfix_str(f"{model} {family}")

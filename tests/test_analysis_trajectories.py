@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import fisherlab as fl
 from fisherlab import analysis as an
 from fisherlab.analysis.decomposition import sample_batches
 from fisherlab.metrics import spectrum_distance
@@ -76,7 +77,7 @@ class Brute:
 
 
 def _rel(a: Tensor, b: Tensor, norm: Tensor) -> float:
-    return float(torch.linalg.matrix_norm(a - b).detach() / norm)
+    return float((torch.linalg.matrix_norm(a - b) / norm).detach())
 
 
 # ----------------------------------------------------------------------------- trajectory
@@ -284,3 +285,86 @@ def test_heatmaps_with_the_network_reference_show_the_block_of_the_full_inverse(
     expected = torch.linalg.matrix_norm(block - inverse) / torch.linalg.matrix_norm(inverse)
     assert summary["rel_frobenius_inverse"] == pytest.approx(float(expected), rel=1e-7)
     assert not math.isclose(summary["rel_frobenius_inverse"], 0.0)
+
+
+# ---------------------------------------------------------------------------------- sweeps
+def test_batch_size_sweep_matches_brute_force(tiny):
+    run, loss_fn, x, y = tiny
+    model = run.model_at(6)
+    data = an.batch_size_sweep(model, loss_fn, x, y, sizes=[6, 24], repeats=2, seed=5)
+    rows = {(r["batch_size"], r["repeat"], r["layer"], r["method"]): r for r in data.rows("sweep")}
+    assert {k[:2] for k in rows} == {(6, 0), (6, 1), (24, 0)}
+    index = sample_batches(len(x), 6, 2, 5 + 6)
+    for name in LAYERS:
+        ref = Brute(model, loss_fn, x, y, name)
+        f, g = ref.fisher, ref.j.mean(0)
+        lam = 0.1 * float(f.trace()) / len(f)
+        eye = torch.eye(len(f), dtype=f.dtype)
+        target = torch.linalg.solve(f + lam * eye, g)
+        for r, i in enumerate(index):
+            batch = Brute(model, loss_fn, x[i], y[i], name)
+            for method, approx in (("exact", batch.fisher), ("kfac", batch.kfac()),
+                                   ("ekfac", batch.ekfac())):  # fmt: skip
+                row = rows[6, r, name, method]
+                norm = torch.linalg.matrix_norm(f)
+                assert row["rel_frobenius"] == pytest.approx(_rel(approx, f, norm), rel=TOL)
+                d = torch.linalg.solve(approx + lam * eye, g)
+                cos = torch.nn.functional.cosine_similarity(d, target, dim=0)
+                assert row["cosine"] == pytest.approx(float(cos), rel=1e-7)
+        # the whole set's own block is the reference: Woodbury/TENGraD exact there
+        assert rows[24, 0, name, "exact"]["rel_frobenius"] < 1e-12
+        assert rows[24, 0, name, "exact"]["cosine"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_fisher_type_comparison_matches_the_exact_blocks(tiny):
+    run, loss_fn, x, y = tiny
+    data = an.fisher_type_comparison(run, loss_fn, x, y, steps=[6], mc_samples=2)
+    rows = {(r["layer"], r["fisher_type"]): r for r in data.rows("types")}
+    model = run.model_at(6)
+    dense = {
+        kind: {
+            n: b.to_dense()
+            for n, b in fl.exact_blocks(
+                model, loss_fn, x, y, fisher_type=kind, mc_samples=2
+            ).items()
+        }
+        for kind in an.FISHER_TYPES
+    }
+    for name in LAYERS:
+        ref = Brute(model, loss_fn, x, y, name)
+        torch.testing.assert_close(dense["empirical"][name], ref.fisher, rtol=1e-10, atol=1e-14)
+        assert rows[name, "true"]["to_true"] == 0.0
+        for kind in ("mc", "empirical"):
+            f, true = dense[kind][name], dense["true"][name]
+            expected = torch.linalg.matrix_norm(f - true) / torch.linalg.matrix_norm(true)
+            assert rows[name, kind]["to_true"] == pytest.approx(float(expected), rel=1e-8)
+        norm = torch.linalg.matrix_norm(ref.fisher)
+        assert rows[name, "empirical"]["kfac"] == pytest.approx(
+            _rel(ref.kfac(), ref.fisher, norm), rel=TOL
+        )
+
+
+def test_spatial_sweep_on_a_convolution():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)
+    ).double()
+    loss_fn = nn.CrossEntropyLoss()
+    data = an.spatial_sweep(model, loss_fn, x, y, samples=(1, 16), batch_size=4, repeats=2)
+    rows = data.rows("sweep")
+    assert {r["layer"] for r in rows} == {"0"}  # convolutions only
+    ref = {(r["source"], r["repeat"], r["spatial_samples"]): r["rel_frobenius"] for r in rows}
+    problem = an.reference_problem(model, loss_fn, x, y, "empirical")
+    exact = fl.curvature("exact", problem)["0"].to_dense()
+    for method, count in (("kfac", -1), ("skfac", 0)):
+        approx = fl.curvature(method, problem)["0"].to_dense()
+        assert ref["reference", 0, count] == pytest.approx(
+            float(torch.linalg.matrix_norm(approx - exact) / torch.linalg.matrix_norm(exact)),
+            rel=TOL,
+        )
+    # all 16 positions "subsampled" (T = 16): the expand factors, up to the split of T
+    assert ref["reference", 0, 16] == pytest.approx(ref["reference", 0, -1], rel=1e-8)
+    assert ref["reference", 0, 1] != pytest.approx(ref["reference", 0, 16], rel=1e-3)

@@ -152,7 +152,7 @@ def test_spectra_data(figure_data, model):
     data = figure_data(model, "spectra")
     rows = data.rows("eigenvalues")
     sizes = {info["layer"]: info["P"] for info in data.meta["layers"]}
-    methods = ["exact", *an.default_methods(figure_data.problems.get(model).model)]
+    methods = ["exact", *an.APPROXIMATIONS]  # over the training set: no Woodbury reduce-sum
     for layer, size in sizes.items():
         for method in methods:
             values = np.array(
@@ -164,6 +164,23 @@ def test_spectra_data(figure_data, model):
     assert {(r["layer"], r["method"]) for r in data.rows("distance")} == {
         (layer, m) for layer in sizes for m in methods[1:]
     }
+
+
+def test_spectra_state_the_rank_of_the_true_cross_entropy_fisher():
+    # 6 samples, C = 10: the true Fisher has 60 rows but rank ≤ 6·9 = 54
+    prob = an.figure_problem("mlp", quick=True)
+    ((x, y),) = an.figure_batches(prob, 6)
+    data = an.spectra(prob.model, prob.loss_fn, x, y, methods=["kfac"])
+    assert data.meta["rank_bound"] == 54
+    rows = [r for r in data.rows("eigenvalues") if r["method"] == "exact"]
+    for layer in {r["layer"] for r in rows}:
+        values = np.array([r["eigenvalue"] for r in rows if r["layer"] == layer])
+        nonzero = int((values > 1e-10 * values[0]).sum())
+        assert 6 < nonzero <= 54, layer  # more than the empirical bound N, at most N(C−1)
+    empirical = an.spectra(
+        prob.model, prob.loss_fn, x, y, methods=["kfac"], fisher_type="empirical"
+    )
+    assert empirical.meta["rank_bound"] == 6
 
 
 # --------------------------------------------------------------------- 4. sample correlation
@@ -205,6 +222,16 @@ def test_kfe_correlation_data(figure_data, model):
     summary = data.rows("summary")
     assert len(summary) == 2 * len({r["layer"] for r in summary})
     assert all(0 <= r["mean_abs_offdiag"] <= 1 for r in summary)
+    # energy off the diagonal: of F = diag's squared error; of QᵀFQ = EKFAC's squared error
+    reference = figure_data.problems.reference(model, "empirical")
+    exact = fl.curvature("exact", reference)
+    ekfac = fl.curvature("ekfac", reference)
+    for r in summary:
+        f = exact[r["layer"]].to_dense()
+        approx = torch.diag(f.diagonal()) if r["basis"] == "parameter" else None
+        if approx is None:
+            approx = ekfac[r["layer"]].to_dense()
+        assert r["offdiag_energy"] == pytest.approx(frobenius_error(f, approx) ** 2, rel=1e-8)
 
 
 def test_kfe_correlation_masks_the_null_directions_of_the_last_layer():
@@ -308,7 +335,7 @@ def _check_png(path: Path) -> None:
 
 @pytest.mark.parametrize("family", list(figures_cli.FAMILIES))
 def test_every_figure_function_writes_a_readable_png(figure_data, family, tmp_path):
-    data = figure_data("cnn" if family in ("heatmaps", "frobenius") else "mlp", family)
+    data = figure_data("cnn" if family in ("heatmaps", "frobenius", "spatial") else "mlp", family)
     data.meta["model"] = "test model"
     fig = plots.PLOTS[family](data)
     assert isinstance(fig, matplotlib.figure.Figure)

@@ -52,6 +52,13 @@ from fisherlab.analysis.setup import (
     train_sgd,
 )
 from fisherlab.analysis.spectra import spectra
+from fisherlab.analysis.sweeps import (
+    BATCH_METHODS,
+    FISHER_TYPES,
+    batch_size_sweep,
+    fisher_type_comparison,
+    spatial_sweep,
+)
 from fisherlab.analysis.table import FigureData, matrix_rows, rows_to_matrices
 from fisherlab.analysis.tengrad import block_diagonal_error
 from fisherlab.analysis.training import TRAINING_SERIES, training_errors
@@ -65,9 +72,11 @@ from fisherlab.analysis.trajectory import (
 
 __all__ = [
     "APPROXIMATIONS",
+    "BATCH_METHODS",
     "CONV_EXTRA",
     "DECOMPOSITION_METHODS",
     "EKFAC_SERIES",
+    "FISHER_TYPES",
     "HEATMAP_METHODS",
     "TERMS",
     "TRAINING_SERIES",
@@ -75,6 +84,7 @@ __all__ = [
     "FigureData",
     "FigureProblem",
     "Trajectory",
+    "batch_size_sweep",
     "block_diagonal_error",
     "block_heatmaps",
     "choose_layer",
@@ -88,6 +98,7 @@ __all__ = [
     "figure_batches",
     "figure_model",
     "figure_problem",
+    "fisher_type_comparison",
     "frobenius_errors",
     "kfe_decorrelation",
     "matrix_rows",
@@ -95,6 +106,7 @@ __all__ = [
     "reference_problem",
     "rows_to_matrices",
     "sample_correlations",
+    "spatial_sweep",
     "spectra",
     "train_sgd",
     "train_trajectory",

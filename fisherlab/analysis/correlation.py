@@ -108,7 +108,10 @@ def kfe_decorrelation(
         Tables ``correlation`` (wide rows ``basis, row, c0…`` for the chosen layer, at most
         ``max_params`` coordinates of each basis; NaN for coordinates below ``floor``, counted
         in ``meta["masked"]``) and ``summary`` (``layer, P, basis,
-        mean_abs_offdiag, coordinates``) for every layer.
+        mean_abs_offdiag, offdiag_energy, coordinates``) for every layer. ``offdiag_energy`` is
+        the energy-weighted decorrelation ``‖offdiag(M)‖²_F/‖F‖²_F`` of ``M = F`` (parameter
+        basis) or ``M = QᵀFQ`` (KFE): the squared relative Frobenius error of the diagonal
+        approximation in that basis — of ``diag`` and of EKFAC respectively.
     """
     cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
     chosen = layer if layer is not None else choose_layer(cap, max_params)
@@ -119,6 +122,7 @@ def kfe_decorrelation(
         corr = kfe_correlation(exact.matrix, ekfac)  # the KFE ordered by decreasing scaling
         order = torch.argsort(ekfac.scalings.flatten(), descending=True, stable=True)
         in_kfe = corr.kfe
+        f_sq = float((exact.matrix**2).sum())
         variances = {  # the diagonals of F and of QᵀFQ (= EKFAC's scalings)
             "parameter": exact.matrix.diagonal(),
             "kfe": ekfac.scalings.flatten()[order],
@@ -132,6 +136,7 @@ def kfe_decorrelation(
                     "P": exact.size,
                     "basis": basis,
                     "mean_abs_offdiag": KFECorrelation.off_diagonal(c[keep][:, keep]),
+                    "offdiag_energy": 1.0 - float((v**2).sum()) / f_sq,
                     "coordinates": int(keep.sum()),
                 }
             )

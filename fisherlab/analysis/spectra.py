@@ -14,8 +14,23 @@ from fisherlab.analysis.setup import (
 )
 from fisherlab.analysis.table import FigureData
 from fisherlab.blocks import build_block, parse_method
+from fisherlab.capture import Capture
 from fisherlab.metrics import spectrum_distance
 from fisherlab.problem import Problem
+
+
+def rank_bound(cap: Capture, loss_fn: nn.Module) -> int:
+    """Upper bound of a block's rank from the rows of its square root.
+
+    ``N·R`` rows, but the true Fisher of softmax cross-entropy has ``R = C`` rows per sample
+    that span at most ``C − 1`` dimensions (the softmax Hessian annihilates the all-ones
+    vector), so its rank is at most ``N(C−1)``; the empirical Fisher's at most ``N``.
+    """
+    lc = next(iter(cap.values()))
+    rows, n = lc.G.shape[0], lc.G.shape[1]
+    if cap.fisher_type == "true" and isinstance(loss_fn, nn.CrossEntropyLoss):
+        return n * (rows - 1)
+    return n * rows
 
 
 def spectra(
@@ -58,5 +73,6 @@ def spectra(
                 for i, e in enumerate(v.tolist())
             ]
     meta = {"fisher_type": fisher_type, "batch_size": cap.num_samples, "methods": list(methods)}
+    meta["rank_bound"] = rank_bound(cap, model.loss_fn if isinstance(model, Problem) else loss_fn)
     meta["layers"] = [_layer_info(cap, name) for name in cap]
     return FigureData("spectra", {"eigenvalues": rows, "distance": distance}, meta)

@@ -43,10 +43,13 @@ from fisherlab.plots.snapshots import (
 )
 from fisherlab.plots.training import plot_training
 from fisherlab.plots.trajectories import (
+    plot_batch_size,
     plot_block_diagonal,
     plot_decomposition,
     plot_ekfac_protocol,
+    plot_fisher_types,
     plot_fngd,
+    plot_spatial,
 )
 
 PLOTS = {
@@ -62,6 +65,9 @@ PLOTS = {
     "ekfac_protocol": plot_ekfac_protocol,
     "fngd": plot_fngd,
     "block_diagonal": plot_block_diagonal,
+    "batch_size": plot_batch_size,
+    "spatial": plot_spatial,
+    "fisher_types": plot_fisher_types,
 }
 """The figure function of each :class:`~fisherlab.analysis.FigureData` name."""
 
@@ -83,16 +89,19 @@ __all__ = [
     "linestyle",
     "marker",
     "plot",
+    "plot_batch_size",
     "plot_block_diagonal",
     "plot_block_heatmaps",
     "plot_comparison",
     "plot_decomposition",
     "plot_directions",
     "plot_ekfac_protocol",
+    "plot_fisher_types",
     "plot_fngd",
     "plot_frobenius",
     "plot_kfe_correlation",
     "plot_sample_correlations",
+    "plot_spatial",
     "plot_spectra",
     "plot_training",
     "save_figure",

@@ -7,7 +7,7 @@ import math
 import matplotlib as mpl
 import numpy as np
 import seaborn as sns
-from matplotlib.colors import Normalize
+from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 
 from fisherlab.analysis import FigureData, rows_to_matrices
@@ -26,21 +26,27 @@ from fisherlab.plots.base import (
 
 
 # ------------------------------------------------------------------------------- heatmaps
-def plot_block_heatmaps(data: FigureData, quantile: float = 0.99) -> Figure:
+def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
     """Damped inverse blocks ``(F̂+λI)⁻¹`` (top) and their differences to the exact one (bottom).
 
-    The blocks share one symmetric colour scale, clipped at the ``quantile`` of ``|exact|``
-    entries (the diagonal is larger; clipped values show as the extreme colour); the
-    differences share a second, finer one (same quantile over all differences). Axes are
-    parameter indices (weight row-major, then bias); colours are in ``param²/nats``.
+    Symmetric-log colour maps (``SymLogNorm``), so that the diagonal (about ``1/λ``) and the
+    much smaller off-diagonal structure both show: the blocks share one scale up to the largest
+    ``|exact|`` entry, linear below the ``quantile`` of ``|exact|``; the differences share a
+    second one (same rule over all differences). Axes are parameter indices (weight row-major,
+    then bias); colours are in ``param²/nats``.
     """
     matrices = rows_to_matrices(data.rows("inverse"))
     summary = {r["method"]: r for r in data.rows("summary")}
     exact = matrices.pop("exact").numpy()
     names = list(matrices)
     diffs = {n: matrices[n].numpy() - exact for n in names}
-    vmax = float(np.quantile(np.abs(exact), quantile)) or 1.0
-    dmax = float(np.quantile(np.abs(np.stack(list(diffs.values()))), quantile)) or vmax
+    vmax = float(np.abs(exact).max()) or 1.0
+    vlin = float(np.quantile(np.abs(exact), quantile)) or vmax * 1e-3
+    stacked = np.abs(np.stack(list(diffs.values())))
+    dmax = float(stacked.max()) or vmax
+    dlin = float(np.quantile(stacked, quantile)) or dmax * 1e-3
+    block_norm = SymLogNorm(vlin, vmin=-vmax, vmax=vmax, base=10)
+    diff_norm = SymLogNorm(dlin, vmin=-dmax, vmax=dmax, base=10)
     meta = data.meta
     cmap = "RdBu_r"
     with style():
@@ -49,21 +55,21 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.99) -> Figure:
         top = [("exact", exact)] + [(n, matrices[n].numpy()) for n in names]
         image = diff_image = None
         for ax, (name, m) in zip(axes[0], top):
-            image = ax.imshow(m, cmap=cmap, norm=Normalize(-vmax, vmax))
+            image = ax.imshow(m, cmap=cmap, norm=block_norm)
             title = label(name)
             if name != "exact":
                 title += f"\nblock error {summary[name]['rel_frobenius_block']:.2g}"
             ax.set_title(title)
         for ax, name in zip(axes[1, 1:], names):
-            diff_image = ax.imshow(diffs[name], cmap=cmap, norm=Normalize(-dmax, dmax))
+            diff_image = ax.imshow(diffs[name], cmap=cmap, norm=diff_norm)
             err = summary[name]["rel_frobenius_inverse"]
             ax.set_title(f"{label(name)} − exact\ninverse error {err:.2g}")
         axes[1, 0].set_axis_off()
         axes[1, 0].text(
             0.0,
             0.5,
-            "top: the blocks' damped inverses,\none colour scale.\n\n"
-            "bottom: approximation − exact,\na finer colour scale.\n\n"
+            "top: the blocks' damped inverses,\none symmetric-log colour scale.\n\n"
+            "bottom: approximation − exact,\nanother symmetric-log scale.\n\n"
             "errors: relative Frobenius\n‖F̂ − F‖/‖F‖ (block) and\n"
             "‖(F̂+λI)⁻¹ − (F+λI)⁻¹‖/‖(F+λI)⁻¹‖",
             transform=axes[1, 0].transAxes,
@@ -78,18 +84,22 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.99) -> Figure:
             ax.set_xlabel("parameter index")
         axes[0, 0].set_xlabel("parameter index")
         axes[0, 0].xaxis.set_tick_params(labelbottom=True)
-        fig.colorbar(image, ax=axes[0], shrink=0.9, extend="both", label="entry [param²/nats]")
-        fig.colorbar(
-            diff_image, ax=axes[1], shrink=0.9, extend="both", label="difference [param²/nats]"
-        )
+        fig.colorbar(image, ax=axes[0], shrink=0.9, label="entry [param²/nats], symlog")
+        fig.colorbar(diff_image, ax=axes[1], shrink=0.9, label="difference [param²/nats], symlog")
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f", leading {shown}×{shown} sub-block"
         _suptitle(
             fig,
             data,
             f"Damped inverse Fisher block (F̂ + λI)⁻¹, {_layer_title(meta)}{crop}\n"
-            f"λ = {meta['damping']:.2g} {FISHER_UNITS}, {meta['fisher_type']} Fisher, "
-            f"batch {meta['batch_size']}; parameter order: weight row-major, then bias",
+            f"λ = {meta['damping']:.2g} {FISHER_UNITS}, {meta['fisher_type']} Fisher of "
+            f"{meta['batch_size']} samples; exact = "
+            + (
+                "the layer's block of the whole network's (F + λI)⁻¹ (exact NGD)"
+                if meta.get("reference") == "network"
+                else "(F_ll + λI)⁻¹ of the layer's block"
+            )
+            + f"\n{meta.get('state', '')}; parameter order: weight row-major, then bias",
         )
     return fig
 
@@ -203,8 +213,9 @@ def plot_spectra(data: FigureData, floor: float = 1e-10) -> Figure:
         _suptitle(
             fig,
             data,
-            f"Eigenspectra of the Fisher blocks ({m['fisher_type']} Fisher, batch "
-            f"{m['batch_size']}); in brackets: ‖λ(F) − λ(F̂)‖₂ / ‖λ(F)‖₂",
+            f"Eigenspectra of the Fisher blocks ({m['fisher_type']} Fisher of {m['batch_size']} "
+            f"samples: rank ≤ {m.get('rank_bound', '?')}); in brackets: ‖λ(F) − λ(F̂)‖₂ / "
+            "‖λ(F)‖₂",
         )
     return fig
 
@@ -319,35 +330,39 @@ def plot_kfe_correlation(data: FigureData) -> Figure:
         fig.colorbar(image, ax=axes[:2], shrink=0.85, label="|correlation| (dimensionless)")
         ax = axes[2]
         layers = list(dict.fromkeys(r["layer"] for r in summary))
-        width = 0.38
-        for k, (basis, shade) in enumerate((("parameter", 0.6), ("kfe", 0.2))):
+        width = 0.2
+        bars = [
+            ("mean_abs_offdiag", "parameter", "mean |corr|, parameter basis", 0.6, ""),
+            ("mean_abs_offdiag", "kfe", "mean |corr|, KFE", 0.2, ""),
+            ("offdiag_energy", "parameter", "‖offdiag‖²/‖F‖², parameter basis", 0.6, "//"),
+            ("offdiag_energy", "kfe", "‖offdiag‖²/‖F‖², KFE", 0.2, "//"),
+        ]
+        for k, (key, basis, text, shade, hatch) in enumerate(bars):
             vals = [
-                next(
-                    r["mean_abs_offdiag"]
-                    for r in summary
-                    if r["layer"] == n and r["basis"] == basis
-                )
+                next(r[key] for r in summary if r["layer"] == n and r["basis"] == basis)
                 for n in layers
             ]
             ax.bar(
-                np.arange(len(layers)) + (k - 0.5) * width,
+                np.arange(len(layers)) + (k - 1.5) * width,
                 vals,
                 width,
-                color=str(shade),
-                label={"parameter": "parameter basis", "kfe": "KFE"}[basis],
+                color=str(shade) if not hatch else "white",
+                edgecolor=str(shade),
+                hatch=hatch,
+                label=text,
             )
         ax.set_xticks(range(len(layers)), layers)
         ax.set_xlabel("layer")
-        ax.set_ylabel("mean |off-diagonal correlation|\n(dimensionless)")
-        ax.set_title("all layers (non-zero-variance coordinates)")
-        ax.legend(frameon=False)
+        ax.set_ylabel("decorrelation (dimensionless)")
+        ax.set_title("all layers: mean |corr| and energy off the diagonal")
+        ax.legend(frameon=False, fontsize=7)
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f" (first {shown} coordinates)"
         _suptitle(
             fig,
             data,
             f"Gradient correlation in the parameter basis vs the KFE, {_layer_title(meta)}{crop}; "
-            f"{meta['fisher_type']} Fisher, batch {meta['batch_size']}",
+            f"{meta['fisher_type']} Fisher of {meta['batch_size']} samples",
         )
     return fig
 
@@ -390,7 +405,8 @@ def plot_directions(data: FigureData) -> Figure:
             fig,
             data,
             f"Direction quality: cosine of (F̂ + λI)⁻¹g to the exact (F + λI)⁻¹g "
-            f"({m['fisher_type']} Fisher, g = loss gradient of the batch of {m['batch_size']})",
+            f"({m['fisher_type']} Fisher, g = loss gradient of the same {m['batch_size']} "
+            "samples)",
         )
     return fig
 

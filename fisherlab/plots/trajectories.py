@@ -209,4 +209,131 @@ def plot_block_diagonal(data: FigureData) -> Figure:
     return fig
 
 
-__all__ = ["plot_block_diagonal", "plot_decomposition", "plot_ekfac_protocol", "plot_fngd"]
+def _band(ax, x, values, **kw) -> None:
+    """Mean line with a ± sd band of ``values`` (one list per x)."""
+    mean = np.array([np.mean(v) for v in values])
+    sd = np.array([np.std(v) for v in values])
+    ax.plot(x, mean, marker="o", ms=3, **kw)
+    ax.fill_between(x, mean - sd, mean + sd, color=kw.get("color"), alpha=0.15, lw=0)
+
+
+def plot_batch_size(data: FigureData) -> Figure:
+    """Error (top) and direction cosine (bottom) of batch-built blocks vs the batch size."""
+    rows = data.rows("sweep")
+    meta = data.meta
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    names = {"exact": "exact batch block (TENGraD)"}
+    with style():
+        fig = _figure(3.4 * len(layers) + 1.6, 5.6)
+        axes = fig.subplots(2, len(layers), sharex=True, squeeze=False)
+        for col, layer in enumerate(layers):
+            for method in methods:
+                pts = _select(rows, layer=layer, method=method)
+                sizes = sorted({r["batch_size"] for r in pts})
+                for row, key in enumerate(("rel_frobenius", "cosine")):
+                    values = [[r[key] for r in pts if r["batch_size"] == b] for b in sizes]
+                    _band(axes[row, col], sizes, values, color=color(method),
+                          label=names.get(method, label(method)))  # fmt: skip
+            axes[0, col].set_title(f"layer {layer}")
+            axes[0, col].set_yscale("symlog", linthresh=1e-2)
+            axes[1, col].set_xscale("log")
+            axes[1, col].set_xlabel("batch size (log)")
+        axes[0, 0].set_ylabel("‖F̂_b − F‖_F / ‖F‖_F\n(dimensionless, symlog)")
+        axes[1, 0].set_ylabel("cos((F̂_b+λI)⁻¹g, (F+λI)⁻¹g)\n(dimensionless)")
+        handles, labels_ = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside lower center", ncols=len(methods), frameon=False)
+        _suptitle(
+            fig,
+            data,
+            f"Built from one batch vs the {meta['fisher_type']} Fisher F of {meta['reference']}"
+            f" (bands: sd over {meta['repeats']} disjoint batches); λ = "
+            f"{meta['relative_damping']:g}·tr(F)/P, g = the reference loss gradient\n"
+            f"{meta.get('state', '')}",
+        )
+    return fig
+
+
+def plot_spatial(data: FigureData) -> Figure:
+    """SKFAC's error vs the spatial samples ``s'``, with reduce-sum and expand as lines."""
+    rows = data.rows("sweep")
+    meta = data.meta
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    with style():
+        fig = _figure(3.8 * len(layers) + 1.4, 3.6)
+        axes = fig.subplots(1, len(layers), squeeze=False)[0]
+        for ax, layer in zip(axes, layers):
+            for source, ls in (("reference", "-"), ("batch", "--")):
+                pts = _select(rows, layer=layer, source=source)
+                sub = sorted({r["spatial_samples"] for r in pts if r["spatial_samples"] > 0})
+                values = [
+                    [r["rel_frobenius"] for r in pts if r["spatial_samples"] == s] for s in sub
+                ]
+                what = "all data" if source == "reference" else f"batch of {meta['batch_size']}"
+                _band(ax, sub, values, color=color("skfac"), ls=ls,
+                      label=f"SKFAC subsampling, {what}")  # fmt: skip
+                for count, method in ((0, "skfac"), (-1, "kfac")):
+                    v = np.mean([r["rel_frobenius"] for r in pts if r["spatial_samples"] == count])
+                    name = "SKFAC reduce-sum" if count == 0 else "KFAC expand"
+                    ax.axhline(v, ls=ls, color=color(method) if count else "0.3", lw=1.2,
+                               label=f"{name}, {what}")  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("spatial samples s′ per image")
+            ax.set_title(f"layer {layer} (conv)")
+        axes[0].set_ylabel("‖F̂ − F‖_F / ‖F‖_F\n(dimensionless)")
+        handles, labels_ = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside right center", frameon=False, fontsize=7)
+        _suptitle(
+            fig,
+            data,
+            f"SKFAC: spatial subsampling vs reduce-sum vs expand, against the {meta['fisher_type']}"
+            f" Fisher of {meta['reference']}\n{meta.get('state', '')}",
+        )
+    return fig
+
+
+def plot_fisher_types(data: FigureData) -> Figure:
+    """Distance of MC and empirical Fisher to the true one (top); KFAC's error under each."""
+    rows = data.rows("types")
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    kinds = list(dict.fromkeys(r["fisher_type"] for r in rows))
+    shade = {"true": "0.15", "mc": "#cc79a7", "empirical": "#56b4e9"}
+    with style():
+        fig = _figure(3.4 * len(layers) + 1.6, 5.4)
+        axes = fig.subplots(2, len(layers), sharex=True, squeeze=False)
+        for col, layer in enumerate(layers):
+            for kind in kinds:
+                pts = _select(rows, layer=layer, fisher_type=kind)
+                x = [r["epoch"] for r in pts]
+                if kind != "true":
+                    axes[0, col].plot(x, [r["to_true"] for r in pts], marker="o", ms=3,
+                                      color=shade[kind], label=f"{kind} Fisher")  # fmt: skip
+                axes[1, col].plot(x, [r["kfac"] for r in pts], marker="o", ms=3,
+                                  color=shade[kind], label=f"{kind} Fisher")  # fmt: skip
+            axes[0, col].set_title(f"layer {layer}")
+            axes[1, col].set_xlabel("epoch")
+            axes[0, col].set_ylim(bottom=0)
+            axes[1, col].set_ylim(bottom=0)
+        axes[0, 0].set_ylabel("‖F_type − F_true‖ / ‖F_true‖\n(dimensionless)")
+        axes[1, 0].set_ylabel("KFAC: ‖F̂ − F_type‖ / ‖F_type‖\n(dimensionless)")
+        handles, labels_ = axes[1, 0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside lower center", ncols=3, frameon=False)
+        m = data.meta
+        _suptitle(
+            fig,
+            data,
+            f"True vs Monte-Carlo ({m['mc_samples']} label per input) vs empirical Fisher of "
+            f"{m['reference']}, same checkpoints\n{_state_line(data)}",
+        )
+    return fig
+
+
+__all__ = [
+    "plot_batch_size",
+    "plot_block_diagonal",
+    "plot_decomposition",
+    "plot_ekfac_protocol",
+    "plot_fisher_types",
+    "plot_fngd",
+    "plot_spatial",
+]
