@@ -114,6 +114,9 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _suptitle(fig: Figure, data: FigureData, text: str) -> None:
+    state = data.meta.get("state")  # the training state, where the figure's text lacks it
+    if state and state not in text:
+        text = f"{text}\n{state}"
     model = data.meta.get("model")
     fig.suptitle(f"{text}\n{model}" if model else text)
 

@@ -355,7 +355,8 @@ def plot_kfe_correlation(data: FigureData) -> Figure:
         ax.set_xlabel("layer")
         ax.set_ylabel("decorrelation (dimensionless)")
         ax.set_title("all layers: mean |corr| and energy off the diagonal")
-        ax.legend(frameon=False, fontsize=7)
+        ax.set_ylim(0, 1.45)
+        ax.legend(frameon=False, fontsize=7, ncols=2, loc="upper center")
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f" (first {shown} coordinates)"
         _suptitle(

@@ -184,7 +184,7 @@ def plot_block_diagonal(data: FigureData) -> Figure:
     meta = data.meta
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     with style():
-        fig = _figure(9.0, 3.4)
+        fig = _figure(11.0, 3.8)
         axes = fig.subplots(1, 2)
         for layer in layers:
             pts = _select(rows, layer=layer)
@@ -196,25 +196,28 @@ def plot_block_diagonal(data: FigureData) -> Figure:
         for ax in axes:
             ax.set_xscale("log")
             ax.set_xlabel("damping λ / (tr F / P)")
-        axes[0].set_ylabel("‖[(F+λI)⁻¹]_ll − (F_ll+λI)⁻¹‖ / ‖[(F+λI)⁻¹]_ll‖")
-        axes[1].set_ylabel("cos(block-diagonal NG, exact NG) (dimensionless)")
+        axes[0].set_title("‖[(F+λI)⁻¹]_ll − (F_ll+λI)⁻¹‖ / ‖[(F+λI)⁻¹]_ll‖")
+        axes[0].set_ylabel("inverse error (dimensionless)")
+        axes[1].set_title("natural gradient: block-diagonal vs whole network")
+        axes[1].set_ylabel("cosine (dimensionless)")
         axes[1].legend(frameon=False, fontsize=7)
         _suptitle(
             fig,
             data,
             f"TENGraD's block-diagonal approximation vs exact NGD ({meta['fisher_type']} Fisher "
-            f"of {meta['reference']}); off-diagonal energy ‖F−bdiag F‖²/‖F‖² = "
-            f"{meta['offdiagonal_energy']:.2f}\n{meta.get('state', '')}",
+            f"of {meta['reference']})\noff-diagonal energy ‖F−bdiag F‖²/‖F‖² = "
+            f"{meta['offdiagonal_energy']:.2f}",
         )
     return fig
 
 
 def _band(ax, x, values, **kw) -> None:
-    """Mean line with a ± sd band of ``values`` (one list per x)."""
+    """Mean line with a band from the smallest to the largest of ``values`` (one list per x)."""
     mean = np.array([np.mean(v) for v in values])
-    sd = np.array([np.std(v) for v in values])
+    low = np.array([np.min(v) for v in values])
+    high = np.array([np.max(v) for v in values])
     ax.plot(x, mean, marker="o", ms=3, **kw)
-    ax.fill_between(x, mean - sd, mean + sd, color=kw.get("color"), alpha=0.15, lw=0)
+    ax.fill_between(x, low, high, color=kw.get("color"), alpha=0.15, lw=0)
 
 
 def plot_batch_size(data: FigureData) -> Figure:
@@ -237,6 +240,7 @@ def plot_batch_size(data: FigureData) -> Figure:
                           label=names.get(method, label(method)))  # fmt: skip
             axes[0, col].set_title(f"layer {layer}")
             axes[0, col].set_yscale("symlog", linthresh=1e-2)
+            axes[0, col].set_ylim(bottom=0)
             axes[1, col].set_xscale("log")
             axes[1, col].set_xlabel("batch size (log)")
         axes[0, 0].set_ylabel("‖F̂_b − F‖_F / ‖F‖_F\n(dimensionless, symlog)")
@@ -247,7 +251,7 @@ def plot_batch_size(data: FigureData) -> Figure:
             fig,
             data,
             f"Built from one batch vs the {meta['fisher_type']} Fisher F of {meta['reference']}"
-            f" (bands: sd over {meta['repeats']} disjoint batches); λ = "
+            f" (bands: range over {meta['repeats']} disjoint batches); λ = "
             f"{meta['relative_damping']:g}·tr(F)/P, g = the reference loss gradient\n"
             f"{meta.get('state', '')}",
         )
