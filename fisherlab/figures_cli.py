@@ -37,6 +37,17 @@ class Settings:
     seed: int = 0
     quick: bool = False
     progress: bool = True
+    runs: int = 1
+
+    def runs_of(self, family: str) -> int:
+        """Training runs (seeds ``seed``, ``seed+1``, …) of a trajectory family.
+
+        ``runs`` (``--seeds``) for the heavy ones; at least 3 for the cheap FNGD and
+        Fisher-type families (1 with ``quick``).
+        """
+        if self.quick:
+            return self.runs
+        return max(self.runs, 3) if family in ("fngd", "fisher_types") else self.runs
 
     @property
     def batch_size(self) -> int:
@@ -154,12 +165,36 @@ def _spatial(p: _Problems, name: str) -> FigureData:
     )
 
 
+def _over_runs(
+    p: _Problems,
+    name: str,
+    family: str,
+    compute: Callable[[an.FigureProblem, an.Trajectory, int], FigureData],
+) -> FigureData:
+    """``compute(problem, trajectory, seed)`` for each training run, rows tagged by ``run``."""
+    count = p.settings.runs_of(family)
+    parts = [
+        compute(p.get(name, i), p.trajectory(name, i), p.settings.seed + i) for i in range(count)
+    ]
+    data = parts[0]
+    for key in data.tables:
+        data.tables[key] = [
+            {"run": i, **row} for i, part in enumerate(parts) for row in part.tables[key]
+        ]
+    data.meta["runs"] = count
+    data.meta["finals"] = [part.meta.get("final") for part in parts]
+    return data
+
+
 def _fisher_types(p: _Problems, name: str) -> FigureData:
     s = p.settings
-    prob, run = p.get(name), p.trajectory(name)
-    steps = s.epoch_steps(run.settings["steps_per_epoch"], s.trajectory_epochs)
-    x, y = prob.split.x_train, prob.split.y_train
-    return an.fisher_type_comparison(run, prob.loss_fn, x, y, steps)
+
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        steps = s.epoch_steps(run.settings["steps_per_epoch"], s.trajectory_epochs)
+        x, y = prob.split.x_train, prob.split.y_train
+        return an.fisher_type_comparison(run, prob.loss_fn, x, y, steps)
+
+    return _over_runs(p, name, "fisher_types", compute)
 
 
 def _heatmaps(p: _Problems, name: str) -> FigureData:
@@ -181,33 +216,41 @@ def _block_diagonal(p: _Problems, name: str) -> FigureData:
 
 def _decomposition(p: _Problems, name: str) -> FigureData:
     s = p.settings
-    prob, run = p.get(name), p.trajectory(name)
-    steps = s.epoch_steps(run.settings["steps_per_epoch"], s.trajectory_epochs)
-    steps = [max(step, s.lag) for step in steps]
-    x, y = prob.split.x_train, prob.split.y_train
-    return an.error_decomposition(
-        run, prob.loss_fn, x, y, sorted(set(steps)), s.lag, s.decomposition_batch,
-        batches=2 if s.quick else 3, fisher_type="true", seed=s.seed,
-    )  # fmt: skip
+
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        steps = s.epoch_steps(run.settings["steps_per_epoch"], s.trajectory_epochs)
+        steps = sorted({max(step, s.lag) for step in steps})
+        x, y = prob.split.x_train, prob.split.y_train
+        return an.error_decomposition(
+            run, prob.loss_fn, x, y, steps, s.lag, s.decomposition_batch,
+            batches=2 if s.quick else 3, fisher_type="true", seed=seed,
+        )  # fmt: skip
+
+    return _over_runs(p, name, "decomposition", compute)
 
 
 def _ekfac_protocol(p: _Problems, name: str) -> FigureData:
     s = p.settings
-    prob, run = p.get(name), p.trajectory(name)
-    steps = [0, *s.epoch_steps(run.settings["steps_per_epoch"], s.protocol_epochs)]
-    x, y = prob.split.x_train, prob.split.y_train
-    return an.ekfac_protocol(run, prob.loss_fn, x, y, steps)
+
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        steps = [0, *s.epoch_steps(run.settings["steps_per_epoch"], s.protocol_epochs)]
+        x, y = prob.split.x_train, prob.split.y_train
+        return an.ekfac_protocol(run, prob.loss_fn, x, y, steps)
+
+    return _over_runs(p, name, "ekfac_protocol", compute)
 
 
 def _fngd(p: _Problems, name: str) -> FigureData:
     s = p.settings
-    prob, run = p.get(name), p.trajectory(name)
     epochs = (1, 2) if s.quick else (1, 2, 4, 6, 9)
     positions = (0, 1) if s.quick else (0, 3, 6, 9, 12, 15)
-    x, y = prob.split.x_train, prob.split.y_train
-    return an.coefficient_sharing(
-        run, prob.loss_fn, x, y, epochs, dampings=(1e-4, 1e-2, 1e-1, 1.0), positions=positions
-    )
+    dampings = (1e-4, 1e-2, 1e-1, 1.0)
+
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        x, y = prob.split.x_train, prob.split.y_train
+        return an.coefficient_sharing(run, prob.loss_fn, x, y, epochs, dampings, positions)
+
+    return _over_runs(p, name, "fngd", compute)
 
 
 def _frobenius(p: _Problems, name: str) -> FigureData:
@@ -285,12 +328,14 @@ def run(
     progress: bool = True,
     from_data: bool = False,
     timings: dict[str, float] | None = None,
+    runs: int = 1,
 ) -> list[Path]:
     """Compute (or, with ``from_data``, load), draw and save the figures; returns the paths.
 
-    ``timings``, if given, receives the seconds of each ``{model}-{family}``.
+    ``timings``, if given, receives the seconds of each ``{model}-{family}``; ``runs``: see
+    :meth:`Settings.runs_of`.
     """
-    settings = Settings(seed, quick, progress)
+    settings = Settings(seed, quick, progress, runs)
     problems = _Problems(settings)
     out = Path(out)
     paths: list[Path] = []
@@ -318,6 +363,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=[*MODELS, "all"], default="all")
     p.add_argument("--out", default="figures", help="folder for PNG, PDF, CSV and JSON files")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="training runs (seeds) of the decomposition and EKFAC-protocol figures, drawn as "
+        "bands (default 1; FNGD and Fisher-type figures use at least 3); each adds about "
+        "a minute",
+    )
     p.add_argument("--quick", action="store_true", help="tiny models and batches (tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -341,8 +394,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         paths = run(
-            families, models, args.out, args.seed, args.quick, not args.quiet, args.from_data
-        )
+            families, models, args.out, args.seed, args.quick, not args.quiet, args.from_data,
+            runs=max(1, args.seeds),
+        )  # fmt: skip
     finally:
         torch.set_num_threads(previous)
     pngs = sorted(str(p) for p in paths if p.suffix == ".png")

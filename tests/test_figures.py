@@ -402,3 +402,17 @@ def test_analysis_script_runs(tmp_path, monkeypatch):
 
 def test_every_family_has_a_script():
     assert {p.stem for p in (ROOT / "analyses").glob("*.py")} >= set(figures_cli.FAMILIES)
+
+
+def test_trajectory_families_pool_training_runs_of_several_seeds(tmp_path):
+    problems = figures_cli._Problems(figures_cli.Settings(quick=True, progress=False, runs=2))
+    data = figures_cli.FAMILIES["fngd"](problems, "mlp")
+    rows = data.rows("cosines")
+    assert data.meta["runs"] == 2 and len(data.meta["finals"]) == 2
+    assert {r["run"] for r in rows} == {0, 1}
+    first = [r["shared"] for r in rows if r["run"] == 0]
+    second = [r["shared"] for r in rows if r["run"] == 1]
+    assert len(first) == len(second) and first != second  # another seed, another run
+    assert figures_cli.Settings(runs=1).runs_of("fngd") == 3
+    assert figures_cli.Settings(runs=1).runs_of("decomposition") == 1
+    _check_png(plots.save_figure(plots.plot(data), tmp_path / "fngd", formats=("png",))[0])

@@ -25,10 +25,19 @@ def _state_line(data: FigureData) -> str:
     opt = m.get("optimizer", "sgd")
     options = m.get("optimizer_options") or {}
     extra = "".join(f", {k} {v}" for k, v in options.items())
+    runs = m.get("runs", 1)
+    seeds = f"; {runs} training runs (seeds), bands over them" if runs > 1 else ""
     return (
         f"trained by {opt} (lr {m.get('lr')}{extra}, batch {m.get('batch_size')}); "
-        f"final: {m.get('final', '?')}"
+        f"final: {m.get('final', '?')}{seeds}"
     )
+
+
+def _by_step(pts: Sequence[dict], key: str) -> tuple[list[float], list[list[float]]]:
+    """Epochs of the distinct steps and, per step, the values of ``key`` (one per run)."""
+    steps = sorted({r["step"] for r in pts})
+    epochs = [next(r["epoch"] for r in pts if r["step"] == s) for s in steps]
+    return epochs, [[r[key] for r in pts if r["step"] == s] for s in steps]
 
 
 def _select(rows: Sequence[dict], **where: Any) -> list[dict]:
@@ -52,8 +61,8 @@ def plot_decomposition(data: FigureData) -> Figure:
             for j, layer in enumerate(layers):
                 ax = axes[i, j]
                 pts = _select(rows, layer=layer, method=method)
-                x = np.array([r["epoch"] for r in pts])
-                terms = [np.array([r[t] for r in pts]) for t in TERM_COLORS]
+                x, _ = _by_step(pts, "total")
+                terms = [np.array([np.mean(v) for v in _by_step(pts, t)[1]]) for t in TERM_COLORS]
                 ax.stackplot(
                     x,
                     *terms,
@@ -61,10 +70,13 @@ def plot_decomposition(data: FigureData) -> Figure:
                     labels=list(TERM_COLORS),
                     alpha=0.85,
                 )
-                total = np.array([r["total"] for r in pts])
-                sd = np.array([r["total_sd"] for r in pts])
-                ax.plot(x, total, color="k", lw=1.6, marker="o", ms=3, label="total (deployed)")
-                ax.fill_between(x, total - sd, total + sd, color="k", alpha=0.15, lw=0)
+                total = [np.array(v) for v in _by_step(pts, "total")[1]]
+                sd = [np.array(v) for v in _by_step(pts, "total_sd")[1]]
+                mean = np.array([v.mean() for v in total])
+                low = np.array([(v - s).min() for v, s in zip(total, sd)])
+                high = np.array([(v + s).max() for v, s in zip(total, sd)])
+                ax.plot(x, mean, color="k", lw=1.6, marker="o", ms=3, label="total (deployed)")
+                ax.fill_between(x, low, high, color="k", alpha=0.15, lw=0)
                 if i == 0:
                     ax.set_title(_layer_title(infos[layer]) if layer in infos else f"layer {layer}")
                 if j == 0:
@@ -108,16 +120,9 @@ def plot_ekfac_protocol(data: FigureData) -> Figure:
             ):
                 ax = axes[row, col]
                 for s in series:
-                    pts = _select(rows, layer=layer, method=s)
-                    ax.plot(
-                        [r["epoch"] for r in pts],
-                        [r[key] for r in pts],
-                        ls=styles.get(s, "-"),
-                        marker="o",
-                        ms=3,
-                        color=color(s),
-                        label=names.get(s, label(s)),
-                    )
+                    x, values = _by_step(_select(rows, layer=layer, method=s), key)
+                    _band(ax, x, values, ls=styles.get(s, "-"), color=color(s),
+                          label=names.get(s, label(s)))  # fmt: skip
                 ax.set_yscale("log")
                 if row == 0:
                     ax.set_title(_layer_title(infos[layer]) if layer in infos else f"layer {layer}")
@@ -308,12 +313,11 @@ def plot_fisher_types(data: FigureData) -> Figure:
         for col, layer in enumerate(layers):
             for kind in kinds:
                 pts = _select(rows, layer=layer, fisher_type=kind)
-                x = [r["epoch"] for r in pts]
                 if kind != "true":
-                    axes[0, col].plot(x, [r["to_true"] for r in pts], marker="o", ms=3,
-                                      color=shade[kind], label=f"{kind} Fisher")  # fmt: skip
-                axes[1, col].plot(x, [r["kfac"] for r in pts], marker="o", ms=3,
-                                  color=shade[kind], label=f"{kind} Fisher")  # fmt: skip
+                    _band(axes[0, col], *_by_step(pts, "to_true"), color=shade[kind],
+                          label=f"{kind} Fisher")  # fmt: skip
+                _band(axes[1, col], *_by_step(pts, "kfac"), color=shade[kind],
+                      label=f"{kind} Fisher")  # fmt: skip
             axes[0, col].set_title(f"layer {layer}")
             axes[1, col].set_xlabel("epoch")
             axes[0, col].set_ylim(bottom=0)
