@@ -368,3 +368,52 @@ def test_spatial_sweep_on_a_convolution():
     # all 16 positions "subsampled" (T = 16): the expand factors, up to the split of T
     assert ref["reference", 0, 16] == pytest.approx(ref["reference", 0, -1], rel=1e-8)
     assert ref["reference", 0, 1] != pytest.approx(ref["reference", 0, 16], rel=1e-3)
+
+
+def test_ekfac_protocol_with_an_amortised_basis(tiny):
+    run, loss_fn, x, y = tiny
+    data = an.ekfac_protocol(run, loss_fn, x, y, [2, 3, 4], basis_every=2)
+    rows = {(r["step"], r["layer"], r["method"]): r for r in data.rows("curves")}
+    assert data.meta["basis"] == "every 2 steps"
+    for name in LAYERS:
+        for step in (2, 4):  # recomputed here: the frozen KFAC is the fresh one, EKFAC ≤ KFAC
+            r = {m: rows[step, name, m] for m in ("kfac", "ekfac", "kfac-fresh")}
+            assert r["kfac"]["basis_step"] == step
+            assert r["kfac"]["rel_frobenius"] == pytest.approx(
+                r["kfac-fresh"]["rel_frobenius"], rel=TOL
+            )
+            assert r["ekfac"]["rel_frobenius"] <= r["kfac"]["rel_frobenius"] + TOL
+        # one step after a recomputation: the factors of step 2 against the Fisher of step 3
+        first = Brute(run.model_at(2), loss_fn, x, y, name)
+        now = Brute(run.model_at(3), loss_fn, x, y, name)
+        norm = torch.linalg.matrix_norm(now.fisher)
+        assert rows[3, name, "kfac"]["basis_step"] == 2
+        assert rows[3, name, "kfac"]["rel_frobenius"] == pytest.approx(
+            _rel(first.kfac(), now.fisher, norm), rel=TOL
+        )
+
+
+def test_train_trajectory_with_a_fisherlab_optimizer_replays_exactly(tiny):
+    _, loss_fn, x, y = tiny
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    options = {"damping": 1e-2}
+    run = an.train_trajectory(
+        model, loss_fn, x, y, epochs=1, batch_size=8, lr=0.1, optimizer="kfac",
+        optimizer_options=options,
+    )  # fmt: skip
+    assert run.settings["optimizer"] == "kfac" and run.steps == [0, 1, 2, 3]
+    replay = run.model_at(0)
+    opt = fl.optim.KFAC(replay, lr=0.1, **options)
+    for step, index in enumerate(run.batches):
+        opt.zero_grad()
+        loss_fn(replay(x[index]), y[index]).backward()
+        opt.step()
+        for p, q in zip(replay.parameters(), run.model_at(step + 1).parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    copy = run.model_at(3)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in copy.modules())
+    moved = copy[0].weight - run.model_at(0)[0].weight
+    assert float(moved.abs().max()) > 1e-4
+    with pytest.raises(an.setup.FisherlabError, match="unknown optimizer"):
+        an.train_trajectory(model, loss_fn, x, y, epochs=1, batch_size=8, optimizer="adamw")

@@ -77,7 +77,7 @@ class Trajectory:
     """Checkpoints of one training run.
 
     Attributes:
-        model: The trained model (its final parameters).
+        model: The trained model (its final parameters; an optimizer's hooks stay on it).
         checkpoints: In order of ``step``.
         step_losses: The mini-batch loss of every update.
         batches: The training-set indices of every update's batch.
@@ -89,6 +89,8 @@ class Trajectory:
     step_losses: list[float] = field(default_factory=list)
     batches: list[Tensor] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    template: nn.Module | None = field(default=None, repr=False)
+    """A copy of the model taken before any optimizer touched it (no hooks)."""
 
     def at(self, step: int) -> Checkpoint:
         """The checkpoint after ``step`` updates."""
@@ -103,8 +105,8 @@ class Trajectory:
         return [c.step for c in self.checkpoints]
 
     def model_at(self, step: int) -> nn.Module:
-        """A copy of the model with the parameters of the checkpoint at ``step``."""
-        model = copy.deepcopy(self.model)
+        """A copy of the model with the parameters of the checkpoint at ``step`` (no hooks)."""
+        model = copy.deepcopy(self.template if self.template is not None else self.model)
         model.load_state_dict(self.at(step).state)
         return model
 
@@ -166,6 +168,7 @@ def train_trajectory(
     wanted = sorted(set(range(total + 1) if checkpoints is None else map(int, checkpoints)))
     if not wanted or wanted[0] < 0 or wanted[-1] > total:
         raise FisherlabError(f"checkpoints {wanted} must lie in 0…{total} ({epochs} epochs)")
+    template = copy.deepcopy(model)  # before an optimizer registers hooks on the model
     opt = make_optimizer(model, optimizer, lr, optimizer_options)
     generator = torch.Generator().manual_seed(seed)
     kept: list[Checkpoint] = []
@@ -208,7 +211,7 @@ def train_trajectory(
         "seed": seed,
         "steps_per_epoch": per_epoch,
     }
-    return Trajectory(model, kept, losses, used, settings)
+    return Trajectory(model, kept, losses, used, settings, template)
 
 
 def reference_problem(
