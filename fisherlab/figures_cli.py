@@ -42,12 +42,13 @@ class Settings:
     def runs_of(self, family: str) -> int:
         """Training runs (seeds ``seed``, ``seed+1``, …) of a trajectory family.
 
-        ``runs`` (``--seeds``) for the heavy ones; at least 3 for the cheap FNGD and
-        Fisher-type families (1 with ``quick``).
+        ``runs`` (``--seeds``) for the decomposition; at least 3 for the EKFAC-protocol, FNGD
+        and Fisher-type families (1 with ``quick``).
         """
         if self.quick:
             return self.runs
-        return max(self.runs, 3) if family in ("fngd", "fisher_types") else self.runs
+        cheap = ("ekfac_protocol", "fngd", "fisher_types")
+        return max(self.runs, 3) if family in cheap else self.runs
 
     @property
     def batch_size(self) -> int:
@@ -367,9 +368,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         default=1,
-        help="training runs (seeds) of the decomposition and EKFAC-protocol figures, drawn as "
-        "bands (default 1; FNGD and Fisher-type figures use at least 3); each adds about "
-        "a minute",
+        help="training runs (seeds) of the trajectory figures, drawn as bands (default 1 for "
+        "the decomposition, at least 3 for the EKFAC-protocol, FNGD and Fisher-type figures); "
+        "each run adds about a minute to the decomposition",
     )
     p.add_argument("--quick", action="store_true", help="tiny models and batches (tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

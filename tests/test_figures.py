@@ -415,4 +415,5 @@ def test_trajectory_families_pool_training_runs_of_several_seeds(tmp_path):
     assert len(first) == len(second) and first != second  # another seed, another run
     assert figures_cli.Settings(runs=1).runs_of("fngd") == 3
     assert figures_cli.Settings(runs=1).runs_of("decomposition") == 1
+    assert figures_cli.Settings(runs=1).runs_of("ekfac_protocol") == 3
     _check_png(plots.save_figure(plots.plot(data), tmp_path / "fngd", formats=("png",))[0])

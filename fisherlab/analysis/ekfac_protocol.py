@@ -15,7 +15,8 @@ the exact Fisher block of the **training set** at each checkpoint. Series per la
   the structural floor of Kronecker factors).
 
 Metrics: relative Frobenius error ``‖F̂−F‖_F/‖F‖_F`` and the relative distance of sorted spectra
-(:func:`fisherlab.metrics.spectrum_distance`), from dense matrices.
+(:func:`fisherlab.metrics.spectrum_distance`): the error from dense matrices, the
+approximations' eigenvalues from their factors (KFAC) or scalings (EKFAC).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def ekfac_protocol(
                 for method in EKFAC_SERIES:
                     if method not in series:
                         continue
-                    approx = series[method].to_dense()
+                    built = series[method]  # its own eigvalsh: products, scalings
+                    approx = built.to_dense()
                     rows.append(
                         {
                             **ck.as_row(),
@@ -114,7 +116,7 @@ def ekfac_protocol(
                             "layer": name,
                             "method": method,
                             "rel_frobenius": frobenius_error(f, approx),
-                            "spectrum_distance": spectrum_distance(reference, spectrum(approx)),
+                            "spectrum_distance": spectrum_distance(reference, spectrum(built)),
                         }
                     )
         if step < last:  # the batch of update `step`, at the parameters it started from
