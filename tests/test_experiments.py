@@ -499,3 +499,18 @@ def test_grid_train_overrides_apply_to_the_grid_only(tmp_path):
     assert {r.config.train_subset for r in grid_runs} == {100}
     assert runs[0].config.train_subset == 128 and runs[0].config.validation == 0
     assert runs[0].config.lr == grids["mlp", "sgd"].best["lr"]
+
+
+def test_tuned_configs_are_written_compact_and_read_back_unchanged():
+    from fisherlab.cli.compare_optimizers import dump_json
+
+    value = {
+        "seeds": [0, 1],
+        "grid": {"edge": ["lr high"], "extended": [], "select": "val_loss", "note": "a,\tb, c"},
+        "experiments": [{"model": "mlp", "optimizers": {"kfac": {"lr": 0.1, "damping": None}}}],
+        "description": "λ/λ_max",
+    }
+    text = dump_json(value)
+    assert json.loads(text) == value
+    assert '"grid": {"edge": ["lr high"], "extended": [], "select": "val_loss", "note": ' in text
+    assert '"seeds": [0, 1],' in text and "λ/λ_max" in text

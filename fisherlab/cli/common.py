@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any
 
 import torch
@@ -68,21 +67,6 @@ def figure_format(text: str) -> str:
             f"figure format {text!r} is not supported; choose from {sorted(supported)}"
         )
     return text
-
-
-def dump_json(value: Any) -> str:
-    """JSON with two-space indents; lists of numbers and dicts of plain values on one line."""
-    text = json.dumps(value, indent=2)
-
-    def one_line(match: re.Match) -> str:
-        return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
-
-    def one_line_dict(match: re.Match) -> str:
-        return "{" + ", ".join(item.strip() for item in match.group(1).split(",")) + "}"
-
-    text = re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", one_line, text)
-    scalars = r'(?:"[\w-]+": (?:[-+.\deE]+|\[[^\[\]{}]*\]|null|true|false),?\s+)+'
-    return re.sub(r"\{\s+(" + scalars + r")\}", one_line_dict, text) + "\n"
 
 
 def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) -> Problem:

@@ -16,18 +16,16 @@ from fisherlab.report import format_table, save_table
 
 
 def dump_json(value: Any) -> str:
-    """JSON with two-space indents; lists of numbers and dicts of plain values on one line."""
-    text = json.dumps(value, indent=2)
+    """JSON with two-space indents; lists and dicts of plain values on one line."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
 
-    def one_line(match: re.Match) -> str:
-        return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
+    def joined(match: re.Match) -> str:  # JSON strings hold no raw newline: only items split
+        return match.group(1) + re.sub(r",\s*\n\s*", ", ", match.group(2)) + match.group(3)
 
-    def one_line_dict(match: re.Match) -> str:
-        return "{" + ", ".join(item.strip() for item in match.group(1).split(",")) + "}"
-
-    text = re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", one_line, text)
-    scalars = r'(?:"[\w-]+": (?:[-+.\deE]+|\[[^\[\]{}]*\]|null|true|false),?\s+)+'
-    return re.sub(r"\{\s+(" + scalars + r")\}", one_line_dict, text) + "\n"
+    plain = r'(?:[-+.\deE]+|"[^"\n]*"|null|true|false)'
+    text = re.sub(r"(\[)\s+(" + plain + r"(?:,\s+" + plain + r")*)\s+(\])", joined, text)
+    item = r'"[\w-]+": (?:' + plain + r"|\[[^\[\]{}\n]*\])"
+    return re.sub(r"(\{)\s+(" + item + r"(?:,\s+" + item + r")*)\s+(\})", joined, text) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
