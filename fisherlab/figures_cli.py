@@ -293,6 +293,8 @@ def _stated(
     def compute(p: _Problems, name: str) -> FigureData:
         data = family(p, name)
         data.meta.update(p.state(name))
+        if data.meta.get("runs", 1) > 1:  # every run's final state, not only the first's
+            data.meta["state"] = "final states: " + " | ".join(data.meta["finals"])
         return data
 
     compute.__doc__ = family.__doc__

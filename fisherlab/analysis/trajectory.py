@@ -210,6 +210,7 @@ def train_trajectory(
         "batch_size": batch_size,
         "seed": seed,
         "steps_per_epoch": per_epoch,
+        "train_epochs": epochs,
     }
     return Trajectory(model, kept, losses, used, settings, template)
 

@@ -26,10 +26,12 @@ def _state_line(data: FigureData) -> str:
     options = m.get("optimizer_options") or {}
     extra = "".join(f", {k} {v}" for k, v in options.items())
     runs = m.get("runs", 1)
-    seeds = f"; {runs} training runs (seeds), bands over them" if runs > 1 else ""
+    final = f"final: {m.get('final', '?')}"
+    if runs > 1:  # the runs' final states: in meta["state"], below the title
+        final = f"{runs} training runs (seeds), bands over them"
+    epochs = f" for {m['train_epochs']} epochs" if "train_epochs" in m else ""
     return (
-        f"trained by {opt} (lr {m.get('lr')}{extra}, batch {m.get('batch_size')}); "
-        f"final: {m.get('final', '?')}{seeds}"
+        f"trained by {opt} (lr {m.get('lr')}{extra}, batch {m.get('batch_size')}){epochs}; {final}"
     )
 
 
