@@ -41,8 +41,9 @@ Example:
 The package: :mod:`~fisherlab.experiments.config` (what defines a run),
 :mod:`~fisherlab.experiments.setup` (data, model, optimizer), :mod:`~fisherlab.experiments.runner`
 (the epochs), :mod:`~fisherlab.experiments.runlog` (run folders), :mod:`~fisherlab.experiments.grid`
-(the search), :mod:`~fisherlab.experiments.summary` (tables), :mod:`~fisherlab.experiments.figures`
-and :mod:`~fisherlab.experiments.compare` (``compare-optimizers``).
+(the search), :mod:`~fisherlab.experiments.summary` (tables) and
+:mod:`~fisherlab.experiments.compare` (``compare-optimizers``); the figures are drawn by
+:mod:`fisherlab.plots.optimizers`.
 """
 
 from fisherlab.experiments.compare import (
@@ -65,7 +66,6 @@ from fisherlab.experiments.config import (
     data_fingerprint,
     environment,
 )
-from fisherlab.experiments.figures import curves_figure, save_figure, step_time_figure
 from fisherlab.experiments.grid import GridResult, grid_search, grid_values
 from fisherlab.experiments.runlog import (
     REUSE_KEYS,
@@ -95,7 +95,6 @@ __all__ = [
     "RunResult",
     "build_model",
     "compare_optimizers",
-    "curves_figure",
     "data_fingerprint",
     "environment",
     "evaluate",
@@ -109,9 +108,7 @@ __all__ = [
     "make_optimizer",
     "markdown_table",
     "quick_variant",
-    "save_figure",
     "seed_everything",
-    "step_time_figure",
     "summarise",
     "time_to_target",
     "train",

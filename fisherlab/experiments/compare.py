@@ -12,7 +12,6 @@ from typing import Any
 from fisherlab.conventions import FisherlabError
 from fisherlab.data import Split
 from fisherlab.experiments.config import DEFAULT_TARGETS, OPTIMIZER_NAMES, RunConfig
-from fisherlab.experiments.figures import curves_figure, save_figure, step_time_figure
 from fisherlab.experiments.grid import GridResult, _point_name, grid_search, grid_values
 from fisherlab.experiments.runlog import RunResult, _same_run, load_run
 from fisherlab.experiments.runner import train
@@ -36,6 +35,9 @@ def write_curves(
     Returns:
         The table rows (:func:`summarise`) and the written paths.
     """
+    from fisherlab.plots.base import save_figure
+    from fisherlab.plots.optimizers import curves_figure, step_time_figure
+
     out = Path(out)
     groups = group_runs(runs)
     table = summarise(runs, target)

@@ -27,8 +27,13 @@ METHOD_COLORS: dict[str, Any] = {
     "ekfac_amortized": _PALETTE[2],
     "ekfac-ra": _PALETTE[8],
     "kfac-fresh": _PALETTE[1],
+    # the optimizers of the comparisons (curvature optimizers share their block's colour)
+    "sgd": (0.35, 0.35, 0.35),
+    "adam": _PALETTE[5],
+    "tengrad": _PALETTE[0],
+    "fngd": _PALETTE[6],
 }
-"""One colour per method, shared by every figure."""
+"""One colour per method and optimizer, shared by every figure."""
 
 METHOD_LABELS: dict[str, str] = {
     "exact": "exact",
@@ -131,9 +136,18 @@ def save_figure(
     with style():
         for fmt in formats:
             path = stem.with_suffix(f".{fmt}")
-            fig.savefig(path, format=fmt)
+            fig.savefig(path, format=fmt, metadata=_metadata(fmt))
             paths.append(path)
     return paths
+
+
+def _metadata(fmt: str) -> dict[str, Any] | None:
+    """Fixed metadata, so that drawing the same data again gives the same files."""
+    if fmt == "pdf":
+        return {"CreationDate": None, "Creator": "fisherlab", "Producer": "fisherlab"}
+    if fmt == "png":
+        return {"Software": "fisherlab"}
+    return None
 
 
 def _grid(n: int, columns: int) -> tuple[int, int]:

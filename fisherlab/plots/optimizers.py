@@ -1,29 +1,27 @@
-"""The optimizer comparisons' figures: training curves and where the time goes."""
+"""The optimizer comparisons' figures: training curves and where the time goes.
+
+Drawn from finished runs (:mod:`fisherlab.experiments`) with fisherlab's one palette and style
+(:mod:`fisherlab.plots.base`), as ``matplotlib.figure.Figure`` objects without pyplot state.
+"""
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
+import matplotlib.ticker
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from fisherlab.experiments.config import FIRST_ORDER, OPTIMIZER_NAMES
+from fisherlab.experiments.config import FIRST_ORDER
 from fisherlab.experiments.runlog import RunResult
 from fisherlab.experiments.summary import regime
+from fisherlab.plots.base import color, style
 
 
 # ------------------------------------------------------------------------------ figures
-def _palette() -> dict[str, Any]:
-    import seaborn as sns
-
-    colors = sns.color_palette("tab10", len(OPTIMIZER_NAMES))
-    return dict(zip(OPTIMIZER_NAMES, colors))
-
-
 def _aggregate(rs: Sequence[RunResult], key: str) -> tuple[np.ndarray, ...]:
     """Per-epoch mean, min and max of ``key`` over seeds, and the mean cumulative time."""
     length = min(len(r.rows) for r in rs)
@@ -66,21 +64,14 @@ def curves_figure(
     Returns:
         A matplotlib ``Figure``.
     """
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    palette = _palette()
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+    with style():
+        fig = Figure(figsize=(15, 4.6), layout="constrained")
+        axes = fig.subplots(1, 3)
         start_losses = []
-        for i, (label, rs) in enumerate(by_label.items()):
+        for label, rs in by_label.items():
             name = label.split(" ")[0]
-            color = palette.get(name, f"C{i % 10}")
-            style = "--" if name in FIRST_ORDER else "-"
+            colour = color(name)
+            line = "--" if name in FIRST_ORDER else "-"
             c = rs[0].config
             hyper = f"lr {c.lr:.3g}"
             r = regime(rs)
@@ -99,26 +90,26 @@ def curves_figure(
             epochs, loss, lo, hi, wall = _aggregate(rs, "train_loss")
             _, acc, acc_lo, acc_hi, _ = _aggregate(rs, "test_accuracy")
             start_losses.append(loss[0])
-            kw = dict(color=color, linestyle=style, linewidth=1.8, marker="o", markersize=2.5)
+            kw = dict(color=colour, linestyle=line, linewidth=1.8, marker="o", markersize=2.5)
             axes[0].plot(epochs, loss, label=legend, **kw)
-            axes[0].fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
+            axes[0].fill_between(epochs, lo, hi, color=colour, alpha=0.15, linewidth=0)
             t = slice(1, None) if log_time else slice(None)  # time 0 has no place on a log axis
             axes[1].plot(wall[t], loss[t], **kw)
-            axes[1].fill_between(wall[t], lo[t], hi[t], color=color, alpha=0.15, linewidth=0)
+            axes[1].fill_between(wall[t], lo[t], hi[t], color=colour, alpha=0.15, linewidth=0)
             axes[2].plot(wall[t], 100 * acc[t], **kw)
             axes[2].fill_between(
-                wall[t], 100 * acc_lo[t], 100 * acc_hi[t], color=color, alpha=0.15, lw=0
+                wall[t], 100 * acc_lo[t], 100 * acc_hi[t], color=colour, alpha=0.15, lw=0
             )
+        evaluated = all(r.config.eval_train for rs in by_label.values() for r in rs)
+        measured = "whole training set" if evaluated else "running mean over the epoch"
         top = 3 * max((v for v in start_losses if math.isfinite(v)), default=10.0)
         for ax in axes[:2]:
             ax.set_yscale("log")
             ax.set_ylim(top=top)  # diverged runs leave the plot upwards
-            ax.set_ylabel("training loss (cross-entropy, whole training set)")
+            ax.set_ylabel(f"training loss (cross-entropy, {measured})")
         axes[0].set_xlabel("epoch")
         for ax in axes[1:]:
-            ax.set_xlabel(
-                "training time (s" + (", log scale)" if log_time else ")")
-            )
+            ax.set_xlabel("training time (s" + (", log scale)" if log_time else ")"))
             if log_time:
                 ax.set_xscale("log")
                 ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_seconds))
@@ -161,20 +152,11 @@ def step_time_figure(runs_by_model: dict[str, dict[str, list[RunResult]]], title
     Returns:
         A matplotlib ``Figure`` with one panel per model.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    palette = _palette()
     n = len(runs_by_model)
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
+    with style():
         bars = max(len(v) for v in runs_by_model.values())
-        fig, axes = plt.subplots(
-            1, n, figsize=(5.5 * n, max(4.0, 0.45 * bars + 1.6)), constrained_layout=True,
-            squeeze=False,
-        )  # fmt: skip
+        fig = Figure(figsize=(5.5 * n, max(4.0, 0.45 * bars + 1.6)), layout="constrained")
+        axes = fig.subplots(1, n, squeeze=False)
         for ax, (model, by_label) in zip(axes[0], runs_by_model.items()):
             labels = list(by_label)
             step, rest = [], []
@@ -190,15 +172,15 @@ def step_time_figure(runs_by_model: dict[str, dict[str, list[RunResult]]], title
                 step.append(float(np.mean([p[0] for p in per_run])))
                 rest.append(float(np.mean([p[1] for p in per_run])))
             y = np.arange(len(labels))[::-1]
-            colors = [palette.get(lbl.split(" ")[0], "0.5") for lbl in labels]
+            colors = [color(lbl.split(" ")[0]) for lbl in labels]
             ax.barh(y, rest, color="0.8", label="forward, backward, batching")
             ax.barh(y, step, left=rest, color=colors, label="inside optimizer.step()")
             ax.set_yticks(y, labels)
             ax.set_xlabel("training time per epoch (s)")
             ax.set_title(model)
         handles = [
-            plt.Rectangle((0, 0), 1, 1, color="0.8"),
-            plt.Rectangle((0, 0), 1, 1, color="0.35"),
+            Rectangle((0, 0), 1, 1, color="0.8"),
+            Rectangle((0, 0), 1, 1, color="0.35"),
         ]
         fig.legend(
             handles,
@@ -209,29 +191,3 @@ def step_time_figure(runs_by_model: dict[str, dict[str, list[RunResult]]], title
         )
         fig.suptitle(f"{title} — mean over seeds", fontsize=12)
     return fig
-
-
-def save_figure(
-    fig, path: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")
-) -> list[Path]:
-    """Save ``fig`` as ``path.<format>`` (PNG at 150 dpi) and close it; returns the paths."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        target = path.with_suffix(f".{fmt}")
-        fig.savefig(target, dpi=150, bbox_inches="tight", metadata=_figure_metadata(fmt))
-        written.append(target)
-    plt.close(fig)
-    return written
-
-
-def _figure_metadata(fmt: str) -> dict[str, Any] | None:
-    """Fixed metadata so that re-drawing the same runs gives the same files."""
-    if fmt == "pdf":
-        return {"CreationDate": None, "Creator": "fisherlab", "Producer": "fisherlab"}
-    if fmt == "png":
-        return {"Software": "fisherlab"}
-    return None
