@@ -89,7 +89,7 @@ def curves_figure(
             )
             epochs, loss, lo, hi, wall = _aggregate(rs, "train_loss")
             _, acc, acc_lo, acc_hi, _ = _aggregate(rs, "test_accuracy")
-            start_losses.append(loss[0])
+            start_losses.append(next((v for v in loss if math.isfinite(v)), math.nan))
             kw = dict(color=colour, linestyle=line, linewidth=1.8, marker="o", markersize=2.5)
             axes[0].plot(epochs, loss, label=legend, **kw)
             axes[0].fill_between(epochs, lo, hi, color=colour, alpha=0.15, linewidth=0)
