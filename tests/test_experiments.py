@@ -514,3 +514,22 @@ def test_tuned_configs_are_written_compact_and_read_back_unchanged():
     assert json.loads(text) == value
     assert '"grid": {"edge": ["lr high"], "extended": [], "select": "val_loss", "note": ' in text
     assert '"seeds": [0, 1],' in text and "λ/λ_max" in text
+
+
+def test_sets_that_are_not_logged_are_not_evaluated(monkeypatch):
+    from fisherlab.experiments import runner
+
+    sizes = []
+    real = runner.evaluate
+
+    def counting(model, x, y, batch_size=1024):
+        sizes.append(x.shape[0])
+        return real(model, x, y, batch_size)
+
+    monkeypatch.setattr(runner, "evaluate", counting)
+    cfg = small(optimizer="sgd", epochs=1, validation=0.25, eval_test=False, eval_train=False)
+    result = ex.train(cfg, progress=False)
+    # 128 training samples: 96 train, 32 validation; the 64 test samples are never evaluated
+    assert sizes == [32, 32]
+    assert result.rows[-1]["test_loss"] is None and result.rows[-1]["val_loss"] > 0
+    assert result.rows[-1]["train_loss"] == result.rows[-1]["train_loss_running"]

@@ -170,17 +170,23 @@ class _Run:
         """The row of ``epoch`` without its timings: losses, accuracies and the curvature regime."""
         cfg, d = self.cfg, self.data
         start = time.perf_counter()
-        self._scale = None  # the model changed
-        test = evaluate(self.model, d.x_test, d.y_test, cfg.eval_batch_size)
+        none = (None, None)
+        test = (
+            evaluate(self.model, d.x_test, d.y_test, cfg.eval_batch_size) if cfg.eval_test else none
+        )
         val = evaluate(self.model, d.x_val, d.y_val, cfg.eval_batch_size)
-        train = evaluate(self.model, d.x_train, d.y_train, cfg.eval_batch_size)
+        train = (
+            evaluate(self.model, d.x_train, d.y_train, cfg.eval_batch_size)
+            if cfg.eval_train
+            else none
+        )
         row: dict[str, Any] = {
             "epoch": epoch,
-            "train_loss": train[0] if cfg.eval_train else None,
-            "train_accuracy": train[1] if cfg.eval_train else None,
+            "train_loss": train[0],
+            "train_accuracy": train[1],
             "train_loss_running": None,
-            "test_loss": test[0] if cfg.eval_test else None,
-            "test_accuracy": test[1] if cfg.eval_test else None,
+            "test_loss": test[0],
+            "test_accuracy": test[1],
             "val_loss": val[0],
             "val_accuracy": val[1],
         }
@@ -324,6 +330,7 @@ def run_epoch(run: _Run, epoch: int, bar: Any = None) -> tuple[dict[str, Any], s
     # the optimizer's own counter (torch optimizers skip nothing)
     skipped = getattr(opt, "skipped_steps", 0) - skipped_before
     run.wall += epoch_s
+    run._scale = None  # the model changed: λ_max is measured again
     row = run.evaluation(epoch)
     row["train_loss_running"] = float(running) / seen if seen else math.nan
     if not cfg.eval_train:
