@@ -14,9 +14,10 @@ recomputing. The scripts in ``analyses/`` run one family each through :func:`scr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 from fisherlab import analysis as an
 from fisherlab import plots
 from fisherlab.analysis import FigureData
+from fisherlab.cli.common import positive_int
+from fisherlab.data import DATASETS
 from fisherlab.problem import Problem
 
 MODELS = ("mlp", "cnn")
@@ -38,6 +41,7 @@ class Settings:
     quick: bool = False
     progress: bool = True
     runs: int = 1
+    source: an.FigureSource = field(default_factory=an.FigureSource)
 
     def runs_of(self, family: str) -> int:
         """Training runs (seeds ``seed``, ``seed+1``, …) of a trajectory family.
@@ -121,7 +125,9 @@ class _Problems:
     def _build(self, name: str, offset: int) -> tuple[an.FigureProblem, an.Trajectory]:
         key = (name, self.settings.seed + offset)
         if key not in self._cache:
-            prob = an.figure_problem(name, key[1], self.settings.quick, warmup_epochs=0)
+            prob = an.figure_problem(
+                name, key[1], self.settings.quick, warmup_epochs=0, source=self.settings.source
+            )
             split = prob.split
             run = an.train_trajectory(
                 prob.model, prob.loss_fn, split.x_train, split.y_train, seed=key[1],
@@ -332,13 +338,16 @@ def run(
     from_data: bool = False,
     timings: dict[str, float] | None = None,
     runs: int = 1,
+    source: an.FigureSource | None = None,
 ) -> list[Path]:
     """Compute (or, with ``from_data``, load), draw and save the figures; returns the paths.
 
     ``timings``, if given, receives the seconds of each ``{model}-{family}``; ``runs``: see
-    :meth:`Settings.runs_of`.
+    :meth:`Settings.runs_of`; ``source``: the data and model size (default: digits, small),
+    whose :attr:`~fisherlab.analysis.FigureSource.label` prefixes the file names.
     """
-    settings = Settings(seed, quick, progress, runs)
+    source = source or an.FigureSource()
+    settings = Settings(seed, quick, progress, runs, source)
     problems = _Problems(settings)
     out = Path(out)
     paths: list[Path] = []
@@ -346,14 +355,16 @@ def run(
     bar = tqdm(work, desc="figures", disable=not progress, unit="fig")
     for model, family in bar:
         bar.set_postfix_str(f"{model} {family}")
-        stem = f"{model}-{family}"
+        stem = f"{source.label}{model}-{family}"
         start = time.perf_counter()
         if from_data:
             data = FigureData.load(out, stem)
         else:
             data = FAMILIES[family](problems, model)
-            data.meta["model"] = an.figure_model(model, quick)[1]
+            data.meta["model"] = problems.get(model).description
             data.meta["seed"] = seed
+            if not source.is_default:
+                data.meta["source"] = dataclasses.asdict(source)
             paths += data.save(out, stem)
         fig = plots.plot(data)
         paths += plots.save_figure(fig, out / stem)
@@ -374,6 +385,31 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "the decomposition, at least 3 for the EKFAC-protocol, FNGD and Fisher-type figures); "
         "each run adds about a minute to the decomposition",
     )
+    p.add_argument(
+        "--data",
+        choices=list(DATASETS),
+        default="digits",
+        help="data set (default: the embedded digits; the others are read from local files)",
+    )
+    p.add_argument("--data-dir", help="folder of the data set's files")
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        help="the first N training images are the training and reference set (default: all)",
+    )
+    p.add_argument(
+        "--pool",
+        type=positive_int,
+        default=1,
+        help="mean-pool the images K×K (e.g. 2: Fashion-MNIST at 14×14; default 1)",
+    )
+    p.add_argument(
+        "--size",
+        choices=list(an.SIZES),
+        default="small",
+        help="model size: small (MLP widths 32-16, CNN channels 4-8) or large (the library's "
+        "128-64 and 8-16; dense blocks of 8,320 parameters on digits, much slower)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny models and batches (tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -388,6 +424,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _source(args: argparse.Namespace) -> an.FigureSource:
+    """The data and model size named by the arguments."""
+    return an.FigureSource(args.data, args.data_dir, args.samples, args.pool, args.size)
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     """Run the ``figures`` subcommand."""
     start = time.perf_counter()
@@ -398,7 +439,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     try:
         paths = run(
             families, models, args.out, args.seed, args.quick, not args.quiet, args.from_data,
-            runs=max(1, args.seeds),
+            runs=max(1, args.seeds), source=_source(args),
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous)

@@ -1,6 +1,7 @@
 """Figures: the data behind each figure (shapes, invariants) and readable PNGs (quick path)."""
 
 import argparse
+import json
 import math
 import runpy
 import sys
@@ -417,3 +418,87 @@ def test_trajectory_families_pool_training_runs_of_several_seeds(tmp_path):
     assert figures_cli.Settings(runs=1).runs_of("decomposition") == 1
     assert figures_cli.Settings(runs=1).runs_of("ekfac_protocol") == 3
     _check_png(plots.save_figure(plots.plot(data), tmp_path / "fngd", formats=("png",))[0])
+
+
+# ------------------------------------------------------------------ other data, larger models
+def _fashion_files(folder, n_train=40, size=8):
+    from test_datasets import write_mnist_like
+
+    return write_mnist_like(folder, n_train=n_train, n_test=6, size=size)
+
+
+def test_figure_source_reads_local_files_samples_and_pools(tmp_path):
+    arrays = _fashion_files(tmp_path)
+    source = an.FigureSource("fashion-mnist", str(tmp_path), samples=30, pool=2)
+    full = fl.data.load("fashion-mnist", tmp_path, dtype=torch.float64)
+    split = source.load()
+    assert split.x_train.dtype == torch.float64 and split.input_shape == (1, 4, 4)
+    assert len(split.x_train) == 30 and len(split.y_train) == 30
+    # mean of each 2×2 window, by hand
+    expected = full.x_train[:30].reshape(30, 1, 4, 2, 4, 2).mean(dim=(3, 5))
+    torch.testing.assert_close(split.x_train, expected, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(split.y_train.numpy(), arrays["train-labels-idx1-ubyte"][:30])
+    assert source.label == "fashion-mnist-n30-pool2-"
+    assert an.FigureSource().label == "" and an.FigureSource().is_default
+    assert an.FigureSource(size="large").label == "digits-large-"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": "huge"}, "unknown model size 'huge'"),
+        ({"data": "imagenet"}, "unknown data set 'imagenet'"),
+        ({"pool": 0}, "pool must be a positive integer"),
+        ({"samples": -3}, "samples must be a positive integer"),
+        ({"samples": True}, "samples must be a positive integer"),
+    ],
+)
+def test_figure_source_refuses_bad_settings(kwargs, message):
+    with pytest.raises(fl.FisherlabError, match=message):
+        an.FigureSource(**kwargs)
+
+
+def test_figure_source_refuses_what_the_data_cannot_give(tmp_path):
+    _fashion_files(tmp_path)
+    with pytest.raises(fl.FisherlabError, match="samples=41 but fashion-mnist has 40"):
+        an.FigureSource("fashion-mnist", str(tmp_path), samples=41).load()
+    with pytest.raises(fl.FisherlabError, match="pool=3 does not divide"):
+        an.FigureSource("fashion-mnist", str(tmp_path), pool=3).load()
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_figure_models_fit_the_data_and_size(size):
+    mlp, text = an.figure_model("mlp", input_shape=(1, 14, 14), size=size)
+    widths = an.SIZES[size]["mlp"]
+    assert [m.out_features for m in mlp if isinstance(m, torch.nn.Linear)] == [*widths, 10]
+    assert mlp[1].in_features == 196 and text.startswith(f"MLP 196-{widths[0]}-")
+    cnn, text = an.figure_model("cnn", input_shape=(3, 14, 14), size=size)
+    assert cnn(torch.zeros(2, 3, 14, 14)).shape == (2, 10)
+    assert cnn[0].in_channels == 3 and cnn[2].out_channels == an.SIZES[size]["cnn"][1]
+    with pytest.raises(fl.FisherlabError, match="square images"):
+        an.figure_model("cnn", input_shape=(196,))
+    # the default is unchanged: the committed figures' models
+    assert an.figure_model("mlp")[1] == "MLP 64-32-16-10 (tanh)"
+
+
+def test_command_on_local_fashion_files(tmp_path, capsys):
+    _fashion_files(tmp_path / "data", n_train=80)
+    out = tmp_path / "figs"
+    argv = ["figures", "--quick", "--quiet", "--model", "cnn", "--out", str(out)]
+    argv += ["--data", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--samples", "70"]
+    args = _parser().parse_args([*argv, "--pool", "2", "--only", "sample_correlation", "frobenius"])
+    assert args.func(args) == 0
+    stem = "fashion-mnist-n70-pool2-cnn-sample_correlation"
+    _check_png(out / f"{stem}.png")
+    meta = json.loads((out / f"{stem}.json").read_text())["meta"]
+    assert meta["source"]["data"] == "fashion-mnist" and meta["source"]["pool"] == 2
+    assert meta["model"].endswith("on fashion-mnist (70 training images 1×4×4, mean-pooled 2×2)")
+    assert (out / "fashion-mnist-n70-pool2-cnn-frobenius.png").exists()
+    assert "2 figures in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--pool", "0"], ["--samples", "-5"], ["--size", "huge"]])
+def test_command_refuses_bad_source_arguments(bad, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["figures", *bad])
+    assert exit_.value.code == 2

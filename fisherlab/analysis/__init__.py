@@ -18,7 +18,8 @@ needed, and the ``woodbury`` block (the same matrix, never formed) where its Gra
 * :func:`direction_quality_vs_damping`: cosine of ``(F̂+λI)⁻¹g`` to ``(F+λI)⁻¹g`` against ``λ``.
 
 :func:`figure_problem` builds the embedded default: a small model on the digits data, trained
-for one epoch of SGD so that the curvature is not that of the initialisation.
+for one epoch of SGD so that the curvature is not that of the initialisation; a
+:class:`FigureSource` names other data (local files, a sample, mean-pooled) and larger models.
 
 Example:
     >>> import fisherlab.analysis as an
@@ -41,7 +42,9 @@ from fisherlab.analysis.setup import (
     APPROXIMATIONS,
     CONV_EXTRA,
     HEATMAP_METHODS,
+    SIZES,
     FigureProblem,
+    FigureSource,
     choose_layer,
     default_methods,
     exact_reference,
@@ -78,11 +81,13 @@ __all__ = [
     "EKFAC_SERIES",
     "FISHER_TYPES",
     "HEATMAP_METHODS",
+    "SIZES",
     "TERMS",
     "TRAINING_SERIES",
     "Checkpoint",
     "FigureData",
     "FigureProblem",
+    "FigureSource",
     "Trajectory",
     "batch_size_sweep",
     "block_diagonal_error",

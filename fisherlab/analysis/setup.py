@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,22 +51,132 @@ class FigureProblem:
     seed: int
 
 
-def figure_model(name: str, quick: bool = False) -> tuple[nn.Module, str]:
-    """The figures' model and its description.
+SIZES = {"small": {"mlp": (32, 16), "cnn": (4, 8)}, "large": {"mlp": (128, 64), "cnn": (8, 16)}}
+"""Hidden widths (MLP) and channels (CNN) of the figure models; ``large`` is the library's default
+size (blocks of 8,320 parameters on digits: each dense block 0.5 GB, its eigendecomposition
+about a minute on one thread)."""
+
+_QUICK = {"mlp": (8, 6), "cnn": (2, 3)}
+
+
+@dataclass(frozen=True)
+class FigureSource:
+    """Which data and model size the figures use; the default is the embedded digits, ``small``.
+
+    Attributes:
+        data: A data set of :data:`fisherlab.data.DATASETS` (others than digits are read from
+            local files, nothing downloads).
+        data_dir: Folder of its files (``None``: the data set's default place).
+        samples: The first ``samples`` training images form the training and reference set
+            (``None``: all of them).
+        pool: Images are mean-pooled ``pool×pool`` (1: as stored); e.g. 2 turns Fashion-MNIST's
+            28×28 into 14×14, so that the first layer's dense block stays a few thousand
+            parameters.
+        size: ``"small"`` or ``"large"`` (:data:`SIZES`).
+    """
+
+    data: str = "digits"
+    data_dir: str | None = None
+    samples: int | None = None
+    pool: int = 1
+    size: str = "small"
+
+    def __post_init__(self) -> None:
+        if self.data not in datasets.DATASETS:
+            raise FisherlabError(
+                f"unknown data set {self.data!r}; choose from {list(datasets.DATASETS)}"
+            )
+        if self.size not in SIZES:
+            raise FisherlabError(f"unknown model size {self.size!r}; choose from {list(SIZES)}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
+            raise FisherlabError(f"pool must be a positive integer, got {self.pool!r}")
+        if self.samples is not None and (
+            isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1
+        ):
+            raise FisherlabError(f"samples must be a positive integer, got {self.samples!r}")
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is the embedded default (digits, all images, as stored, small)."""
+        return self == FigureSource()
+
+    @property
+    def label(self) -> str:
+        """File-name prefix: empty for the default, else e.g. ``fashion-mnist-n2000-pool2-``."""
+        if self.is_default:
+            return ""
+        parts = [self.data]
+        if self.samples is not None:
+            parts.append(f"n{self.samples}")
+        if self.pool > 1:
+            parts.append(f"pool{self.pool}")
+        if self.size != "small":
+            parts.append(self.size)
+        return "-".join(parts) + "-"
+
+    def load(self, quick: bool = False) -> datasets.Split:
+        """The split (float64): the first ``samples`` training images, mean-pooled.
+
+        ``quick`` (tests) keeps at most 256 training images.
+        """
+        split = datasets.load(self.data, self.data_dir, dtype=torch.float64)
+        count = min(len(split.x_train), self.samples or len(split.x_train))
+        if quick:
+            count = min(count, 256)
+        if self.samples is not None and self.samples > len(split.x_train):
+            raise FisherlabError(
+                f"samples={self.samples} but {self.data} has {len(split.x_train)} training images"
+            )
+        x_train, x_test = split.x_train[:count], split.x_test
+        if self.pool > 1:
+            size = split.input_shape[-1]
+            if len(split.input_shape) != 3 or size % self.pool:
+                raise FisherlabError(
+                    f"pool={self.pool} does not divide the {self.data} images {split.input_shape}"
+                )
+            x_train = nn.functional.avg_pool2d(x_train, self.pool)
+            x_test = nn.functional.avg_pool2d(x_test, self.pool)
+        y_train = split.y_train[:count]
+        return datasets.Split(x_train, y_train, x_test, split.y_test, split.num_classes)
+
+    def describe(self, split: datasets.Split) -> str:
+        """The data in words (empty for the default, whose protocol the README states)."""
+        if self.is_default:
+            return ""
+        shape = "×".join(map(str, split.input_shape))
+        pooled = f", mean-pooled {self.pool}×{self.pool}" if self.pool > 1 else ""
+        return f" on {self.data} ({len(split.x_train):,} training images {shape}{pooled})"
+
+
+def figure_model(
+    name: str,
+    quick: bool = False,
+    input_shape: Sequence[int] = (1, 8, 8),
+    size: str = "small",
+    num_classes: int = 10,
+) -> tuple[nn.Module, str]:
+    """The figures' model for images of ``input_shape``, and its description.
 
     The library's default MLP (64-128-64-10) has 8320-parameter blocks, too big for dense
     heatmaps and eigendecompositions in the figures' time budget, so the figures use
-    ``mlp(64, (32, 16), 10)`` and ``small_cnn(channels=(4, 8))``; ``quick`` (tests) uses tinier
-    ones.
+    ``mlp(64, (32, 16), 10)`` and ``small_cnn(channels=(4, 8))`` (``size="small"``); ``large``
+    uses the library's default widths (:data:`SIZES`), ``quick`` (tests) tinier ones.
     """
+    if size not in SIZES:
+        raise FisherlabError(f"unknown model size {size!r}; choose from {list(SIZES)}")
+    shape = tuple(input_shape)
     if name == "mlp":
-        hidden = (8, 6) if quick else (32, 16)
-        return models.mlp(64, hidden, 10), f"MLP 64-{'-'.join(map(str, hidden))}-10 (tanh)"
+        hidden = _QUICK["mlp"] if quick else SIZES[size]["mlp"]
+        widths = "-".join(map(str, (math.prod(shape), *hidden, num_classes)))
+        return models.mlp(math.prod(shape), hidden, num_classes), f"MLP {widths} (tanh)"
     if name == "cnn":
-        channels = (2, 3) if quick else (4, 8)
+        c1, c2 = _QUICK["cnn"] if quick else SIZES[size]["cnn"]
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise FisherlabError(f"the figure CNN needs square images [C, H, H], got {shape}")
+        channels, image = shape[0], shape[1]
         return (
-            models.small_cnn(channels=channels),
-            f"CNN conv3×3 1→{channels[0]}, conv3×3/2 {channels[0]}→{channels[1]}, linear→10 (ReLU)",
+            models.small_cnn(channels, image, num_classes, channels=(c1, c2)),
+            f"CNN conv3×3 {channels}→{c1}, conv3×3/2 {c1}→{c2}, linear→{num_classes} (ReLU)",
         )
     raise FisherlabError(f"unknown figure model {name!r}; choose 'mlp' or 'cnn'")
 
@@ -108,21 +219,26 @@ def train_sgd(
 
 
 def figure_problem(
-    name: str = "mlp", seed: int = 0, quick: bool = False, warmup_epochs: int = 1
+    name: str = "mlp",
+    seed: int = 0,
+    quick: bool = False,
+    warmup_epochs: int = 1,
+    source: FigureSource | None = None,
 ) -> FigureProblem:
-    """The embedded default: a figure model on digits (float64), after ``warmup_epochs`` of SGD.
+    """A figure model on the figures' data (float64), after ``warmup_epochs`` of SGD.
 
-    The digits split is the library's (seed 0); ``seed`` sets the initialisation (through
-    ``torch.manual_seed``, i.e. torch's global generator), the SGD batches and
-    :func:`figure_batches`. ``quick`` uses a tinier model and 256 training images.
+    The default ``source`` is the embedded digits with the library's split (seed 0); ``seed``
+    sets the initialisation (through ``torch.manual_seed``, i.e. torch's global generator), the
+    SGD batches and :func:`figure_batches`. ``quick`` uses a tinier model and at most 256
+    training images.
     """
-    split = datasets.load_digits(dtype=torch.float64)
-    if quick:
-        split = datasets.Split(
-            split.x_train[:256], split.y_train[:256], split.x_test, split.y_test, 10
-        )
+    source = source or FigureSource()
+    split = source.load(quick)
     torch.manual_seed(seed)
-    model, description = figure_model(name, quick)
+    model, description = figure_model(
+        name, quick, split.input_shape, source.size, split.num_classes
+    )
+    description += source.describe(split)
     model = model.double()
     loss_fn = nn.CrossEntropyLoss()
     if warmup_epochs:
