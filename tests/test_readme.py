@@ -13,3 +13,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
     assert (tmp_path / "my-figures" / "my-spectra.png").stat().st_size > 0
+
+
+def test_readme_images_exist():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
+    assert len(images) >= 20
+    missing = [path for path in images if not (README.parent / path).is_file()]
+    assert not missing, f"README shows images that are not committed: {missing}"
