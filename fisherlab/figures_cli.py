@@ -8,16 +8,18 @@ snapshot families its final state. Each family computes the data (:mod:`fisherla
 draws the figure (:mod:`fisherlab.plots`) and writes
 ``{out}/{model}-{family}.png`` and ``.pdf``, the data as ``{model}-{family}-{table}.csv`` and
 the settings as ``{model}-{family}.json``. ``--from-data`` redraws from those files without
-recomputing. The scripts in ``analyses/`` run one family each through :func:`script_main`.
+recomputing. Other data (local files, a sample of them, mean-pooled) and the larger model size
+are chosen by :class:`fisherlab.analysis.FigureSource` (``--data``, ``--samples``, ``--pool``,
+``--size``), whose label then prefixes the file names. The scripts in ``analyses/`` run one
+family each through :func:`script_main`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -364,7 +366,7 @@ def run(
             data.meta["model"] = problems.get(model).description
             data.meta["seed"] = seed
             if not source.is_default:
-                data.meta["source"] = dataclasses.asdict(source)
+                data.meta["source"] = asdict(source)
             paths += data.save(out, stem)
         fig = plots.plot(data)
         paths += plots.save_figure(fig, out / stem)
