@@ -279,10 +279,14 @@ class CurvatureBlock(ABC):
         return kron, vector
 
     def _to_param(self, u: Tensor, vector: bool) -> Tensor:
-        d_in = self.layer.d_in
-        out = u[..., :d_in].reshape(u.shape[0], -1)
-        if self.layer.has_bias:
-            out = torch.cat([out, u[..., d_in]], dim=-1)
+        """``[k, d_out, D]`` in Kronecker order → ``[P]`` or ``[P, k]`` in parameter order."""
+        k, d_out, d_in = u.shape[0], self.layer.d_out, self.layer.d_in
+        if self.layer.has_bias:  # one copy: weight columns, then the bias column
+            out = u.new_empty(k, self.size)
+            out[:, : d_out * d_in].view(k, d_out, d_in).copy_(u[..., :d_in])
+            out[:, d_out * d_in :].copy_(u[..., d_in])
+        else:
+            out = u.reshape(k, -1)
         out = out.T
         return out.squeeze(1) if vector else out
 

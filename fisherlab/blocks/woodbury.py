@@ -354,7 +354,8 @@ class WoodburyBlock(CurvatureBlock):
         damping = check_damping(damping)
         kron, vector = self._to_kron(v)
         w = self._gram_solve(self.jv(kron).T, damping).T
-        return self._to_param((kron - self.jtu(w)) / damping, vector)
+        step = self.jtu(w).sub_(kron).div_(-damping)  # (v − Jᵀw)/λ, in place
+        return self._to_param(step, vector)
 
     def weighted_gradient(self, weights: Tensor) -> Tensor:
         """``Jᵀ w`` in parameter order: ``[P]`` for weights ``[M]``, ``[P, k]`` for ``[k, M]``."""

@@ -574,7 +574,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._add_cosine(directions, factors, grads, ok)
         updates: dict[int, Tensor] = {}
         for name, d in directions.items():
-            d, offset = d * factors[name], 0
+            factor, offset = factors[name], 0
+            if not (isinstance(factor, float) and factor == 1.0):  # KL clipping: a tensor
+                d = d * factor
             for p in params_of[name]:
                 updates[id(p)] = d[offset : offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
