@@ -16,7 +16,7 @@ from fisherlab.analysis.setup import (
 from fisherlab.analysis.table import FigureData
 from fisherlab.blocks import build_block, parse_method
 from fisherlab.comparison import batch_gradients
-from fisherlab.metrics import direction_quality
+from fisherlab.metrics import direction_agreement
 from fisherlab.problem import Problem
 
 
@@ -33,7 +33,7 @@ def direction_quality_vs_damping(
 
     Per layer, with ``g`` the mini-batch loss gradient (:func:`fisherlab.comparison.
     batch_gradients`), compares ``(F̂+λI)⁻¹g`` with ``(F+λI)⁻¹g`` from the exact block
-    (:func:`exact_reference`; :func:`fisherlab.metrics.direction_quality`).
+    (:func:`exact_reference`, solved once per ``λ``; :func:`fisherlab.metrics.direction_agreement`).
 
     Args:
         model: The network, or a :class:`~fisherlab.problem.Problem` (then ``loss_fn``, ``x``
@@ -54,11 +54,13 @@ def direction_quality_vs_damping(
     rows = []
     for name in cap:
         exact = exact_reference(cap, name)
+        g = grads[name]
+        reference = {lam: exact.solve(g, lam) for lam in lams}  # once per λ, not per method
         for spec in methods:
             method, options = parse_method(spec)
             block = build_block(method, cap, name, **options)
             for lam in lams:
-                q = direction_quality(block, exact, grads[name], lam)
+                q = direction_agreement(block.solve(g, lam), reference[lam])
                 rows.append(
                     {
                         "layer": name,
