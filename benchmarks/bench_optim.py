@@ -3,12 +3,13 @@
 A step is ``zero_grad; forward; loss; backward; step`` (for ASDL: its ``forward_and_backward``
 plus an SGD step). Every optimizer runs the same synthetic batch; after ``--warmup`` steps the
 mean (``step_ms``, amortised) and the median of ``--steps`` steps are taken, and all ratios (of
-means) come from one run. KFAC/EKFAC update factors every step and decompose (or invert) them
-every 10 steps, as in their defaults and ASDL's;
-FNGD is timed after its first epoch (``steps_per_epoch`` = the warm-up), when it reuses its
-weights. ``kfac-factored`` is fisherlab's KFAC with factored Tikhonov damping, the method
-ASDL's KFAC implements; ``ratio_to_asdl`` compares it with ASDL's KFAC, and TENGraD with ASDL's
-SMW natural gradient (the same ``(F_b + λI)⁻¹g``).
+means) come from one run: ``--rounds`` times every optimizer in turn, each ratio taken within a
+round, reported as the median over rounds with its range (``ratio_min``, ``ratio_max``).
+KFAC/EKFAC update factors every step and decompose (or invert) them every 10 steps, as in their
+defaults and ASDL's; FNGD is timed after its first epoch (``steps_per_epoch`` = the warm-up),
+when it reuses its weights. ``kfac-factored`` is fisherlab's KFAC with factored Tikhonov
+damping, the method ASDL's KFAC implements; ``ratio_to_asdl`` compares it with ASDL's KFAC, and
+TENGraD with ASDL's SMW natural gradient (the same ``(F_b + λI)⁻¹g``).
 
 Models: ``mlp`` 784-512-256-10 and ``3c1f`` (3 conv + 1 FC) on 28×28 inputs; ``resnet``, a
 ResNet-style net (stem, three residual stages of 16/32/64 channels with BatchNorm, pooling, FC)
@@ -180,6 +181,26 @@ def bench_model(model_name: str, batch_size: int, args: argparse.Namespace) -> l
     return rows
 
 
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per optimizer: medians over the rounds, and the range of its ratio to SGD.
+
+    Each round times every optimizer once, so a ratio is taken within a round; the median
+    over rounds is robust to a round in which the machine was busy.
+    """
+    out = []
+    for rows in zip(*rounds):
+        ratios = [r["ratio_to_sgd"] for r in rows]
+        row = dict(rows[0])
+        for key in ("step_ms", "median_ms", "ratio_to_sgd"):
+            row[key] = statistics.median(r[key] for r in rows)
+        peers = [r["ratio_to_asdl"] for r in rows if r["ratio_to_asdl"] is not None]
+        row["ratio_to_asdl"] = statistics.median(peers) if peers else None
+        row["ratio_min"], row["ratio_max"] = min(ratios), max(ratios)
+        row["ratio_rounds"] = " ".join(f"{r:.3g}" for r in ratios)
+        out.append(row)
+    return out
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     import warnings
@@ -236,11 +257,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--models", nargs="+", default=["mlp", "3c1f"], choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times every optimizer is timed, in turn (medians and the range of the ratios "
+        "over rounds: a shared machine's speed drifts between optimizers)",
+    )
     parser.add_argument("--out", default=None, help="results name (default bench_optim_DEVICE)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [row for m in args.models for b in args.batch_sizes for row in bench_model(m, b, args)]
+    rows = [
+        row
+        for m in args.models
+        for b in args.batch_sizes
+        for row in combine_rounds([bench_model(m, b, args) for _ in range(args.rounds)])
+    ]
     machine = {
         "processor": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -248,6 +281,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "warmup": args.warmup,
         "steps": args.steps,
+        "rounds": args.rounds,
     }
     print(json.dumps(machine))
     print(format_table(rows))
