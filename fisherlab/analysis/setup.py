@@ -16,7 +16,7 @@ from fisherlab.blocks import build_block
 from fisherlab.blocks.base import CurvatureBlock
 from fisherlab.blocks.woodbury import WoodburyBlock
 from fisherlab.capture import Capture, capture
-from fisherlab.conventions import FisherlabError
+from fisherlab.conventions import FisherlabError, check_positive_int
 from fisherlab.metrics import spectrum
 from fisherlab.problem import Problem
 
@@ -53,8 +53,7 @@ class FigureProblem:
 
 SIZES = {"small": {"mlp": (32, 16), "cnn": (4, 8)}, "large": {"mlp": (128, 64), "cnn": (8, 16)}}
 """Hidden widths (MLP) and channels (CNN) of the figure models; ``large`` is the library's default
-size (blocks of 8,320 parameters on digits: each dense block 0.5 GB, its eigendecomposition
-about a minute on one thread)."""
+size (on digits, MLP blocks of 8,320 parameters: 0.5 GB each as dense matrices)."""
 
 _QUICK = {"mlp": (8, 6), "cnn": (2, 3)}
 
@@ -88,12 +87,9 @@ class FigureSource:
             )
         if self.size not in SIZES:
             raise FisherlabError(f"unknown model size {self.size!r}; choose from {list(SIZES)}")
-        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
-            raise FisherlabError(f"pool must be a positive integer, got {self.pool!r}")
-        if self.samples is not None and (
-            isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1
-        ):
-            raise FisherlabError(f"samples must be a positive integer, got {self.samples!r}")
+        object.__setattr__(self, "pool", check_positive_int("pool", self.pool))
+        if self.samples is not None:
+            object.__setattr__(self, "samples", check_positive_int("samples", self.samples))
 
     @property
     def is_default(self) -> bool:
@@ -120,13 +116,13 @@ class FigureSource:
         ``quick`` (tests) keeps at most 256 training images.
         """
         split = datasets.load(self.data, self.data_dir, dtype=torch.float64)
-        count = min(len(split.x_train), self.samples or len(split.x_train))
-        if quick:
-            count = min(count, 256)
         if self.samples is not None and self.samples > len(split.x_train):
             raise FisherlabError(
                 f"samples={self.samples} but {self.data} has {len(split.x_train)} training images"
             )
+        count = self.samples or len(split.x_train)
+        if quick:
+            count = min(count, 256)
         x_train, x_test = split.x_train[:count], split.x_test
         if self.pool > 1:
             size = split.input_shape[-1]
