@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from fisherlab import data as datasets
 from fisherlab import models
+from fisherlab.analysis.trajectory import train_trajectory
 from fisherlab.blocks import build_block
 from fisherlab.blocks.base import CurvatureBlock
 from fisherlab.blocks.woodbury import WoodburyBlock
@@ -190,28 +191,23 @@ def train_sgd(
 ) -> list[float]:
     """Plain mini-batch SGD (the model is trained in place); returns the loss of every step.
 
-    Batches are drawn from a seeded permutation per epoch (the last incomplete batch is
-    dropped). ``callback(step, epoch, xb, yb)`` runs before each update, on the parameters the
-    update starts from.
+    :func:`~fisherlab.analysis.trajectory.train_trajectory` keeping only the final state: batches
+    from a seeded permutation per epoch (the last incomplete batch is dropped).
+    ``callback(step, epoch, xb, yb)`` runs before each update, on the parameters the update
+    starts from.
     """
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses, step = [], 0
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x) - batch_size + 1, batch_size):
-            index = order[start : start + batch_size]
-            xb, yb = x[index], y[index]
-            if callback is not None:
-                callback(step, epoch, xb, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
-    optimizer.zero_grad(set_to_none=True)
-    return losses
+    per_epoch = len(x) // batch_size
+    on_step = None
+    if callback is not None:
+
+        def on_step(step: int, _: nn.Module, xb: Tensor, yb: Tensor) -> None:
+            callback(step, step // per_epoch, xb, yb)
+
+    run = train_trajectory(
+        model, loss_fn, x, y, epochs, checkpoints=[epochs * per_epoch], batch_size=batch_size,
+        lr=lr, seed=seed, on_step=on_step,
+    )  # fmt: skip
+    return run.step_losses
 
 
 def figure_problem(
