@@ -5,16 +5,18 @@ column per parameter, in units of the per-sample summed loss), accumulated batch
 ``Σ_b J_bᵀJ_b`` and divided by the data's ``ν`` at the end: memory is that of the result and of
 one batch's rows, independent of ``N``. Two backends produce the rows:
 
-* ``"backpack"``: BackPACK's ``BatchGrad`` (empirical), ``SqrtGGNExact`` (true) or
-  ``SqrtGGNMC`` (mc), run on a deep copy of the model (the caller's model is never extended).
-  Used for ``nn.Sequential`` models of known modules, or graphs BackPACK's converter turns
-  into a chain of known modules.
+* ``"backpack"``: BackPACK's ``BatchGrad`` (empirical; mc, of each sampled output row) or
+  ``SqrtGGNExact`` (true), run on a deep copy of the model (the caller's model is never
+  extended). Used for ``nn.Sequential`` models of known modules, or graphs BackPACK's
+  converter turns into a chain of known modules, with a loss BackPACK takes (MSE on outputs
+  ``[N, C]`` only).
 * ``"torch.func"``: ``vmap`` over samples of ``vjp`` of the network output with the output
   rows of :mod:`fisherlab.losses`, for any graph.
 
-``backend="auto"`` takes BackPACK where it can and says so in ``result.backend``. The ``"mc"``
-rows are drawn the same way on both paths (with the problem's per-batch seed), so they give the
-same matrix.
+``backend="auto"`` takes BackPACK where it can and says so in ``result.backend`` (and why not
+in ``result.backend_reason``); it decides at the first batch. The ``"mc"`` rows are drawn the
+same way on both paths (keyed by the problem's seed and each sample's global index), so they
+give the same matrix.
 
 Example:
     >>> import torch, fisherlab as fl
@@ -179,13 +181,28 @@ def _backpack_net(model: nn.Module) -> tuple[nn.Module | None, str]:
     return net, ""
 
 
+def _loss_problem(problem: Problem, batch: Batch) -> str:
+    """Why BackPACK cannot take the problem's loss on this batch (empty if it can)."""
+    if problem.loss.kind == "mse" and batch.targets.ndim != 2:
+        shape = ", ".join(["N", *map(str, batch.targets.shape[1:])])
+        return (
+            f"BackPACK cannot take the loss: its MSELoss supports outputs [N, C] only, and the "
+            f"network outputs [{shape}]"
+        )
+    return ""
+
+
 def _rows_backpack(problem: Problem, net: nn.Module, batch: Batch) -> dict[str, Tensor]:
     """Rows ``[M_b, numel]`` per parameter name (units of the summed loss), by BackPACK.
 
-    ``net`` is the extended copy of the model (see :func:`_row_source`).
+    ``net`` is the extended copy of the model (see :func:`_row_source`). For ``"mc"`` the rows
+    are ``BatchGrad`` of each sampled output row ``s_r`` (the per-sample gradients of
+    ``Σ_n s_{n,r}·f_n``, i.e. ``J_nᵀ s_{n,r}``), with the labels drawn as on the other paths:
+    BackPACK's ``SqrtGGNMC`` draws the whole batch's labels from torch's RNG, which cannot key
+    them per sample.
     """
     from backpack import backpack, extend
-    from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
+    from backpack.extensions import BatchGrad, SqrtGGNExact
 
     names = {id(p): n for n, p in net.named_parameters()}
     wanted = {
@@ -196,32 +213,47 @@ def _rows_backpack(problem: Problem, net: nn.Module, batch: Batch) -> dict[str, 
     extension, savefield = {
         "empirical": (BatchGrad(), "grad_batch"),
         "true": (SqrtGGNExact(), "sqrt_ggn_exact"),
-        "mc": (SqrtGGNMC(mc_samples=problem.mc_samples), "sqrt_ggn_mc"),
+        "mc": (BatchGrad(), "grad_batch"),
     }[problem.fisher_type]
     loss_fn = extend(copy.deepcopy(problem.loss_fn))
-    for p in net.parameters():  # BackPACK adds to quantities left from an earlier batch
-        p.requires_grad_(True)
-        p.grad = None
-        if hasattr(p, savefield):
-            delattr(p, savefield)
-    with backpack(extension), torch.enable_grad(), warnings.catch_warnings():
+    params = [p for p in net.parameters() if names[id(p)] in wanted]
+
+    def clear() -> None:  # BackPACK adds to quantities left from an earlier backward pass
+        for p in net.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+            if hasattr(p, savefield):
+                delattr(p, savefield)
+
+    clear()
+    parts: dict[str, list[Tensor]] = {names[id(p)]: [] for p in params}
+    several = problem.fisher_type == "mc"  # one backward pass per output row: keep the IO
+    with backpack(extension, retain_graph=several), torch.enable_grad(), warnings.catch_warnings():
         # BackPACK's full backward hooks warn when no input requires grad; that is intended
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         outputs = net(batch.inputs)
         problem.loss.check_outputs(outputs, batch.targets)
-        with problem.seeded(batch):
+        if problem.fisher_type != "mc":
             loss_fn(outputs, batch.targets).backward()
-    rows = {}
-    for p in net.parameters():
-        name = names[id(p)]
-        if name not in wanted:
-            continue
-        value = getattr(p, savefield)
-        if problem.fisher_type == "empirical":  # BatchGrad carries the reduction's 1/ν
-            rows[name] = value.flatten(start_dim=1) * batch.normaliser
-        else:  # square roots carry 1/√ν
-            rows[name] = value.flatten(start_dim=2).flatten(end_dim=1) * math.sqrt(batch.normaliser)
-    return rows
+            for p in params:
+                value = getattr(p, savefield)
+                if problem.fisher_type == "empirical":  # BatchGrad carries the reduction's 1/ν
+                    value = value.flatten(start_dim=1) * batch.normaliser
+                else:  # square roots carry 1/√ν
+                    value = value.flatten(start_dim=2).flatten(end_dim=1)
+                    value = value * math.sqrt(batch.normaliser)
+                parts[names[id(p)]].append(value)
+        else:
+            with problem.seeded(batch):
+                out_rows = problem.loss.output_rows(
+                    outputs, batch.targets, problem.fisher_type, problem.mc_samples
+                )  # [R, N, ...]
+            for r in range(out_rows.shape[0]):
+                (outputs * out_rows[r]).sum().backward(retain_graph=r < out_rows.shape[0] - 1)
+                for p in params:
+                    parts[names[id(p)]].append(getattr(p, savefield).flatten(start_dim=1))
+                clear()
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 # -------------------------------------------------------------------------- rows: torch.func
@@ -259,36 +291,78 @@ def _key(layer_name: str, param_name: str) -> str:
     return f"{layer_name}.{param_name}" if layer_name else param_name
 
 
+class _RowSource:
+    """A batch's rows per parameter name, by the backend chosen at the first batch.
+
+    Attributes:
+        backend: ``"backpack"`` or ``"torch.func"`` (``None`` before the first batch).
+        reason: Why not BackPACK (empty when BackPACK is used).
+    """
+
+    def __init__(self, problem: Problem, requested: str):
+        if requested not in BACKENDS:
+            raise FisherlabError(f"unknown backend {requested!r}; valid backends are {BACKENDS}")
+        self.problem = problem
+        self.requested = requested
+        self.backend: str | None = None
+        self.reason = ""
+        self._net: nn.Module | None = None
+        self._n_handles: int | None = None
+
+    def __call__(self, batch: Batch) -> dict[str, Tensor]:
+        if self.backend is None:
+            self._choose(batch)
+        if self._net is not None:
+            return _rows_backpack(self.problem, self._net, batch)
+        return _rows_torch_func(self.problem, batch)
+
+    def _choose(self, batch: Batch) -> None:
+        """BackPACK where it can take the model and the loss (``"auto"``), else torch.func.
+
+        Raises:
+            FisherlabError: for ``"backpack"`` on a model or loss BackPACK cannot take.
+        """
+        if self.requested == "torch.func":
+            self.backend, self.reason = "torch.func", "backend='torch.func' requested"
+            return
+        net, reason = None, _loss_problem(self.problem, batch)
+        if not reason:
+            net, reason = _backpack_net(self.problem.model)
+        if net is None:
+            if self.requested == "backpack":
+                raise FisherlabError(reason + "; use backend='torch.func' or 'auto'")
+            self.backend, self.reason = "torch.func", reason
+            return
+        from backpack import extend
+        from backpack.context import CTX
+
+        self._n_handles = len(CTX.hook_handles)
+        self._net = extend(net)
+        self.backend = "backpack"
+
+    def close(self) -> None:
+        """Remove BackPACK's hooks from the deep copy."""
+        if self._n_handles is None:
+            return
+        from backpack.context import CTX
+
+        for handle in CTX.hook_handles[self._n_handles :]:
+            handle.remove()
+        del CTX.hook_handles[self._n_handles :]
+        self._n_handles, self._net = None, None
+
+
 @contextlib.contextmanager
-def _row_source(
-    problem: Problem, backend: str
-) -> Iterator[tuple[Callable[[Batch], dict[str, Tensor]], str, str]]:
-    """A function giving a batch's rows per parameter name, the backend used, why not BackPACK.
+def _row_source(problem: Problem, backend: str) -> Iterator[_RowSource]:
+    """The rows of each batch, by the backend chosen at the first batch (see :class:`_RowSource`).
 
     BackPACK's hooks live on a deep copy of the model for the duration of the block.
     """
-    if backend not in BACKENDS:
-        raise FisherlabError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
-    if backend in ("auto", "backpack"):
-        net, reason = _backpack_net(problem.model)
-        if net is not None:
-            from backpack import extend
-            from backpack.context import CTX
-
-            n_handles = len(CTX.hook_handles)
-            try:
-                net = extend(net)
-                yield (lambda batch: _rows_backpack(problem, net, batch)), "backpack", ""
-            finally:
-                for handle in CTX.hook_handles[n_handles:]:
-                    handle.remove()
-                del CTX.hook_handles[n_handles:]
-            return
-        if backend == "backpack":
-            raise FisherlabError(reason + "; use backend='torch.func' or 'auto'")
-    else:
-        reason = "backend='torch.func' requested"
-    yield (lambda batch: _rows_torch_func(problem, batch)), "torch.func", reason
+    source = _RowSource(problem, backend)
+    try:
+        yield source
+    finally:
+        source.close()
 
 
 def _layer_rows(problem: Problem, rows: dict[str, Tensor], name: str) -> Tensor:
@@ -312,8 +386,9 @@ def _stream(
     Accumulated in place on the upper block triangle and mirrored once at the end.
     """
     sums: dict[str, Tensor] = {}
-    with analysis_scope(), _row_source(problem, backend) as (rows_of, used, reason):
-        for batch in problem.batches(f"exact Fisher ({used})"):
+    desc = "exact Fisher" + ("" if backend == "auto" else f" ({backend})")
+    with analysis_scope(), _row_source(problem, backend) as rows_of:
+        for batch in problem.batches(desc):
             for key, rows in columns_of(rows_of(batch)).items():
                 if key not in sums:
                     sums[key] = rows.new_zeros(rows.shape[1], rows.shape[1])
@@ -322,7 +397,7 @@ def _stream(
         key: problem.all_reduce(mirror_upper(total)).div_(problem.normaliser)
         for key, total in sums.items()
     }
-    return blocks, used, reason
+    return blocks, rows_of.backend, rows_of.reason
 
 
 def exact_blocks(

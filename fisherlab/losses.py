@@ -12,8 +12,10 @@ where :math:`J_n` is the Jacobian of the network output :math:`f_n` and the *out
   :math:`\sqrt{p_c}(e_c - p)` for cross-entropy, :math:`\sqrt2\, e_c` for MSE;
 * ``"mc"``: :math:`\nabla_f \ell(f_n, \tilde y)/\sqrt{k}` for ``k`` labels
   :math:`\tilde y \sim p(y | f_n)` (a categorical for cross-entropy, a Gaussian with variance
-  ``1/2`` for MSE), drawn exactly as BackPACK's ``SqrtGGNMC`` draws them, so that the same
-  seed gives the same matrix on every path;
+  ``1/2`` for MSE). Within :func:`keyed_draws` (how a :class:`~fisherlab.problem.Problem` draws
+  them) the labels of sample ``n`` are a function of ``(seed, global index of n)`` alone, the
+  same on every path and under any batching or sharding of the data; outside, they come from
+  torch's global RNG (the optimizers' Monte-Carlo passes);
 * ``"empirical"``: :math:`\nabla_f \ell(f_n, y_n)` with the true label (``R = 1``).
 
 The rows are in units of the per-sample *summed* loss: this is the one place where a
@@ -22,10 +24,13 @@ reduction's scaling is undone.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Normal
@@ -33,6 +38,55 @@ from torch.distributions import Categorical, Normal
 from fisherlab.conventions import FisherlabError, check_finite, check_fisher_type
 
 SUPPORTED_LOSSES = "CrossEntropyLoss, MSELoss"
+
+#: ``(seed, indices)`` while keyed Monte-Carlo labels are drawn (see :func:`keyed_draws`).
+_KEYS: ContextVar[tuple[int, Tensor] | None] = ContextVar("fisherlab_mc_keys", default=None)
+
+
+@contextlib.contextmanager
+def keyed_draws(seed: int, indices: Tensor) -> Iterator[None]:
+    """Within: the ``"mc"`` labels of sample ``n`` depend on ``(seed, indices[n])`` alone.
+
+    Every sample draws from its own stream of numpy's counter-based Philox generator, keyed by
+    the 128 bits ``(indices[n], seed)`` (both mod ``2⁶⁴``): its labels do not depend on the
+    batch it is in, its position there, the rank holding it or any RNG state, and the caller's
+    RNG is untouched. Distinct keys are independent streams (Salmon et al., 2011).
+
+    Args:
+        seed: The problem's seed.
+        indices: ``[N]`` integer keys of the samples of the batch whose rows are drawn next
+            (their global indices in the data).
+    """
+    token = _KEYS.set((seed, indices))
+    try:
+        yield
+    finally:
+        _KEYS.reset(token)
+
+
+def _keyed(seed: int, indices: Tensor, shape: tuple[int, ...], normal: bool) -> Tensor:
+    """``[N, *shape]`` float64 draws, sample ``n``'s from the Philox stream of its key.
+
+    Standard normals if ``normal``, else uniforms on ``[0, 1)``.
+    """
+    bits = np.random.Philox(key=0)
+    rng = np.random.Generator(bits)
+    out = np.empty((indices.shape[0], *shape))
+    zeros = np.zeros(4, dtype=np.uint64)
+    for n, index in enumerate(indices.tolist()):
+        bits.state = {
+            "bit_generator": "Philox",
+            "state": {
+                "counter": zeros,
+                "key": np.array([index % 2**64, seed % 2**64], dtype=np.uint64),
+            },
+            "buffer": zeros,
+            "buffer_pos": 4,
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        out[n] = rng.standard_normal(shape) if normal else rng.random(shape)
+    return torch.from_numpy(out)
 
 
 @dataclass(frozen=True)
@@ -177,6 +231,9 @@ class LossSpec:
         if fisher_type == "empirical":
             return self._gradient(f, targets).unsqueeze(0)
         if fisher_type == "mc":
+            keys = _KEYS.get()
+            if keys is not None:
+                return self._keyed_rows(f, mc_samples, *keys)
             if self.kind == "cross_entropy":
                 dist = Categorical(probs=torch.softmax(f, dim=1))
             else:
@@ -192,6 +249,27 @@ class LossSpec:
         c = f[0].numel()
         eye = torch.eye(c, dtype=f.dtype, device=f.device) * math.sqrt(2.0)
         return eye.unsqueeze(1).expand(c, n, c).reshape(c, *f.shape).clone()
+
+    def _keyed_rows(self, f: Tensor, mc_samples: int, seed: int, indices: Tensor) -> Tensor:
+        """``"mc"`` rows ``[k, *f.shape]`` from labels keyed per sample (:func:`keyed_draws`).
+
+        Cross-entropy: the label is the class whose cumulative probability interval holds a
+        keyed uniform ``u`` (inverse CDF, in float64). MSE: ``ỹ = f + √½·z`` with keyed
+        standard normals ``z`` of the output's shape.
+        """
+        if indices.shape[0] != f.shape[0]:
+            raise FisherlabError(
+                f"{indices.shape[0]} sample keys for a batch of {f.shape[0]} outputs"
+            )
+        if self.kind == "cross_entropy":
+            u = _keyed(seed, indices, (mc_samples,), normal=False).to(f.device)  # [N, k]
+            cdf = torch.softmax(f.double(), dim=1).cumsum(dim=1)  # [N, C]
+            labels = (cdf.unsqueeze(1) < u.unsqueeze(-1)).sum(dim=-1)  # [N, k]
+            labels = labels.clamp_max(f.shape[1] - 1).T  # [k, N]
+        else:
+            z = _keyed(seed, indices, (mc_samples, *f.shape[1:]), normal=True)  # [N, k, ...]
+            labels = f + math.sqrt(0.5) * z.to(f).movedim(1, 0)  # [k, N, ...]
+        return self._gradient(f, labels) / math.sqrt(mc_samples)
 
     def _gradient(self, f: Tensor, y: Tensor) -> Tensor:
         """Gradient of the per-sample summed loss w.r.t. outputs ``f``, for labels ``[..., N]``."""

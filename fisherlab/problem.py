@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fisherlab.conventions import FisherlabError, check_fisher_type, check_int, check_max_bytes
 from fisherlab.layers import Layer, find_layers
-from fisherlab.losses import LossSpec
+from fisherlab.losses import LossSpec, keyed_draws
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,14 @@ class Batch:
         inputs: ``[N_b, ...]``, on the model's device.
         targets: ``[N_b, ...]``, on the model's device.
         normaliser: ``ν`` of this batch alone.
+        start: Position of its first sample in this rank's pass over the data.
     """
 
     index: int
     inputs: Tensor
     targets: Tensor
     normaliser: float
+    start: int = 0
 
     @property
     def size(self) -> int:
@@ -93,9 +95,11 @@ class Problem:
             two passes (EKFAC) need data that can be iterated twice (not a generator).
         fisher_type: ``"true"``, ``"mc"`` or ``"empirical"``.
         mc_samples: Labels drawn per input for ``"mc"``.
-        seed: Seed of the Monte-Carlo labels: batch ``b`` draws with seed
-            ``seed·1_000_003 + b`` under a forked RNG (the caller's RNG state is untouched), so
-            every pass, every method and both exact backends see the same labels.
+        seed: Seed of the Monte-Carlo labels. The labels of a sample depend on ``(seed, its
+            global index)`` alone (:func:`~fisherlab.losses.keyed_draws`; the caller's RNG state
+            is untouched), so every pass, every method and both exact backends see the same
+            labels, and sharded data gives the Monte-Carlo Fisher of one process over all the
+            data (:meth:`sample_indices` says which index a sample has).
         skip_unsupported: Leave out unsupported parametrised modules with a warning.
         sharded: Whether each ``torch.distributed`` rank holds a different part of the data,
             so that sums over the data are all-reduced. ``None``: when ``data`` is a
@@ -165,6 +169,8 @@ class Problem:
         self.num_samples: int | None = None
         self.normaliser: float | None = None
         self._cache: Any = None  # set by fisherlab.capture.cached_captures
+        self._rank_offset: tuple[int, int] | None = None  # (offset, stride) of sample indices
+        self._sampler_indices: Tensor | None = None  # of this pass (DistributedSampler)
 
     # ----------------------------------------------------------------------- variants
     def with_fisher_type(self, fisher_type: str, mc_samples: int | None = None) -> Problem:
@@ -186,7 +192,7 @@ class Problem:
             return p.device
         return torch.device("cpu")
 
-    def _check_batch(self, index: int, item: Any) -> Batch:
+    def _check_batch(self, index: int, item: Any, start: int = 0) -> Batch:
         if not _is_pair(item):
             raise FisherlabError(
                 f"batch {index} of the data is not an (inputs, targets) pair of tensors "
@@ -211,7 +217,7 @@ class Problem:
             )
         device = self.device
         inputs, targets = inputs.to(device), targets.to(device)
-        return Batch(index, inputs, targets, self.loss.batch_normaliser(targets))
+        return Batch(index, inputs, targets, self.loss.batch_normaliser(targets), start)
 
     def batches(self, desc: str = "batches", quiet: bool = False) -> Iterator[Batch]:
         """One pass over the data: validated batches, with a progress bar for long work.
@@ -233,13 +239,15 @@ class Problem:
                 "DataLoader"
             )
         self._passes_started += 1
+        if self.fisher_type == "mc":
+            self._start_keyed_pass()
         sizes, checksums, normalisers = [], [], []
         show = False if self.single_batch or quiet else self.progress
         bar = self._batches
         if show is not False:  # None: tqdm shows the bar on a terminal only
             bar = tqdm(bar, desc=desc, disable=None if show is None else False, leave=False)
         for index, item in enumerate(bar):
-            batch = self._check_batch(index, item)
+            batch = self._check_batch(index, item, sum(sizes))
             if not self._probed:
                 self._probe(batch)
             sizes.append(batch.size)
@@ -330,10 +338,63 @@ class Problem:
         return stack
 
     def seeded(self, batch: Batch):
-        """Context in which the Monte-Carlo labels of ``batch`` are drawn (a forked RNG)."""
+        """Context in which the Monte-Carlo labels of ``batch`` are drawn (keyed per sample)."""
         if self.fisher_type != "mc":
             return contextlib.nullcontext()
-        return self._forked_rng(self.seed * 1_000_003 + batch.index)
+        return keyed_draws(self.seed, self.sample_indices(batch))
+
+    def sample_indices(self, batch: Batch) -> Tensor:
+        """``[N_b]`` global indices of a batch's samples: the keys of their Monte-Carlo labels.
+
+        * Data from a ``DataLoader`` whose sampler is a ``DistributedSampler``: the indices
+          into the dataset that the sampler gives this rank (any number of ranks, shuffled or
+          not, gives the labels of one process over the dataset).
+        * Otherwise: the sample's position in the pass, continued over the ranks in rank order
+          when the data is sharded (rank ``r`` starts after the samples of ranks ``< r``, each
+          rank's count from a list of batches or the sampler's length): shards that split the
+          data into consecutive parts give the labels of one process over all of it.
+        * Sharded data whose size a rank cannot tell before the pass (e.g. a generator):
+          position ``p`` of rank ``r`` of ``W`` has index ``p·W + r`` (distinct on every rank).
+        """
+        if self._sampler_indices is None and self._rank_offset is None:
+            self._start_keyed_pass()
+        stop = batch.start + batch.size
+        if self._sampler_indices is not None:
+            if stop > self._sampler_indices.shape[0]:
+                raise FisherlabError(
+                    f"the data yielded more samples ({stop}) than its DistributedSampler "
+                    f"holds ({self._sampler_indices.shape[0]})"
+                )
+            return self._sampler_indices[batch.start : stop]
+        offset, stride = self._rank_offset
+        return offset + stride * torch.arange(batch.start, stop)
+
+    def _start_keyed_pass(self) -> None:
+        """Where this rank's samples sit in the data (:meth:`sample_indices`), at a pass start.
+
+        Sharded: one small collective on the first pass (every rank starts its passes
+        together, as the sums at the end of a pass already require).
+        """
+        sampler = getattr(self._batches, "sampler", None)
+        by_sampler = isinstance(sampler, torch.utils.data.DistributedSampler)
+        if self._rank_offset is None:
+            self._rank_offset = (0, 1)
+            hint = self.num_samples_hint
+            if self.sharded and dist.is_initialized() and dist.get_world_size() > 1:
+                mine = torch.tensor([[int(by_sampler), -1 if hint is None else hint]])
+                ranks = self.all_gather(mine.to(self.device)).cpu()
+                if len(set(ranks[:, 0].tolist())) > 1:
+                    raise FisherlabError(
+                        "some ranks read their data through a DistributedSampler and others do "
+                        "not; the Monte-Carlo labels need one layout of the data over the ranks"
+                    )
+                rank, world = dist.get_rank(), dist.get_world_size()
+                counts = ranks[:, 1]
+                if bool((counts < 0).any()):
+                    self._rank_offset = (rank, world)
+                else:
+                    self._rank_offset = (int(counts[:rank].sum()), 1)
+        self._sampler_indices = torch.tensor(list(sampler)) if by_sampler else None
 
     # -------------------------------------------------------------------- distribution
     def all_reduce(self, tensor: Tensor) -> Tensor:

@@ -1,13 +1,16 @@
-"""Under torch.distributed: W ranks with batch b take the step of one process with batch W·b,
-and a Problem whose data is sharded over the ranks gives the matrices of one process over all
-the data (sums all-reduced). One spawn of two gloo processes serves both tests."""
+"""Under torch.distributed: ranks with local batches b_r (equal or not) take the step of one
+process with the concatenated batch, and a Problem whose data is sharded over the ranks gives
+the matrices of one process over all the data (sums all-reduced; Monte-Carlo labels keyed by
+each sample's global index). One spawn of two gloo processes serves every test."""
 
+import functools
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import rel_err
 from torch import nn
 
 import fisherlab as fl
@@ -22,6 +25,8 @@ MAKERS = {
     "skfac": lambda m: fl.optim.SKFAC(m, lr=0.1, damping=0.1),
     "fngd": lambda m: fl.optim.FNGD(m, steps_per_epoch=2, lr=0.1, damping=0.1),
 }
+#: Local batches of the 16 samples of a step: equal halves, and 4 and 12.
+SPLITS = {"equal": (8, 8), "unequal": (4, 12)}
 
 
 def _problem():
@@ -32,23 +37,33 @@ def _problem():
     return model.double(), x, y
 
 
-def _train(name, rank=0, world=1):
+def _train(name, split=(16,), rank=0):
+    """Three steps; rank r takes its part of each step's 16 samples. The gradients are combined
+    as the concatenated batch's (each rank's mean weighted by its share of the samples; with
+    equal batches this is DistributedDataParallel's average)."""
     model, x, y = _problem()
     opt = MAKERS[name](model)
-    local = slice(rank * 16 // world, (rank + 1) * 16 // world)
+    start = sum(split[:rank])
+    local = slice(start, start + split[rank])
     for step in range(3):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[step, local]), y[step, local]).backward()
-        if world > 1:  # what DistributedDataParallel does
+        if len(split) > 1:
             for p in model.parameters():
+                p.grad *= split[rank] / sum(split)
                 dist.all_reduce(p.grad)
-                p.grad /= world
         opt.step()
     opt.close()
     return [p.detach().clone() for p in model.parameters()]
 
 
 METHODS = ["exact", "kfac", "ekfac", "diag", "woodbury", "skfac"]
+BACKENDS = ["backpack", "torch.func"]
+KEYS = [f"exact_blocks/{b}" for b in BACKENDS] + ["exact_fisher", *METHODS, "samples"]
+#: Monte-Carlo kinds: the labels are keyed alike on every path; the exact blocks of both
+#: backends, a factor sum (KFAC) and gathered rows (Woodbury) show it.
+MC_METHODS = ["kfac", "woodbury"]
+MC_KEYS = [f"exact_blocks/{b}" for b in BACKENDS] + [*MC_METHODS, "samples"]
 
 
 def _data():
@@ -59,39 +74,72 @@ def _data():
     return model.double(), nn.CrossEntropyLoss(), x, y
 
 
+def _batches(x, y):
+    return [(x[i : i + 5], y[i : i + 5]) for i in range(0, len(x), 5)]
+
+
 def _matrices(problem):
+    mc = problem.fisher_type == "mc"
     out = {f"exact_blocks/{b}": dict(fl.exact_blocks(problem, backend=b)) for b in BACKENDS}
-    out["exact_fisher"] = {"": fl.exact_fisher(problem).matrix}
-    for method, blocks in fl.curvatures(problem, METHODS).items():
+    if not mc:
+        out["exact_fisher"] = {"": fl.exact_fisher(problem).matrix}
+    for method, blocks in fl.curvatures(problem, MC_METHODS if mc else METHODS).items():
         out[method] = {name: block.to_dense() for name, block in blocks.items()}
     out["samples"] = {"": torch.tensor(float(problem.num_samples))}
     return out
 
 
-BACKENDS = ["backpack", "torch.func"]
+def _loader(x, y, rank, world, shuffle):
+    dataset = torch.utils.data.TensorDataset(x, y)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=3)
+    return torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
 
 
 def _sharded(rank, world):
-    """Rank r holds every world-th batch of 5 (sizes differ: the last batch is short), and the
-    same data again through a DataLoader with a DistributedSampler (detected)."""
+    """Each kind: (this rank's Problem, the one-process Problem it must equal)."""
     model, loss_fn, x, y = _data()
-    batches = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 22, 5)]
-    listed = fl.Problem(model, loss_fn, batches[rank::world], "true", sharded=True)
-    dataset = torch.utils.data.TensorDataset(x, y)
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
-    sampled = fl.Problem(model, loss_fn, loader, "empirical")
-    assert sampled.sharded
-    return {"list": _matrices(listed), "sampler": _matrices(sampled)}
+    batches = _batches(x, y)  # 5 batches of 5, 5, 5, 5, 2 samples
+    half = (x[:11], y[:11])
+    return {
+        # rank r holds every world-th batch (sizes differ: the last batch is short)
+        "list-true": (
+            fl.Problem(model, loss_fn, batches[rank::world], "true", sharded=True),
+            fl.Problem(model, loss_fn, (x, y), "true"),
+        ),
+        # a DataLoader with a DistributedSampler (detected)
+        "sampler-empirical": (
+            fl.Problem(model, loss_fn, _loader(x, y, rank, world, False), "empirical"),
+            fl.Problem(model, loss_fn, (x, y), "empirical"),
+        ),
+        # consecutive parts: 15 and 7 samples, labels keyed by the position over the ranks
+        "list-mc": (
+            fl.Problem(model, loss_fn, [batches[:3], batches[3:]][rank], "mc", sharded=True),
+            fl.Problem(model, loss_fn, batches, "mc"),
+        ),
+        # a shuffling DistributedSampler: labels keyed by the dataset index
+        "sampler-mc": (
+            fl.Problem(model, loss_fn, _loader(x, y, rank, world, True), "mc", mc_samples=2),
+            fl.Problem(model, loss_fn, (x, y), "mc", mc_samples=2),
+        ),
+        # every rank holds the same 11 samples: one process over them twice, not once
+        "duplicated-mc": (
+            fl.Problem(model, loss_fn, half, "mc", sharded=True),
+            fl.Problem(model, loss_fn, [half, half], "mc"),
+        ),
+    }
 
 
 def _worker(rank, world, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        results = {name: _train(name, rank, world) for name in MAKERS}
-        problems = _sharded(rank, world)
+        optim = {
+            (split, name): _train(name, SPLITS[split], rank) for split in SPLITS for name in MAKERS
+        }
+        sharded = _sharded(rank, world)
+        assert all(p.sharded for p, _ in sharded.values())
+        problems = {kind: _matrices(p) for kind, (p, _) in sharded.items()}
         if rank == 0:
-            torch.save({"optim": results, "problems": problems}, out)
+            torch.save({"optim": optim, "problems": problems}, out)
         dist.barrier()  # every collective is done before any process tears down
     finally:
         dist.destroy_process_group()
@@ -113,25 +161,54 @@ def distributed(tmp_path_factory):
     return torch.load(out)
 
 
-def test_ranks_with_batch_b_equal_one_process_with_batch_wb(distributed):
-    for name in MAKERS:
-        single = _train(name)
-        for p, q in zip(single, distributed["optim"][name]):
-            assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), name
-        assert not torch.equal(single[0], _problem()[0][0].weight.detach())
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_ranks_take_the_step_of_one_process_with_the_concatenated_batch(distributed, split, name):
+    single = _single(name)
+    for p, q in zip(single, distributed["optim"][split, name]):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(single[0], _problem()[0][0].weight.detach())
 
 
-def test_a_sharded_problem_equals_one_process_over_all_the_data(distributed):
+@functools.cache
+def _single(name):
+    return _train(name)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The matrices of each kind's one-process Problem (computed once), and of the 11 samples
+    that every rank holds in "duplicated-mc", once."""
+    out = {kind: _matrices(reference) for kind, (_, reference) in _sharded(0, 1).items()}
     model, loss_fn, x, y = _data()
-    expected = {
-        "list": _matrices(fl.Problem(model, loss_fn, (x, y), "true")),
-        "sampler": _matrices(fl.Problem(model, loss_fn, (x, y), "empirical")),
-    }
-    for kind, results in expected.items():
-        got = distributed["problems"][kind]
-        assert got["samples"][""].item() == 22
-        for key, matrices in results.items():
-            for name, matrix in matrices.items():
-                scale = matrix.abs().max().item() or 1.0
-                error = (got[key][name] - matrix).abs().max().item() / scale
-                assert error <= 1e-10, (kind, key, name)
+    out["half-mc"] = _matrices(fl.Problem(model, loss_fn, (x[:11], y[:11]), "mc"))
+    return out
+
+
+CASES = [(kind, key) for kind in ("list-true", "sampler-empirical") for key in KEYS] + [
+    (kind, key) for kind in ("list-mc", "sampler-mc") for key in MC_KEYS
+]
+
+
+@pytest.mark.parametrize("kind, key", CASES, ids=[f"{kind}-{key}" for kind, key in CASES])
+def test_a_sharded_problem_equals_one_process_over_all_the_data(
+    distributed, one_process, kind, key
+):
+    got, expected = distributed["problems"][kind][key], one_process[kind][key]
+    assert distributed["problems"][kind]["samples"][""].item() == 22
+    assert got.keys() == expected.keys()
+    for name, matrix in expected.items():
+        assert rel_err(got[name], matrix) <= 1e-10, name
+
+
+@pytest.mark.parametrize("key", MC_KEYS)
+def test_ranks_draw_their_own_monte_carlo_labels(distributed, one_process, key):
+    """Two ranks holding the same 11 samples equal one process over them twice; before the
+    labels were keyed by global index, both ranks drew the same labels, which equalled one
+    process over the 11 samples once."""
+    got = distributed["problems"]["duplicated-mc"][key]
+    for name, matrix in one_process["duplicated-mc"][key].items():
+        assert rel_err(got[name], matrix) <= 1e-10, name
+    if key != "samples":
+        once = one_process["half-mc"][key]
+        assert max(rel_err(got[name], once[name]) for name in once) > 1e-3

@@ -60,7 +60,7 @@ class EKFAC(KFAC):
     ) -> Tensor:  # fmt: skip
         state = self.layer_state[name]
         u_gamma, u_omega = state["eig_gamma"][1], state["eig_omega"][1]
-        s = all_reduce_mean(kfe_scalings(A, G, u_gamma, u_omega, normaliser))
+        s = all_reduce_mean(kfe_scalings(A, G, u_gamma, u_omega, normaliser), normaliser)
         new_basis = name in self._new_bases
         decay = 0.0 if new_basis or not group["running_average"] else group["stat_decay"]
         s = update_average(state, "scalings", s, decay)

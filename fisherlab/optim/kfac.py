@@ -114,9 +114,11 @@ class KFAC(CurvatureOptimizer):
         stale = "omega" not in state or state["omega"].shape[0] != A.shape[-1]  # bias (un)frozen
         if self.steps % group["factor_update_freq"] == 0 or stale:
             approx, decay = group["kfac_approx"], group["stat_decay"]
-            gamma = all_reduce_mean(gradient_factor(G, normaliser, approx))
+            # ranks weighted by their share (ν, samples): the concatenated batch's factors
+            gamma = all_reduce_mean(gradient_factor(G, normaliser, approx), normaliser)
             update_average(state, "gamma", gamma, decay)
-            update_average(state, "omega", all_reduce_mean(input_factor(A, approx)), decay)
+            omega = all_reduce_mean(input_factor(A, approx), A.shape[0])
+            update_average(state, "omega", omega, decay)
         return state
 
     def _prepare(self, jobs: dict[str, tuple[Tensor, Tensor, dict]], normaliser: float) -> None:
