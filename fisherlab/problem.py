@@ -394,7 +394,9 @@ class Problem:
                     self._rank_offset = (rank, world)
                 else:
                     self._rank_offset = (int(counts[:rank].sum()), 1)
-        self._sampler_indices = torch.tensor(list(sampler)) if by_sampler else None
+        self._sampler_indices = (
+            torch.tensor(list(sampler), dtype=torch.long) if by_sampler else None
+        )
 
     # -------------------------------------------------------------------- distribution
     def all_reduce(self, tensor: Tensor) -> Tensor:
