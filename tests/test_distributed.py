@@ -129,6 +129,20 @@ def _sharded(rank, world):
     }
 
 
+def _mismatch(rank):
+    """Ranks whose statistics differ in more than their samples (rank 1 has 4 features, not 3):
+    every rank gets the same FisherlabError, instead of a collective that aborts."""
+    from fisherlab.optim.distributed import gather_samples
+
+    A = torch.ones(2 + rank, 1, 3 + rank, dtype=torch.float64)
+    G = torch.ones(1, 2 + rank, 1, 2, dtype=torch.float64)
+    try:
+        gather_samples({"0": (A, G)}, 2.0)
+    except fl.FisherlabError as err:
+        return str(err)
+    return ""
+
+
 def _worker(rank, world, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -138,8 +152,10 @@ def _worker(rank, world, init, out):
         sharded = _sharded(rank, world)
         assert all(p.sharded for p, _ in sharded.values())
         problems = {kind: _matrices(p) for kind, (p, _) in sharded.items()}
+        mismatch = [None, None]
+        dist.all_gather_object(mismatch, _mismatch(rank))
         if rank == 0:
-            torch.save({"optim": optim, "problems": problems}, out)
+            torch.save({"optim": optim, "problems": problems, "mismatch": mismatch}, out)
         dist.barrier()  # every collective is done before any process tears down
     finally:
         dist.destroy_process_group()
@@ -212,3 +228,8 @@ def test_ranks_draw_their_own_monte_carlo_labels(distributed, one_process, key):
     if key != "samples":
         once = one_process["half-mc"][key]
         assert max(rel_err(got[name], once[name]) for name in once) > 1e-3
+
+
+def test_ranks_with_statistics_of_other_shapes_are_refused_on_every_rank(distributed):
+    messages = distributed["mismatch"]
+    assert all("different layers, shapes or dtypes" in m for m in messages), messages
