@@ -246,7 +246,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._group_index: dict[str, int] = {}
         layers = {}
         for name, layer in self._model_layers.items():
-            weight, bias = layer.module.weight, layer.module.bias
+            weight, bias = layer.weight, layer.bias_parameter
             w = group_of.get(id(weight))
             b = group_of.get(id(bias)) if bias is not None else None
             if w is None:
@@ -279,9 +279,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _trained(self, name: str) -> tuple[Layer, list[nn.Parameter]] | None:
         """The layer as trained this step (bias left out when it has no gradient)."""
         layer = self.layers[name]
-        if layer.module.weight.grad is None:
+        if layer.weight.grad is None:
             return None
-        if layer.has_bias and layer.module.bias.grad is None:
+        if layer.has_bias and layer.bias_parameter.grad is None:
             layer = layer.without_bias()
         return layer, layer.parameters()
 
@@ -721,7 +721,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "layers": _clone(self.layer_state),
-            "shapes": {n: list(layer.module.weight.shape) for n, layer in self.layers.items()},
+            "shapes": {n: list(layer.weight.shape) for n, layer in self.layers.items()},
         }
         return state
 
@@ -748,7 +748,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"{ours}: load it into an optimizer over the same model and param groups"
             )
         for name, shape in extra.get("shapes", {}).items():
-            here = list(self.layers[name].module.weight.shape)
+            here = list(self.layers[name].weight.shape)
             if list(shape) != here:
                 raise FisherlabError(
                     f"the state was saved for layer {name!r} with weight shape {tuple(shape)}, "
@@ -758,7 +758,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
         except ValueError as err:
             raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
-        device = next(iter(self.layers.values())).module.weight.device if self.layers else None
+        device = next(iter(self.layers.values())).weight.device if self.layers else None
         self.steps = extra["steps"]
         self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
         self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
