@@ -15,7 +15,7 @@ from helpers import EXACT, rel_err
 
 import fisherlab as fl
 from fisherlab.blocks import build, parse_method, parse_options
-from fisherlab.blocks.assemble import method_class
+from fisherlab.blocks.assemble import block_class
 from fisherlab.blocks.base import BuildContext, LayerStats
 from fisherlab.blocks.factors import gradient_factor, input_factor
 from fisherlab.blocks.kronecker import KroneckerEigenbasis, factored_shifts
@@ -58,7 +58,7 @@ def _problem(case_name, fisher_type="true"):
 def _builder(spec, layer, normalise="data", fisher_type="true", **extra):
     method, options = parse_method(spec)
     options = parse_options(method, {**options, **extra})
-    return method_class(method).Builder(layer, options, BuildContext(fisher_type), normalise)
+    return block_class(method, layer).Builder(layer, options, BuildContext(fisher_type), normalise)
 
 
 def _fill(builder, caps, name, normaliser):

@@ -36,7 +36,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fisherlab.blocks.assemble import Source, assemble, method_class
+from fisherlab.blocks.assemble import (
+    BLOCK_TABLE,
+    Source,
+    assemble,
+    block_class,
+    method_class,
+    methods_for,
+)
 from fisherlab.blocks.base import (
     REGISTRY,
     BlockBuilder,
@@ -65,6 +72,8 @@ class CurvatureDict(dict):
         fisher_type: The Fisher type of the captured statistics.
         options: All options (defaults filled in).
         normaliser: ``ν`` of the loss over the data.
+        missing: ``{layer name: reason}`` of layers the method has no block for (left out
+            when built with ``missing="skip"``).
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class CurvatureDict(dict):
         fisher_type: str,
         options: dict,
         normaliser: float,
+        missing: dict[str, str] | None = None,
     ):
         super().__init__(blocks)
         self.method, self.fisher_type, self.options, self.normaliser = (
@@ -82,6 +92,7 @@ class CurvatureDict(dict):
             options,
             normaliser,
         )
+        self.missing = dict(missing or {})
 
 
 def parse_options(method: str, options: dict[str, Any], text: bool = False) -> Options:
@@ -128,6 +139,7 @@ def curvatures(
     methods: Sequence[str | tuple[str, dict]],
     names: Sequence[str] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    missing: str = "raise",
 ) -> dict[str, CurvatureDict]:
     """Several methods over a problem's data, built in shared passes.
 
@@ -136,15 +148,20 @@ def curvatures(
         methods: Specs ``"name"`` or ``"name:option=value,…"``, or ``(name, options)`` pairs.
         names: Layers to build (default: all).
         max_bytes: Memory budget of each large object.
+        missing: ``"raise"`` (default): a layer a method has no block for is refused;
+            ``"skip"``: left out, its reason in :attr:`CurvatureDict.missing`.
 
     Returns:
         ``{spec: CurvatureDict}``.
     """
     specs = _specs(methods)
-    results = assemble(Source.of(problem), [(m, o) for _, m, o in specs], names, max_bytes)
+    skipped: list[dict[str, str]] = [{} for _ in specs]
+    results = assemble(
+        Source.of(problem), [(m, o) for _, m, o in specs], names, max_bytes, missing, skipped
+    )
     return {
-        label: CurvatureDict(blocks, m, problem.fisher_type, o.as_dict(), problem.normaliser)
-        for (label, m, o), blocks in zip(specs, results)
+        label: CurvatureDict(blocks, m, problem.fisher_type, o.as_dict(), problem.normaliser, gone)
+        for (label, m, o), blocks, gone in zip(specs, results, skipped)
     }
 
 
@@ -181,7 +198,7 @@ def builder(
     """A builder of one layer's ``method`` block, to hold across batches or steps.
 
     Args:
-        method: Any registered method.
+        method: Any registered method that has a block for the layer's type (the table).
         layer: The layer (e.g. ``capture[name].layer`` or ``problem.layers[name]``).
         fisher_type: The Fisher type of the statistics it will be given.
         normalise: ``"data"`` (sums over a data set; ``block(normaliser=ν)``) or ``"batch"``
@@ -206,7 +223,7 @@ def builder(
     """
     opts = parse_options(method, options)
     context = BuildContext(fisher_type, max_bytes)
-    return method_class(method).Builder(layer, opts, context, normalise)
+    return block_class(method, layer).Builder(layer, opts, context, normalise)
 
 
 def curvature(
@@ -259,17 +276,20 @@ def curvature(
 
 
 __all__ = [
+    "BLOCK_TABLE",
     "METHODS",
     "REGISTRY",
     "BlockBuilder",
     "CurvatureBlock",
     "CurvatureDict",
     "LayerStats",
+    "block_class",
     "build",
     "build_block",
     "builder",
     "check_damping",
     "curvature",
     "curvatures",
+    "methods_for",
     "parse_method",
 ]

@@ -588,7 +588,7 @@ class CurvatureBlock(ABC):
         """
         total = 0.0
         for chunk in sample_chunks(A.shape[0], G.shape[0] * self.size * 2):
-            rows = torch.einsum("rntd,nte->rnde", G[:, chunk], A[chunk])
+            rows = self.layer.gradient_rows(A[chunk], G[:, chunk])
             flat = rows.reshape(-1, *self.kron_shape)
             total += float((flat * self._matmat(flat)).sum())
         return total
