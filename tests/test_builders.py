@@ -396,6 +396,21 @@ def test_factored_damping_solves_equal_the_dense_factored_inverse(case_name, spe
         assert rel_err(block.solve(v, 0.01), _factored_dense(block) @ v) <= EXACT
 
 
+def test_fisherlab_blocks_builder_makes_a_layers_builder_by_the_table():
+    _, caps = _problem("cnn-stride-pad-ce")
+    for name in caps[0]:
+        layer = caps[0][name].layer
+        made = fl.blocks.builder("kfac", layer, "true", normalise="batch", kfac_approx="reduce")
+        by_hand = _builder("kfac:kfac_approx=reduce", layer, "batch")
+        for b in (made, by_hand):
+            _run_average(b, caps, name)
+        assert torch.equal(made.block().to_dense(), by_hand.block().to_dense())
+    with pytest.raises(fl.FisherlabError, match="unknown method"):
+        fl.blocks.builder("kfca", layer, "true")
+    with pytest.raises(fl.FisherlabError, match="unknown option"):
+        fl.blocks.builder("kfac", layer, "true", kfac_aprox="reduce")
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("old", "new"), [(-0.1, 1.0), (1.0, float("nan")), (float("inf"), 1.0), ("1", 1.0)]

@@ -127,7 +127,9 @@ class WoodburyBuilder(BlockBuilder):
 
     The weights act on the rows: batch ``k``'s ``G`` is held times ``√w_k`` (times ``1/√ν_b``
     per batch), so that the block is ``Σ_k w_k J_kᵀJ_k / ν`` (or over the mass ``Σ_k w_k``);
-    ``old_weight = 0`` drops the rows held.
+    ``old_weight = 0`` drops the rows held. The block's natural-gradient shortcut
+    (:meth:`WoodburyBlock.coefficients`, ``g = Jᵀ1/ν``) needs the rows as captured: for it,
+    keep ``normalise="data"``, add one batch with ``(0, 1)`` and take ``block(ν_b)``.
     """
 
     state_names = ("A", "G", "held", "positions", "mass")
