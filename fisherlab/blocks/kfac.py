@@ -200,7 +200,7 @@ class KronBlock(CurvatureBlock):
         return self.eigenbasis().damped_solve(V, damping)
 
     def _eigvalsh(self, max_bytes: int) -> Tensor:
-        return self.eigenbasis().full_products()
+        return self.eigenbasis().eigvalsh()
 
     def _nbytes(self) -> int:
         held = [self.gamma, self.omega]

@@ -131,7 +131,7 @@ class KroneckerEigenbasis:
             return self.apply(V, scale)
         return V / damping + self.apply(V, scale - 1.0 / damping)
 
-    def full_products(self) -> Tensor:
+    def eigvalsh(self) -> Tensor:
         """All ``d_out·D`` eigenvalues of ``Γ ⊗ Ω``, ascending (zeros for a low-rank basis)."""
         lg, lo = self.values_gamma, self.values_omega
         lg = torch.cat([lg.new_zeros(self.u_gamma.shape[0] - len(lg)), lg])

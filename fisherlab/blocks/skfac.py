@@ -308,7 +308,7 @@ class SKFACBlock(CurvatureBlock):
         return basis.damped_solve(V, damping)
 
     def _eigvalsh(self, max_bytes: int) -> Tensor:
-        return self._eigenbasis.full_products()
+        return self._eigenbasis.eigvalsh()
 
     def _nbytes(self) -> int:
         held = [self.X, self.Y]
