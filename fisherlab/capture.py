@@ -73,13 +73,9 @@ class LayerCapture:
         return self.layer.gradients_from_rows(self.A, self.G)
 
     def per_sample_gradients(self) -> tuple[Tensor, Tensor | None]:
-        """Weight and bias gradient rows, ``[R, N, *weight.shape]`` and ``[R, N, d_out]``."""
-        rows = self.jacobian_rows()
-        weight = self.layer.module.weight
-        n_w = weight.numel()
-        grad_w = rows[..., :n_w].reshape(*rows.shape[:-1], *weight.shape)
-        grad_b = rows[..., n_w:] if self.layer.has_bias else None
-        return grad_w, grad_b
+        """Weight and bias gradient rows, ``[R, N, *weight.shape]`` and ``[R, N, *bias.shape]``."""
+        parts = self.layer.split_parameters(self.jacobian_rows())
+        return parts[0], (parts[1] if self.layer.has_bias else None)
 
 
 @dataclass(frozen=True)
@@ -381,7 +377,7 @@ class Recorder:
                 return None
             output = replaced = output.detach().requires_grad_(True)
         layer = self.layers[name]
-        A = layer.adapter.homogeneous_inputs(module, args[0].detach())
+        A = layer.adapter.inputs(module, args[0].detach())
         self._note_precision(A.dtype)
         call = _Call(A if self.dtype is None else A.to(self.dtype), output)
         current.calls.setdefault(name, []).append(call)

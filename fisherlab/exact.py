@@ -208,7 +208,7 @@ def _rows_backpack(problem: Problem, net: nn.Module, batch: Batch) -> dict[str, 
     wanted = {
         _key(layer_name, p_name)
         for layer_name, layer in problem.layers.items()
-        for p_name, _ in layer.module.named_parameters(recurse=False)
+        for p_name in layer.parameter_names()
     }
     extension, savefield = {
         "empirical": (BatchGrad(), "grad_batch"),
@@ -265,7 +265,7 @@ def _rows_torch_func(problem: Problem, batch: Batch) -> dict[str, Tensor]:
     wanted = {
         _key(layer_name, p_name): p.detach()
         for layer_name, layer in problem.layers.items()
-        for p_name, p in layer.module.named_parameters(recurse=False)
+        for p_name, p in zip(layer.parameter_names(), layer.parameters())
     }
     with torch.no_grad():
         outputs = model(batch.inputs)
@@ -368,8 +368,7 @@ def _row_source(problem: Problem, backend: str) -> Iterator[_RowSource]:
 def _layer_rows(problem: Problem, rows: dict[str, Tensor], name: str) -> Tensor:
     """One layer's rows ``[M, P]`` in parameter order (weight, then bias)."""
     layer = problem.layers[name]
-    keys = [_key(name, "weight")] + ([_key(name, "bias")] if layer.has_bias else [])
-    return torch.cat([rows[k] for k in keys], dim=1)
+    return torch.cat([rows[_key(name, p_name)] for p_name in layer.parameter_names()], dim=1)
 
 
 def _itemsize(problem: Problem) -> int:
@@ -482,7 +481,7 @@ def exact_fisher(
     problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
     owner = {}
     for name, layer in problem.layers.items():
-        for p_name, p in layer.module.named_parameters(recurse=False):
+        for p_name, p in zip(layer.parameter_names(), layer.parameters()):
             owner[id(p)] = (name, _key(name, p_name))
     params = [p for p in problem.model.parameters() if id(p) in owner]
     order = [owner[id(p)] for p in params]

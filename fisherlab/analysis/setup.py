@@ -334,7 +334,7 @@ def _layer_info(cap: Capture, name: str) -> dict[str, Any]:
     return {
         "layer": name,
         "type": type(module).__name__,
-        "weight": "×".join(str(s) for s in module.weight.shape),
+        "weight": "×".join(str(s) for s in layer.weight.shape),
         "P": layer.num_params,
         "T": cap[name].positions,
     }

@@ -1,4 +1,12 @@
-"""The engine that builds blocks from a data set: passes over its captures, fed to builders.
+"""The (method, layer kind) table, and the engine that builds blocks from a data set.
+
+:data:`BLOCK_TABLE` says which block each method builds for each kind of layer
+(:attr:`fisherlab.layers.LayerAdapter.kind`); a method without an entry for a kind has no block
+for it, and :func:`block_class` refuses it by name with the methods that do. A registered method
+without any entry (one defined outside this package) builds its own block for the Kronecker
+layer kinds :data:`DEFAULT_KINDS`.
+
+The engine streams captures through builders:
 
 A *source* is where the captured statistics come from: a :class:`~fisherlab.problem.Problem`
 (its batches, captured one after the other, in as many passes as the slowest builder needs;
@@ -16,11 +24,25 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fisherlab.blocks.base import REGISTRY, BuildContext, CurvatureBlock, Options
+from fisherlab.blocks.base import REGISTRY, BuildContext, CurvatureBlock, LayerStats, Options
 from fisherlab.capture import Capture, cached_captures, captures
-from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError
+from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, UnsupportedLayerError
 from fisherlab.layers import Layer
 from fisherlab.problem import Problem
+
+#: Layer kinds every method reads: ``z_t = W ã_t (+ b)`` with Kronecker-structured gradients.
+DEFAULT_KINDS: tuple[str, ...] = ("linear", "conv2d")
+
+#: ``(method, layer kind) → name of the registered block class`` that method builds for that
+#: kind of layer. Adding a block for a new layer kind is one entry here.
+BLOCK_TABLE: dict[tuple[str, str], str] = {
+    (method, kind): method
+    for method in ("exact", "kfac", "ekfac", "woodbury", "skfac", "diag")
+    for kind in DEFAULT_KINDS
+}
+
+#: Why a method has no block for a layer kind, where there is more to say than "none".
+NO_BLOCK_REASONS: dict[tuple[str, str], str] = {}
 
 
 @dataclass
@@ -84,11 +106,51 @@ def method_class(method: str) -> type[CurvatureBlock]:
     return REGISTRY[method]
 
 
+def _table_entry(method: str, kind: str) -> str | None:
+    entry = BLOCK_TABLE.get((method, kind))
+    if entry is None and kind in DEFAULT_KINDS and not any(m == method for m, _ in BLOCK_TABLE):
+        return method  # a method registered outside the table: its own block, default kinds
+    return entry
+
+
+def methods_for(kind: str) -> list[str]:
+    """The methods that have a block for a layer kind."""
+    return [m for m in REGISTRY if _table_entry(m, kind) is not None]
+
+
+def no_block_reason(method: str, layer: Layer) -> str | None:
+    """Why ``method`` has no block for ``layer`` (``None`` when it has one)."""
+    method_class(method)
+    if _table_entry(method, layer.layer_kind) is not None:
+        return None
+    why = NO_BLOCK_REASONS.get((method, layer.layer_kind), "")
+    supported = ", ".join(methods_for(layer.layer_kind)) or "none"
+    return (
+        f"method {method!r} has no block for layer {layer.name!r} ({layer.kind})"
+        + (f": {why}" if why else "")
+        + f"; methods with a block for it: {supported}"
+    )
+
+
+def block_class(method: str, layer: Layer) -> type[CurvatureBlock]:
+    """The block class ``method`` builds for ``layer`` (the table), or a clear refusal.
+
+    Raises:
+        UnsupportedLayerError: naming the layer, its type and the methods that support it.
+    """
+    reason = no_block_reason(method, layer)
+    if reason is not None:
+        raise UnsupportedLayerError(reason)
+    return REGISTRY[_table_entry(method, layer.layer_kind)]
+
+
 def assemble(
     source: Source,
     specs: Sequence[tuple[str, Options]],
     names: Sequence[str] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    missing: str = "raise",
+    missing_out: list[dict[str, str]] | None = None,
 ) -> list[dict[str, CurvatureBlock]]:
     """Blocks of several methods, built in shared passes over the source.
 
@@ -97,6 +159,10 @@ def assemble(
         specs: ``(method, options)`` pairs.
         names: Layers to build (default: all of the source's).
         max_bytes: Memory budget of each large object.
+        missing: ``"raise"``: a layer a method has no block for is refused
+            (:func:`block_class`); ``"skip"``: it is left out of that method's blocks, and
+            the reason is recorded in ``missing_out[spec index][layer name]``.
+        missing_out: Filled with the skipped layers' reasons, one dict per spec.
 
     Returns:
         One ``{layer_name: block}`` per spec, in order.
@@ -105,10 +171,20 @@ def assemble(
     context = BuildContext(
         source.fisher_type, max_bytes, source.num_samples, source.all_reduce, source.all_gather
     )
-    builders = [
-        {name: method_class(m).Builder(source.layers[name], options, context) for name in names}
-        for m, options in specs
-    ]
+    builders = []
+    for index, (m, options) in enumerate(specs):
+        per_layer = {}
+        for name in names:
+            layer = source.layers[name]
+            reason = no_block_reason(m, layer)
+            if reason is not None and missing == "raise":
+                raise UnsupportedLayerError(reason)
+            if reason is not None:
+                if missing_out is not None:
+                    missing_out[index][name] = reason
+                continue
+            per_layer[name] = block_class(m, layer).Builder(layer, options, context)
+        builders.append(per_layer)
     flat = [b for per_layer in builders for b in per_layer.values()]
     total_passes = max((b.passes for b in flat), default=0)
     with source.cached() if total_passes > 1 else contextlib.nullcontext():
@@ -116,11 +192,10 @@ def assemble(
             active = [b for b in flat if b.passes > pass_index]
             label = "capture" if total_passes == 1 else f"capture (pass {pass_index + 1})"
             for cap in source.one_pass(label):
-                for b in active:
-                    lc = cap[b.layer.name]
-                    b.add(lc.A, lc.G, pass_index)
+                for b in active:  # a sum over the data: weights (1, 1), ν at the end
+                    b.add(LayerStats.of(cap, b.layer.name))
             normaliser, _ = source.totals()
             for b in active:
-                b.end_pass(pass_index, normaliser)
+                b.end_pass(normaliser)
     normaliser, num_samples = source.totals()
     return [{name: b.finish(normaliser, num_samples) for name, b in bs.items()} for bs in builders]

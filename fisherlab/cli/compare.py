@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         **summary_meta(problem, args.methods, args.damping),
         "model": f"{args.model}: "
         + ", ".join(
-            f"{layer.kind} {'×'.join(map(str, layer.module.weight.shape))}"
+            f"{layer.kind} {'×'.join(map(str, layer.weight.shape))}"
             for layer in problem.layers.values()
         ),
         "data": args.data,

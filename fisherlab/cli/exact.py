@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from fisherlab.cli.common import add_problem_arguments, positive_int, reference_problem, where
 from fisherlab.conventions import FISHER_TYPES
 from fisherlab.exact import BACKENDS, exact_blocks
+from fisherlab.layers import Layer
 from fisherlab.report import format_table, save_table
 
 
@@ -23,14 +24,14 @@ def _largest_eigenvalue(block: torch.Tensor, dense_limit: int = 2048) -> float:
     return float(values[0])
 
 
-def block_summary(name: str, module: torch.nn.Module, block: torch.Tensor) -> dict:
+def block_summary(name: str, layer: Layer, block: torch.Tensor) -> dict:
     """One row of the per-layer table: size, trace, norms and the largest eigenvalue."""
     trace = float(block.diagonal().sum())
     return {
         "layer": name,
-        "type": type(module).__name__,
-        "weight": "x".join(str(s) for s in module.weight.shape),
-        "bias": module.bias is not None,
+        "type": layer.kind,
+        "weight": "x".join(str(s) for s in layer.weight.shape),
+        "bias": layer.has_bias,
         "P": block.shape[0],
         "trace": trace,
         "frobenius": float(torch.linalg.matrix_norm(block)),
@@ -45,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     blocks = exact_blocks(problem, backend=args.backend)
     seconds = time.perf_counter() - start
-    modules = dict(problem.model.named_modules())
     rows = [
-        block_summary(name, modules[name], block)
+        block_summary(name, problem.layers[name], block)
         for name, block in tqdm(blocks.items(), desc="summarising blocks", disable=args.quiet)
     ]
     print(
