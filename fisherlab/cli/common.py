@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 import torch
 
 from fisherlab import data, models
+from fisherlab.conventions import FisherlabError
 from fisherlab.problem import Problem
 
 INTERRUPTED = 130
@@ -32,6 +34,59 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer ≥ 0 (seeds, counts that may be zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed, an integer in ``[0, 2³²)``."""
+    value = nonnegative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be a seed in [0, 2**32), got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number ≥ 0."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in ``[0, 1)`` (momentum, a held-out share)."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def accuracy(text: str) -> float:
+    """An argparse type: an accuracy in ``(0, 1]``."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be an accuracy in (0, 1], got {text}")
     return value
 
 
@@ -70,12 +125,21 @@ def figure_format(text: str) -> str:
 
 
 def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) -> Problem:
-    """The ``--model`` (seeded) on ``--samples`` training images, in ``--batch-size`` batches."""
+    """The ``--model`` (seeded) on ``--samples`` training images, in ``--batch-size`` batches.
+
+    Raises:
+        FisherlabError: When ``--samples`` exceeds the training set (never clipped silently).
+    """
     dtype = DTYPES[args.dtype]
     split = data.load(args.data, seed=args.seed, dtype=dtype)
+    if args.samples is not None and args.samples > len(split.x_train):
+        raise FisherlabError(
+            f"--samples {args.samples} exceeds the {len(split.x_train):,} training samples of "
+            f"{args.data}"
+        )
     torch.manual_seed(args.seed)
     model = models.build(args.model).to(dtype).eval()
-    n = len(split.x_train) if args.samples is None else min(args.samples, len(split.x_train))
+    n = len(split.x_train) if args.samples is None else args.samples
     x, y = split.x_train[:n], split.y_train[:n]
     batches = [
         (x[i : i + args.batch_size], y[i : i + args.batch_size])
@@ -114,6 +178,6 @@ def add_problem_arguments(p: argparse.ArgumentParser, model_default: str | None 
         "--batch-size", type=positive_int, default=128, help="batch size of the streamed passes"
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="results", help="folder for the CSV/JSON tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

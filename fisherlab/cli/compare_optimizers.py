@@ -12,6 +12,7 @@ from typing import Any
 from fisherlab import experiments as ex
 from fisherlab.cli.common import INTERRUPTED, figure_format
 from fisherlab.conventions import FisherlabError
+from fisherlab.files import write_text
 from fisherlab.report import format_table, save_table
 
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         save_table(rows, out / "grid" / "best", {"config": str(args.config)})
         if args.update_config:
-            Path(args.config).write_text(dump_json(experiment))
+            write_text(args.config, dump_json(experiment))
             print(f"wrote the tuned learning rates and dampings into {args.config}")
     figures = args.figures or experiment.get("figures")
     target = args.target if args.target is not None else experiment.get("target_accuracy")

@@ -47,7 +47,6 @@ The package: :mod:`~fisherlab.experiments.config` (what defines a run),
 """
 
 from fisherlab.experiments.compare import (
-    EXPERIMENT_KEYS,
     QUICK,
     compare_optimizers,
     load_experiment,
@@ -63,19 +62,27 @@ from fisherlab.experiments.config import (
     ROW_KEYS,
     SELECT_CRITERIA,
     RunConfig,
-    data_fingerprint,
     environment,
 )
+from fisherlab.experiments.fingerprint import data_fingerprint, model_fingerprint, model_sources
 from fisherlab.experiments.grid import GridResult, grid_search, grid_values
 from fisherlab.experiments.runlog import (
     REUSE_KEYS,
+    RunFolderWarning,
     RunLogger,
     RunResult,
     find_runs,
     load_run,
 )
 from fisherlab.experiments.runner import evaluate, train
-from fisherlab.experiments.setup import build_model, load_split, make_optimizer, seed_everything
+from fisherlab.experiments.schema import EXPERIMENT_KEYS, check_experiment
+from fisherlab.experiments.setup import (
+    build_model,
+    load_split,
+    make_optimizer,
+    preflight,
+    seed_everything,
+)
 from fisherlab.experiments.summary import group_runs, markdown_table, summarise, time_to_target
 
 __all__ = [
@@ -91,9 +98,11 @@ __all__ = [
     "SELECT_CRITERIA",
     "GridResult",
     "RunConfig",
+    "RunFolderWarning",
     "RunLogger",
     "RunResult",
     "build_model",
+    "check_experiment",
     "compare_optimizers",
     "data_fingerprint",
     "environment",
@@ -107,6 +116,9 @@ __all__ = [
     "load_split",
     "make_optimizer",
     "markdown_table",
+    "model_fingerprint",
+    "model_sources",
+    "preflight",
     "quick_variant",
     "seed_everything",
     "summarise",
