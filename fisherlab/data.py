@@ -153,6 +153,20 @@ DATASETS: dict[str, DataSet] = {
 """Every data set known by name (the ``--data`` choices); their files: :mod:`fisherlab.datasets`."""
 
 
+def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> None:
+    """Refuse a ``data_dir`` that does not exist, or one given to an embedded data set.
+
+    Raises:
+        FisherlabError: One line naming the folder (never silently ignored).
+    """
+    if data_dir is None:
+        return
+    if name in DATASETS and not DATASETS[name].local_files:
+        raise FisherlabError(f"{name} is embedded: it reads no data_dir (--data-dir)")
+    if not isinstance(data_dir, str | os.PathLike) or not Path(data_dir).is_dir():
+        raise FisherlabError(f"data_dir {str(data_dir)!r} is not an existing folder")
+
+
 def load(
     name: str,
     data_dir: str | os.PathLike | None = None,

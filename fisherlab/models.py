@@ -168,14 +168,23 @@ def build(name: str, **kwargs) -> nn.Module:
 
 @contextlib.contextmanager
 def _on_path(folder: Path) -> Iterator[None]:
-    """``folder`` first on ``sys.path`` meanwhile (a model file's folder, as for a script)."""
+    """``folder`` first on ``sys.path`` meanwhile (a model file's folder, as for a script).
+
+    Modules imported from ``folder`` meanwhile are dropped from ``sys.modules`` afterwards, so
+    that the next model file (another folder, or the same one edited) imports its own.
+    """
     entry = str(folder)
+    before = set(sys.modules)
     sys.path.insert(0, entry)
     try:
         yield
     finally:
         with contextlib.suppress(ValueError):
             sys.path.remove(entry)
+        for name in set(sys.modules) - before:
+            file = getattr(sys.modules[name], "__file__", None)
+            if file and Path(file).resolve().is_relative_to(folder):
+                del sys.modules[name]
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:

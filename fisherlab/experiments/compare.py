@@ -169,9 +169,12 @@ def _plan(
             if key not in splits:
                 splits[key] = load_split(base)
             preflight(base, splits[key])
-            if grid:
-                overrides = experiment.get("grid", {}).get("train", {})
-                preflight(dataclasses.replace(base, **overrides).resolved(), splits[key])
+            if grid:  # the grid's runs: its own settings and validation split
+                grid_cfg = experiment.get("grid", {})
+                variant = dataclasses.replace(base, **grid_cfg.get("train", {}))
+                validation = variant.validation or grid_cfg.get("validation", 0.1)
+                variant = dataclasses.replace(variant, validation=validation)
+                preflight(variant.resolved(), splits[key])
             planned.append((exp, name, hyper, base))
     return planned
 

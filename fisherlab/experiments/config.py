@@ -256,6 +256,7 @@ class RunConfig:
                 f"unknown model {cfg.model!r}; choose from {list(models.MODELS)} or give "
                 "'path/to/file.py:factory'"
             )
+        data.check_data_dir(cfg.data, cfg.data_dir)
         if cfg.device not in ("cpu", "cuda"):
             raise FisherlabError(f"device must be 'cpu' or 'cuda', got {cfg.device!r}")
         defaults = DEFAULT_HYPER[cfg.optimizer]

@@ -100,7 +100,11 @@ class RunLogger:
             raise
         try:
             self._check_previous(cfg, overwrite)
-            self.meta = {"run": cfg.to_dict(), "environment": environment(cfg)}
+            self.meta = {
+                "run": cfg.to_dict(),
+                "environment": environment(cfg),
+                "process": {"pid": os.getpid(), "host": platform.node()},
+            }
             write_text(self.folder / "config.json", json.dumps(self.meta, indent=2) + "\n")
         except BaseException:
             self.close()
@@ -172,7 +176,7 @@ class RunLogger:
         # a run that did not end: its writer is gone (we hold the lock)
         epochs = len(old.get("rows", [])) - 1 if log.exists() else -1
         logged = f"epochs 0-{epochs} logged" if epochs >= 0 else "no epoch logged"
-        pid = self.previous_process.get("pid")
+        pid = self.previous_process.get("pid") or (old.get("process") or {}).get("pid")
         gone = f"its process {pid} is gone" if pid else "its process is gone"
         what = f"a run that did not end (status {status}, {logged}; {gone}, killed?)"
         changes = _config_changes(old_run, json.loads(json.dumps(cfg.to_dict())))
@@ -226,21 +230,28 @@ def load_run(folder: str | os.PathLike) -> RunResult:
     """Read a run's ``log.json`` (and its config) back.
 
     Raises:
-        FisherlabError: If the folder has no ``log.json``.
+        FisherlabError: If the folder has no ``log.json``, or one that is not valid JSON or
+            lacks the run, its status or its rows (one line naming the file).
     """
     folder = Path(folder)
     path = folder / "log.json"
     if not path.is_file():
         raise FisherlabError(f"{folder} is not a run folder (no log.json)")
-    payload = json.loads(path.read_text())
-    rows = [{k: math.nan if v is None else v for k, v in r.items()} for r in payload["rows"]]
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FisherlabError(f"{path} is not valid JSON ({err}): a damaged run log") from None
+    try:
+        rows = [{k: math.nan if v is None else v for k, v in r.items()} for r in payload["rows"]]
+        config = RunConfig.from_dict(payload["run"], f"{path}: run")
+        status = payload["status"]
+    except (KeyError, TypeError, AttributeError) as err:
+        what = f"no {err}" if isinstance(err, KeyError) else f"a malformed entry ({err})"
+        raise FisherlabError(f"{path} is an incomplete run log: {what}") from None
+    if not rows or not all("epoch" in r for r in rows) or not isinstance(status, str):
+        raise FisherlabError(f"{path} is an incomplete run log: no epoch rows")
     return RunResult(
-        RunConfig.from_dict(payload["run"]),
-        rows,
-        payload["status"],
-        folder,
-        payload.get("environment", {}),
-        payload.get("note", ""),
+        config, rows, status, folder, payload.get("environment", {}), payload.get("note", "")
     )
 
 

@@ -140,8 +140,11 @@ def check_experiment(cfg: Any, where: str) -> None:
             _expect(f"{where}: {key}", cfg[key], str, "a string")
     if "seeds" in cfg:
         _seeds(f"{where}: seeds", cfg["seeds"])
-    if cfg.get("target_accuracy") is not None:
-        check_range(f"{where}: target_accuracy", cfg["target_accuracy"], 0, 1.0 + 1e-12, True)
+    target = cfg.get("target_accuracy")
+    if target is not None:
+        _expect(f"{where}: target_accuracy", target, (int, float), "an accuracy in (0, 1]")
+        if not 0 < target <= 1:
+            _fail(f"{where}: target_accuracy", f"must be an accuracy in (0, 1], got {target!r}")
     _run_settings(f"{where}: train", cfg.get("train", {}))
     if "grid" in cfg:
         _grid(f"{where}: grid", cfg["grid"])

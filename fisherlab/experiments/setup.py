@@ -52,11 +52,14 @@ class RunData:
 
 def check_subsets(cfg: RunConfig, split: Split) -> None:
     """Refuse a ``train_subset``/``test_subset`` larger than the data (never clipped silently)."""
-    for name, available in (("train", len(split.y_train)), ("test", len(split.y_test))):
+    for name, part, available in (
+        ("train", "training", len(split.y_train)),
+        ("test", "test", len(split.y_test)),
+    ):
         asked = getattr(cfg, f"{name}_subset")
         if asked is not None and asked > available:
             raise FisherlabError(
-                f"{name}_subset={asked} exceeds the {available:,} {name}ing samples of "
+                f"{name}_subset={asked} exceeds the {available:,} {part} samples of "
                 f"{cfg.data}; give at most {available} (or none: all of them)"
             )
 
