@@ -493,3 +493,13 @@ def test_a_grid_whose_validation_split_cannot_work_is_refused_before_it_runs(tmp
     assert run_cli("compare-optimizers", "--config", config, "--out", out, "--grid") == 2
     assert "validation=0.1 of 64 training samples leaves too few" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_an_optimizer_named_but_absent_from_the_config_is_refused(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(_experiment()))
+    out = tmp_path / "runs"
+    code = run_cli("compare-optimizers", "--config", config, "--out", out, "--optimizers", "ekfac")
+    assert code == 2
+    assert "optimizers ['ekfac'] are in no experiment" in one_error_line(capsys)
+    assert not out.exists()

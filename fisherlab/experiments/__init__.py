@@ -38,7 +38,9 @@ Example:
     >>> [row["epoch"] for row in result.rows], result.status
     ([0, 1], 'finished')
 
-The package: :mod:`~fisherlab.experiments.config` (what defines a run),
+The package: :mod:`~fisherlab.experiments.config` (what defines a run, each field's type and
+range), :mod:`~fisherlab.experiments.schema` (config files, checked before anything runs),
+:mod:`~fisherlab.experiments.fingerprint` (model code and data content, for reuse),
 :mod:`~fisherlab.experiments.setup` (data, model, optimizer), :mod:`~fisherlab.experiments.runner`
 (the epochs), :mod:`~fisherlab.experiments.runlog` (run folders), :mod:`~fisherlab.experiments.grid`
 (the search), :mod:`~fisherlab.experiments.summary` (tables) and

@@ -17,7 +17,7 @@ from fisherlab.experiments.runlog import RunResult, _same_run, load_run
 from fisherlab.experiments.runner import train
 from fisherlab.experiments.schema import check_experiment
 from fisherlab.experiments.setup import load_split, preflight
-from fisherlab.experiments.summary import group_runs, markdown_table, summarise
+from fisherlab.experiments.summary import group_runs, markdown_table, skipped_steps, summarise
 from fisherlab.files import write_text
 from fisherlab.report import save_table
 
@@ -159,6 +159,12 @@ def _plan(
     (and its grid variant), so that a bad setting in the last experiment is refused before the
     first one trains.
     """
+    named = {name for exp in experiment["experiments"] for name in exp["optimizers"]}
+    absent = sorted(set(optimizers or ()) - named)
+    if absent:
+        raise FisherlabError(
+            f"optimizers {absent} are in no experiment of the config (it has {sorted(named)})"
+        )
     planned = []
     for exp in experiment["experiments"]:
         for name, hyper in exp["optimizers"].items():
@@ -263,10 +269,11 @@ def compare_optimizers(
                 continue
             result = train(cfg, run_dir, progress=progress, split=splits[key], overwrite=True)
             last = result.final
+            skipped = f"; {result.note}" if skipped_steps(result)[0] else ""
             log(
                 f"{cfg.label}: {result.status}, test accuracy "
                 f"{100 * last['test_accuracy']:.1f}%, train loss {last['train_loss']:.4f}, "
-                f"{last['time_s']:.1f} s"
+                f"{last['time_s']:.1f} s{skipped}"
             )
             results.append(result)
     return results, grids
