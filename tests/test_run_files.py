@@ -503,3 +503,11 @@ def test_an_optimizer_named_but_absent_from_the_config_is_refused(tmp_path, caps
     assert code == 2
     assert "optimizers ['ekfac'] are in no experiment" in one_error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", [["--damping", "0.1"], ["--relative-damping"]], ids=str)
+def test_a_damping_given_to_sgd_is_refused_not_ignored(tmp_path, capsys, flag):
+    out = tmp_path / "run"
+    assert run_cli("train", "--optimizer", "sgd", *flag, "--out", out, *TINY) == 2
+    assert f"sgd has no damping: {flag[0]} would be ignored" in one_error_line(capsys)
+    assert not out.exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 from fisherlab import experiments as ex
 from fisherlab.cli.common import accuracy, figure_format
 from fisherlab.conventions import FisherlabError
+from fisherlab.experiments.summary import skipped_steps
 from fisherlab.files import check_output_folder
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipping {folder}: status {run.status}", file=sys.stderr)
             continue
         runs.append(run)
-        skipped = sum(int(row.get("skipped_steps") or 0) for row in run.rows)
+        skipped, _ = skipped_steps(run)
         if skipped:
             print(f"{folder}: {run.note or f'{skipped} skipped steps'}", file=sys.stderr)
     if not runs:

@@ -23,6 +23,7 @@ from fisherlab.cli.common import (
     positive_int,
     seed,
 )
+from fisherlab.conventions import FisherlabError
 from fisherlab.files import check_output_folder
 from fisherlab.report import format_table
 
@@ -66,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     """Train one model with one optimizer (``--grid``: every learning rate × damping)."""
     cfg = _config_from_args(args)
     cfg.resolved()  # every setting checked before any work
+    if cfg.optimizer in ex.FIRST_ORDER:
+        given = [f for f in ("damping", "relative_damping", "grid_damping") if getattr(args, f)]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise FisherlabError(f"{cfg.optimizer} has no damping: {flags} would be ignored")
     out = Path(args.out) if args.out else Path("runs") / cfg.label.replace(" ", "-")
     check_output_folder(out)
     try:

@@ -165,7 +165,10 @@ class RunLogger:
                 "(overwrite=True) to replace it, or choose another --out"
             ) from None
         status = old.get("status", "running") if log.exists() else "running"
-        label = old.get("run", {}).get("label") or RunConfig.from_dict(old_run).label
+        try:
+            label = RunConfig.from_dict(old_run).label
+        except (FisherlabError, TypeError):  # written by another version
+            label = "a run"
         if status in ENDED:
             if not overwrite:
                 raise FisherlabError(
