@@ -351,13 +351,16 @@ def _experiment(**changes) -> dict:
         ({"experiments.0.optimizers.sgd.lr": "0.1"}, r"sgd.lr must lie in \(0"),
         ({"experiments.0.optimizers.sgd.damping": 0.1}, "sgd has no damping"),
         ({"target_accuracy": 95}, r"target_accuracy: must be an accuracy in \(0, 1\]"),
+        ({"train.seed": 3}, "train.seed: is set per run by 'seeds'"),
+        ({"grid.train": {"lr": 0.1}}, "grid.train.lr: is set per run by"),
+        ({"seeds": [1, 1]}, r"seeds: repeats a seed: \[1, 1\]"),
     ],
     ids=[
         "grid-seed-typo", "top-typo", "train-typo", "optimizer-typo", "hyper-typo",
         "momentum-string", "epochs-float", "seeds-float", "seeds-string", "seeds-negative",
         "experiments-dict", "grid-entry-typo", "grid-entry-without-lr", "grid-lr-empty",
         "grid-lr-negative", "grid-extend-negative", "lr-string", "sgd-damping",
-        "target-percent",
+        "target-percent", "train-seed", "grid-train-lr", "seeds-repeated",
     ],
 )  # fmt: skip
 def test_config_files_are_checked_by_schema_before_anything_runs(

@@ -216,6 +216,8 @@ def compare_optimizers(
     grids: dict[tuple[str, str], GridResult] = {}
     for seed in seeds:
         FIELD_CHECKS["seed"]("seeds", seed)
+    if len(set(seeds)) != len(seeds):
+        raise FisherlabError(f"seeds {seeds} repeat a seed")
     planned = _plan(experiment, optimizers, grid, splits)  # every run checked before any runs
     for exp, name, hyper, base in planned:
         key = (base.data, base.data_dir, base.split_seed)

@@ -69,9 +69,24 @@ def _positive_numbers(where: str, value: Any, allow_empty: bool = False) -> None
         check_range(where, v, 0, open_low=True)
 
 
+SET_PER_RUN = {
+    "optimizer": "the names under 'optimizers'",
+    "model": "each experiment's 'model'",
+    "seed": "'seeds'",
+    "lr": "each optimizer's 'lr' (or the grid)",
+    "damping": "each optimizer's 'damping' (or the grid)",
+    "relative_damping": "each optimizer's 'relative_damping' (or the grid)",
+    "optimizer_options": "each optimizer's 'options'",
+    "tag": "compare-optimizers",
+}
+"""Run settings that ``train`` sections may not hold: each run's own value replaces them."""
+
+
 def _run_settings(where: str, values: Any) -> None:
     RunConfig.from_dict(values, where)
     for name, value in values.items():
+        if name in SET_PER_RUN:
+            _fail(f"{where}.{name}", f"is set per run by {SET_PER_RUN[name]}; remove it here")
         FIELD_CHECKS[name](f"{where}.{name}", value)
 
 
