@@ -118,9 +118,9 @@ def test_a_really_read_only_folder_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_a_full_disk_under_compare_keeps_the_first_results_whole(tmp_path, capsys, monkeypatch):
-    argv = ["exact", "--samples", "4", "--out", tmp_path, "--quiet"]
+    argv = ["exact", "--model", "cnn", "--samples", "4", "--out", tmp_path, "--quiet"]
     assert run_cli(*argv) == 0
-    saved = tmp_path / "exact-mlp-digits-true.json"
+    saved = tmp_path / "exact-cnn-digits-true.json"
     first = saved.read_text()
     capsys.readouterr()
     monkeypatch.setattr(files, "open", _FullDisk(), raising=False)
