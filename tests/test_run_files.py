@@ -188,6 +188,14 @@ def test_a_killed_run_is_not_replaced_by_another_configuration(tmp_path, capsys)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # lock released too
     assert run_cli("train", "--optimizer", "sgd", "--out", folder, "--overwrite", *TINY) == 0
     assert json.loads((folder / "log.json").read_text())["run"]["optimizer"] == "sgd"
+    assert "fisherlab: warning: replacing a run that did not end" in capsys.readouterr().err
+
+
+def test_replacing_an_ended_run_by_another_configuration_says_so(tmp_path):
+    folder = tmp_path / "run"
+    ex.train(small(), folder, progress=False)
+    with pytest.warns(ex.RunFolderWarning, match=r"replacing the finished run .* \(lr 0.3 → 0.1"):
+        ex.train(small(lr=0.1), folder, progress=False, overwrite=True)
 
 
 def test_a_killed_run_of_the_same_configuration_says_why_it_restarts(tmp_path, capsys):

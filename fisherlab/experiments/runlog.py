@@ -67,7 +67,8 @@ class RunLogger:
     second writer is refused with a message naming the first, a lock left by a process that no
     longer runs is taken over. What the folder already holds is never replaced by accident:
 
-    * an ended run (:data:`ENDED`) is replaced only with ``overwrite``;
+    * an ended run (:data:`ENDED`) is replaced only with ``overwrite`` (and a
+      :class:`RunFolderWarning` names the settings that changed);
     * a run that did not end (status ``running`` or only a ``config.json``: its process was
       killed) of *another* configuration is replaced only with ``overwrite``; one of the same
       configuration restarts from epoch 0 (no checkpoints are kept), and a
@@ -169,11 +170,18 @@ class RunLogger:
             label = RunConfig.from_dict(old_run).label
         except (FisherlabError, TypeError):  # written by another version
             label = "a run"
+        changes = _config_changes(old_run, json.loads(json.dumps(cfg.to_dict())))
+        shown = "; ".join(changes[:3]) + ("; …" if len(changes) > 3 else "")
         if status in ENDED:
             if not overwrite:
                 raise FisherlabError(
                     f"run folder {self.folder} holds an ended run ({status}: {label}); pass "
                     "--overwrite (overwrite=True) to replace it, or choose another --out"
+                )
+            if changes:  # asked for, yet a result goes: say which
+                self.notice = (
+                    f"replacing the {status} run in {self.folder} ({label}) by another "
+                    f"configuration ({shown})"
                 )
             return
         # a run that did not end: its writer is gone (we hold the lock)
@@ -182,9 +190,7 @@ class RunLogger:
         pid = self.previous_process.get("pid") or (old.get("process") or {}).get("pid")
         gone = f"its process {pid} is gone" if pid else "its process is gone"
         what = f"a run that did not end (status {status}, {logged}; {gone}, killed?)"
-        changes = _config_changes(old_run, json.loads(json.dumps(cfg.to_dict())))
         if changes and not overwrite:
-            shown = "; ".join(changes[:3]) + ("; …" if len(changes) > 3 else "")
             raise FisherlabError(
                 f"run folder {self.folder} holds {what} of another configuration ({shown}); "
                 "pass --overwrite (overwrite=True) to replace it, or choose another --out"
@@ -195,7 +201,7 @@ class RunLogger:
                 "is kept (model and optimizer states are not saved), so it restarts from epoch 0"
             )
         else:
-            self.notice = f"replacing {what} of another configuration in {self.folder}"
+            self.notice = f"replacing {what} in {self.folder} by another configuration ({shown})"
 
     def close(self) -> None:
         """Release the folder."""
