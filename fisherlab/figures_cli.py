@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fisherlab import analysis as an
 from fisherlab import plots
 from fisherlab.analysis import FigureData
-from fisherlab.cli.common import positive_int, seed
+from fisherlab.cli.common import OneLineParser, positive_int, run_reporting_errors, seed
 from fisherlab.data import DATASETS, check_data_dir
 from fisherlab.files import check_output_folder
 from fisherlab.problem import Problem
@@ -466,11 +466,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def script_main(family: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``analyses/{family}.py``: one figure family, same options as the command."""
-    parser = argparse.ArgumentParser(description=f"fisherlab figure family {family!r}")
+    parser = OneLineParser(description=f"fisherlab figure family {family!r}")
     _add_arguments(parser)
     args = parser.parse_args(argv)
     args.only = [family]
-    return cmd_figures(args)
+    return run_reporting_errors(cmd_figures, args)
 
 
 __all__ = ["FAMILIES", "MODELS", "Settings", "add_parser", "cmd_figures", "run", "script_main"]

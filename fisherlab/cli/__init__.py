@@ -18,14 +18,11 @@ cannot be written or read (``OSError``: a full disk, a read-only folder) are one
 from __future__ import annotations
 
 import argparse
-import sys
-import warnings
 from collections.abc import Sequence
 
 from fisherlab import figures_cli
 from fisherlab.cli import compare, compare_optimizers, curves, exact, train, verify
-from fisherlab.cli.common import OneLineParser
-from fisherlab.conventions import FisherlabError, FisherlabWarning
+from fisherlab.cli.common import OneLineParser, run_reporting_errors
 
 SUBCOMMANDS = (exact, compare, verify, figures_cli, train, compare_optimizers, curves)
 """The subcommand modules, in the order of ``fisherlab --help``."""
@@ -45,25 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fisherlab`` console command: the one error handler."""
     args = build_parser().parse_args(argv)
-    shown = warnings.showwarning
-
-    def one_line(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, FisherlabWarning):
-            print(f"fisherlab: warning: {message}", file=sys.stderr)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = one_line
-            return args.func(args)
-    except FisherlabError as err:
-        print(f"fisherlab: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a file the command reads or writes: the disk, not the code
-        where = f" {err.filename}" if err.filename else ""
-        print(f"fisherlab: error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(args.func, args)
 
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]

@@ -5,18 +5,52 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fisherlab import data, models
-from fisherlab.conventions import FisherlabError
+from fisherlab.conventions import FisherlabError, FisherlabWarning
 from fisherlab.problem import Problem
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (the shell's convention for SIGINT)."""
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def run_reporting_errors(
+    func: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """``func(args)`` with user errors as one line on stderr and exit status 2.
+
+    Errors: :class:`~fisherlab.conventions.FisherlabError` (bad input, refused settings) and
+    ``OSError`` (a file that cannot be read or written: a full disk, a read-only folder).
+    fisherlab's own warnings (:class:`~fisherlab.conventions.FisherlabWarning`) are one line
+    ``fisherlab: warning: …``; other warnings keep Python's format.
+    """
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FisherlabWarning):
+            print(f"fisherlab: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return func(args)
+    except FisherlabError as err:
+        print(f"fisherlab: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the command reads or writes: the disk, not the code
+        where = f" {err.filename}" if err.filename else ""
+        print(f"fisherlab: error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 class OneLineParser(argparse.ArgumentParser):
