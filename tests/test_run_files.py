@@ -522,3 +522,14 @@ def test_a_damping_given_to_sgd_is_refused_not_ignored(tmp_path, capsys, flag):
     assert run_cli("train", "--optimizer", "sgd", *flag, "--out", out, *TINY) == 2
     assert f"sgd has no damping: {flag[0]} would be ignored" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_a_registered_model_is_fingerprinted_by_its_builder(monkeypatch):
+    from fisherlab import models
+
+    before = ex.model_fingerprint("mlp")
+    assert before[1] == ["fisherlab.models.mlp"] and before != ex.model_fingerprint("cnn")
+    entry = models.MODELS["mlp"]
+    wider = models.ModelEntry(entry.build, lambda shape, c: entry.build(64, (256,), c), "w")
+    monkeypatch.setitem(models.MODELS, "mlp", wider)  # the registry edited: another model
+    assert ex.model_fingerprint("mlp")[0] != before[0]

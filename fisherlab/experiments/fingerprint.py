@@ -4,8 +4,8 @@ A finished run is reused only when these match (:data:`~fisherlab.experiments.ru
 
 * the model: for ``path/to/file.py:factory``, the SHA-256 of that file *and* of every module it
   imports from its own folder (or package), followed transitively through ``import x``,
-  ``from x import y`` and relative imports (:func:`model_sources`); built-in models are part of
-  fisherlab's version;
+  ``from x import y`` and relative imports (:func:`model_sources`); for a registered model
+  (``mlp``, ``cnn``, ``3c1f``), the source of its builder;
 * the data: the content of every file the data set is read from, default folders included
   (:func:`fisherlab.data.fingerprint`).
 """
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import os
 from pathlib import Path
 
-from fisherlab import data
+from fisherlab import data, models
 
 
 def _module_files(base: Path, parts: list[str]) -> list[Path]:
@@ -74,14 +75,29 @@ def model_sources(file: str | os.PathLike) -> list[Path]:
     return sorted(seen)
 
 
+def _builtin_fingerprint(name: str) -> tuple[str, list[str]] | None:
+    """SHA-256 of a registered model's builder and its sizing for the data (their source)."""
+    entry = models.MODELS.get(name)
+    if entry is None:
+        return None
+    try:
+        source = inspect.getsource(entry.build) + inspect.getsource(entry.for_data)
+    except (OSError, TypeError):  # no source shipped: fisherlab's version stands for it
+        return None
+    return hashlib.sha256(source.encode()).hexdigest(), [f"fisherlab.models.{entry.build.__name__}"]
+
+
 def model_fingerprint(spec: str) -> tuple[str, list[str]] | None:
-    """SHA-256 over the sources of a ``file.py:factory`` model and their names (relative).
+    """SHA-256 over a model's code, and what it covers.
+
+    For ``file.py:factory``: the file and every local module it imports (:func:`model_sources`,
+    named relative to the file's folder); for a registered name: its builder's source.
 
     Returns:
-        ``(digest, files)`` or ``None`` for a built-in model or a missing file.
+        ``(digest, names)``, or ``None`` for a missing file.
     """
     if ":" not in spec:
-        return None
+        return _builtin_fingerprint(spec)
     file = Path(spec.rpartition(":")[0])
     if not file.is_file():
         return None
