@@ -2,7 +2,9 @@
 
 scikit-learn's digits is embedded; Fashion-MNIST, MNIST and CIFAR-10 are read from local files by
 :mod:`fisherlab.datasets`. Every command and the experiment runner load data through
-:func:`load`, so adding a data set touches this file (and a reader) only.
+:func:`load`, so adding a data set touches this file (and a reader) only. Each data set also
+names the files it is read from (:func:`source_files`, default folders included), whose content
+:func:`fingerprint` hashes for the experiment runner's reuse of finished runs.
 
 Digits: 1,797 grey-scale 8×8 images of the digits 0–9. :func:`load_digits` standardises every
 pixel with the mean and standard deviation of the training split (constant pixels are left at
