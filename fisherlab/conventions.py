@@ -19,8 +19,10 @@ wherever it is passed.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,6 +36,10 @@ DEFAULT_MAX_BYTES: int = 2 * 2**30
 
 class FisherlabError(ValueError):
     """Base class for errors raised on bad input to fisherlab."""
+
+
+class FisherlabWarning(UserWarning):
+    """Base class of fisherlab's own warnings (the command line prints them as one line)."""
 
 
 class UnsupportedLayerError(FisherlabError):
@@ -71,6 +77,23 @@ def check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise FisherlabError(f"{name} must be an integer, got {value!r}")
     return int(value)
+
+
+def check_keys(where: str, given: Iterable[Any], valid: Iterable[str]) -> None:
+    """Refuse keys of a settings dict that are not in ``valid``, naming the nearest valid one.
+
+    Example: ``check_keys("grid", {"seed"}, ("seeds", "select"))`` raises
+    ``grid: unknown key 'seed' (did you mean 'seeds'?); valid keys: 'seeds', 'select'``.
+    """
+    valid = sorted(valid)
+    for key in sorted(given, key=str):
+        if key in valid:
+            continue
+        near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise FisherlabError(
+            f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(map(repr, valid))}"
+        )
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

@@ -140,18 +140,8 @@ def _standardise(
     )
 
 
-def load_idx_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
-) -> data.Split:
-    """Fashion-MNIST or MNIST from their four local IDX files (gzip or plain).
-
-    Args:
-        name: ``"fashion-mnist"`` or ``"mnist"`` (only used to find files and in messages).
-        data_dir: Folder with the files (or torchvision's ``FashionMNIST/raw`` below it).
-        dtype: Floating dtype of the images.
-
-    Returns:
-        A split of images ``[N, 1, 28, 28]`` (the files' size) and int64 labels, 10 classes.
+def idx_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The four IDX files of ``name`` by the keys of :data:`IDX_FILES` (as loading finds them).
 
     Raises:
         DataFilesError: Naming the expected files and the folders searched, when one is missing.
@@ -176,7 +166,27 @@ def load_idx_dataset(
             f"Put the four files {', '.join(IDX_FILES.values())} in a folder and pass it as "
             f"--data-dir{hint}; nothing is downloaded."
         )
-    arrays = {key: read_idx(path) for key, path in found.items()}  # type: ignore[arg-type]
+    return found  # type: ignore[return-value]
+
+
+def load_idx_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> data.Split:
+    """Fashion-MNIST or MNIST from their four local IDX files (gzip or plain).
+
+    Args:
+        name: ``"fashion-mnist"`` or ``"mnist"`` (only used to find files and in messages).
+        data_dir: Folder with the files (or torchvision's ``FashionMNIST/raw`` below it).
+        dtype: Floating dtype of the images.
+
+    Returns:
+        A split of images ``[N, 1, 28, 28]`` (the files' size) and int64 labels, 10 classes.
+
+    Raises:
+        DataFilesError: Naming the expected files and the folders searched, when one is missing.
+    """
+    found = idx_files(name, data_dir)
+    arrays = {key: read_idx(path) for key, path in found.items()}
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
@@ -262,18 +272,8 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar10(
-    data_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
-) -> data.Split:
-    """CIFAR-10 from the local python-pickle batches.
-
-    Args:
-        data_dir: Folder with ``data_batch_1`` … ``data_batch_5`` and ``test_batch``, or the
-            folder holding ``cifar-10-batches-py``.
-        dtype: Floating dtype of the images.
-
-    Returns:
-        A split of images ``[N, 3, 32, 32]`` and int64 labels, 10 classes.
+def cifar10_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The six CIFAR-10 batches (five training batches, then the test batch) under ``data_dir``.
 
     Raises:
         DataFilesError: Naming the expected files when one is missing.
@@ -290,8 +290,28 @@ def load_cifar10(
             f"{', '.join(names)} (from cifar-10-python.tar.gz) in a folder and pass it as "
             "--data-dir; nothing is downloaded."
         )
-    train = [read_cifar_batch(folder / n) for n in CIFAR10_TRAIN]
-    x_te, y_te = read_cifar_batch(folder / CIFAR10_TEST)
+    return [folder / n for n in names]
+
+
+def load_cifar10(
+    data_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> data.Split:
+    """CIFAR-10 from the local python-pickle batches.
+
+    Args:
+        data_dir: Folder with ``data_batch_1`` … ``data_batch_5`` and ``test_batch``, or the
+            folder holding ``cifar-10-batches-py``.
+        dtype: Floating dtype of the images.
+
+    Returns:
+        A split of images ``[N, 3, 32, 32]`` and int64 labels, 10 classes.
+
+    Raises:
+        DataFilesError: Naming the expected files when one is missing.
+    """
+    files = cifar10_files(data_dir)
+    train = [read_cifar_batch(path) for path in files[:-1]]
+    x_te, y_te = read_cifar_batch(files[-1])
     x_tr = np.concatenate([x for x, _ in train])
     y_tr = np.concatenate([y for _, y in train])
     x_train, x_test = _standardise(x_tr, x_te, dtype)
@@ -310,6 +330,8 @@ __all__ = [
     "IDX_DTYPES",
     "IDX_FILES",
     "DataFilesError",
+    "cifar10_files",
+    "idx_files",
     "load",
     "load_cifar10",
     "load_idx_dataset",

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from fisherlab import analysis as an
 from fisherlab import plots
 from fisherlab.analysis import FigureData
-from fisherlab.cli.common import positive_int
-from fisherlab.data import DATASETS
+from fisherlab.cli.common import OneLineParser, positive_int, run_reporting_errors, seed
+from fisherlab.data import DATASETS, check_data_dir
+from fisherlab.files import check_output_folder
 from fisherlab.problem import Problem
 
 MODELS = ("mlp", "cnn")
@@ -378,10 +379,10 @@ def run(
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=[*MODELS, "all"], default="all")
     p.add_argument("--out", default="figures", help="folder for PNG, PDF, CSV and JSON files")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--seeds",
-        type=int,
+        type=positive_int,
         default=1,
         help="training runs (seeds) of the trajectory figures, drawn as bands (default 1 for "
         "the decomposition, at least 3 for the EKFAC-protocol, FNGD and Fisher-type figures); "
@@ -419,7 +420,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch intra-op threads (default 1: the matrices are small, and on a busy 2-core "
         "machine 2 threads made eigendecompositions up to 30× slower)",
@@ -433,6 +434,8 @@ def _source(args: argparse.Namespace) -> an.FigureSource:
 
 def cmd_figures(args: argparse.Namespace) -> int:
     """Run the ``figures`` subcommand."""
+    check_output_folder(args.out)
+    check_data_dir(args.data, args.data_dir)
     start = time.perf_counter()
     models = MODELS if args.model == "all" else (args.model,)
     families = getattr(args, "only", None) or tuple(FAMILIES)
@@ -463,11 +466,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def script_main(family: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``analyses/{family}.py``: one figure family, same options as the command."""
-    parser = argparse.ArgumentParser(description=f"fisherlab figure family {family!r}")
+    parser = OneLineParser(description=f"fisherlab figure family {family!r}")
     _add_arguments(parser)
     args = parser.parse_args(argv)
     args.only = [family]
-    return cmd_figures(args)
+    return run_reporting_errors(cmd_figures, args)
 
 
 __all__ = ["FAMILIES", "MODELS", "Settings", "add_parser", "cmd_figures", "run", "script_main"]

@@ -9,10 +9,12 @@ it, so adding a model touches this file only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,15 +166,38 @@ def build(name: str, **kwargs) -> nn.Module:
     return MODELS[name].build(**kwargs)
 
 
+@contextlib.contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` meanwhile (a model file's folder, as for a script).
+
+    Modules imported from ``folder`` meanwhile are dropped from ``sys.modules`` afterwards, so
+    that the next model file (another folder, or the same one edited) imports its own.
+    """
+    entry = str(folder)
+    before = set(sys.modules)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+        for name in set(sys.modules) - before:
+            file = getattr(sys.modules[name], "__file__", None)
+            if file and Path(file).resolve().is_relative_to(folder):
+                del sys.modules[name]
+
+
 def load_factory(spec: str) -> Callable[..., nn.Module]:
     """The model factory named by ``"path/to/file.py:factory"`` (a function or class in that file).
 
     The file is imported as a fresh module (its top-level code runs, so only load your own
-    files). The factory is called by :func:`create` with the keyword arguments
-    ``input_shape`` and ``num_classes`` that its signature accepts.
+    files), with its folder first on ``sys.path`` so that it can import its sibling modules.
+    The factory is called by :func:`create` with the keyword arguments ``input_shape`` and
+    ``num_classes`` that its signature accepts.
 
     Raises:
-        ValueError: If the spec is malformed, the file is missing, or the name is not callable.
+        ValueError: If the spec is malformed, the file is missing, does not import (a syntax
+            error, an exception at import), or the name is not callable.
     """
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name.isidentifier():
@@ -185,7 +210,17 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     if module_spec is None or module_spec.loader is None:
         raise ValueError(f"cannot import {str(file)!r} as a Python file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    with _on_path(file.resolve().parent):  # its sibling modules import as in a script
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as err:
+            raise ValueError(
+                f"model file {str(file)!r} has a syntax error at line {err.lineno}: {err.msg}"
+            ) from err
+        except Exception as err:  # the user's code: one clear line instead of its traceback
+            raise ValueError(
+                f"importing the model file {str(file)!r} raised {type(err).__name__}: {err}"
+            ) from err
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ValueError(f"{str(file)!r} has no callable {name!r}")
@@ -228,7 +263,8 @@ def create(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module
     except (TypeError, ValueError):  # no signature (some builtins): call without arguments
         kwargs = {}
     try:
-        model = factory(**kwargs)
+        with _on_path(Path(spec.rpartition(":")[0]).resolve().parent):  # lazy sibling imports
+            model = factory(**kwargs)
     except Exception as err:  # the user's code: one clear line instead of its traceback
         raise FisherlabError(
             f"the model factory {spec} raised {type(err).__name__}: {err}"

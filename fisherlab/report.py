@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from fisherlab.files import write_text
 
 
 def format_table(rows: Sequence[dict[str, Any]], floatfmt: str = ".4g") -> str:
@@ -29,13 +32,19 @@ def format_table(rows: Sequence[dict[str, Any]], floatfmt: str = ".4g") -> str:
 def save_table(
     rows: Sequence[dict[str, Any]], path: str | Path, meta: dict | None = None
 ) -> list[Path]:
-    """Write ``path.csv`` and ``path.json`` (the JSON also holds ``meta``); returns the paths."""
+    """Write ``path.csv`` and ``path.json`` (the JSON also holds ``meta``); returns the paths.
+
+    Each file is written whole or not at all (:func:`fisherlab.files.write_text`): a failed
+    write leaves the previous file as it was and raises a one-line
+    :class:`~fisherlab.files.WriteError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = path.with_suffix(".csv"), path.with_suffix(".json")
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=2) + "\n")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    payload = json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=2) + "\n"
+    write_text(csv_path, buffer.getvalue())
+    write_text(json_path, payload)
     return [csv_path, json_path]

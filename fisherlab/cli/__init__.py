@@ -9,20 +9,20 @@
   :mod:`~fisherlab.cli.compare_optimizers`, :mod:`~fisherlab.cli.curves`): optimizers head to head.
 
 Every subcommand module has ``add_parser(subparsers)`` and ``run(args) -> int``. Errors in the
-arguments and fisherlab's own errors (:class:`~fisherlab.conventions.FisherlabError`) are one line,
-``fisherlab: error: …``, with exit status 2 (:func:`main`).
+arguments, fisherlab's own errors (:class:`~fisherlab.conventions.FisherlabError`) and files that
+cannot be written or read (``OSError``: a full disk, a read-only folder) are one line,
+``fisherlab: error: …``, with exit status 2 (:func:`main`); fisherlab's own warnings
+(:class:`~fisherlab.conventions.FisherlabWarning`) are one line ``fisherlab: warning: …``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from fisherlab import figures_cli
 from fisherlab.cli import compare, compare_optimizers, curves, exact, train, verify
-from fisherlab.cli.common import OneLineParser
-from fisherlab.conventions import FisherlabError
+from fisherlab.cli.common import OneLineParser, run_reporting_errors
 
 SUBCOMMANDS = (exact, compare, verify, figures_cli, train, compare_optimizers, curves)
 """The subcommand modules, in the order of ``fisherlab --help``."""
@@ -42,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fisherlab`` console command: the one error handler."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FisherlabError as err:
-        print(f"fisherlab: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(args.func, args)
 
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]

@@ -4,17 +4,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fisherlab import data, models
+from fisherlab.conventions import FisherlabError, FisherlabWarning
 from fisherlab.problem import Problem
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (the shell's convention for SIGINT)."""
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def run_reporting_errors(
+    func: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """``func(args)`` with user errors as one line on stderr and exit status 2.
+
+    Errors: :class:`~fisherlab.conventions.FisherlabError` (bad input, refused settings) and
+    ``OSError`` (a file that cannot be read or written: a full disk, a read-only folder).
+    fisherlab's own warnings (:class:`~fisherlab.conventions.FisherlabWarning`) are one line
+    ``fisherlab: warning: …``; other warnings keep Python's format.
+    """
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FisherlabWarning):
+            print(f"fisherlab: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return func(args)
+    except FisherlabError as err:
+        print(f"fisherlab: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the command reads or writes: the disk, not the code
+        where = f" {err.filename}" if err.filename else ""
+        print(f"fisherlab: error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -32,6 +68,59 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer ≥ 0 (seeds, counts that may be zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed, an integer in ``[0, 2³²)``."""
+    value = nonnegative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be a seed in [0, 2**32), got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number ≥ 0."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in ``[0, 1)`` (momentum, a held-out share)."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def accuracy(text: str) -> float:
+    """An argparse type: an accuracy in ``(0, 1]``."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be an accuracy in (0, 1], got {text}")
     return value
 
 
@@ -70,12 +159,21 @@ def figure_format(text: str) -> str:
 
 
 def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) -> Problem:
-    """The ``--model`` (seeded) on ``--samples`` training images, in ``--batch-size`` batches."""
+    """The ``--model`` (seeded) on ``--samples`` training images, in ``--batch-size`` batches.
+
+    Raises:
+        FisherlabError: When ``--samples`` exceeds the training set (never clipped silently).
+    """
     dtype = DTYPES[args.dtype]
     split = data.load(args.data, seed=args.seed, dtype=dtype)
+    if args.samples is not None and args.samples > len(split.x_train):
+        raise FisherlabError(
+            f"--samples {args.samples} exceeds the {len(split.x_train):,} training samples of "
+            f"{args.data}"
+        )
     torch.manual_seed(args.seed)
     model = models.build(args.model).to(dtype).eval()
-    n = len(split.x_train) if args.samples is None else min(args.samples, len(split.x_train))
+    n = len(split.x_train) if args.samples is None else args.samples
     x, y = split.x_train[:n], split.y_train[:n]
     batches = [
         (x[i : i + args.batch_size], y[i : i + args.batch_size])
@@ -114,6 +212,6 @@ def add_problem_arguments(p: argparse.ArgumentParser, model_default: str | None 
         "--batch-size", type=positive_int, default=128, help="batch size of the streamed passes"
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="results", help="folder for the CSV/JSON tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

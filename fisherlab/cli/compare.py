@@ -16,6 +16,7 @@ from fisherlab.cli.common import (
 )
 from fisherlab.comparison import DEFAULT_METHODS, compare, summary_meta
 from fisherlab.conventions import FISHER_TYPES
+from fisherlab.files import check_output_folder
 from fisherlab.report import format_table, save_table
 
 COMPARE_COLUMNS = (
@@ -33,6 +34,7 @@ COMPARE_COLUMNS = (
 
 def run(args: argparse.Namespace) -> int:
     """Every approximation against the exact Fisher of the training data, per layer."""
+    check_output_folder(args.out)
     problem = reference_problem(args)
     start = time.perf_counter()
     rows = compare(problem, methods=args.methods, damping=args.damping, progress=not args.quiet)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fisherlab import experiments as ex
-from fisherlab.cli.common import INTERRUPTED, figure_format
+from fisherlab.cli.common import INTERRUPTED, accuracy, figure_format, seed
 from fisherlab.conventions import FisherlabError
+from fisherlab.files import check_output_folder, write_text
 from fisherlab.report import format_table, save_table
 
 
@@ -30,12 +31,20 @@ def dump_json(value: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the optimizers of a config file with several seeds, then draw the figures."""
+    if args.update_config and not args.grid:
+        raise FisherlabError("--update-config writes the grid's choice: give it with --grid")
     experiment = ex.load_experiment(args.config)
     if args.quick:
         experiment = ex.quick_variant(experiment)
         if args.update_config:
             raise FisherlabError("--quick and --update-config: a quick grid does not tune")
     out = Path(args.out or experiment.get("out") or "runs/compare")
+    check_output_folder(out)
+    figures = args.figures or experiment.get("figures")
+    if figures:
+        check_output_folder(figures, "--figures")
+    if args.update_config:  # known now, not after hours of grid search
+        check_output_folder(Path(args.config).resolve().parent, "the folder of --config")
     try:
         runs, grids = ex.compare_optimizers(
             experiment,
@@ -58,9 +67,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         save_table(rows, out / "grid" / "best", {"config": str(args.config)})
         if args.update_config:
-            Path(args.config).write_text(dump_json(experiment))
+            write_text(args.config, dump_json(experiment))
             print(f"wrote the tuned learning rates and dampings into {args.config}")
-    figures = args.figures or experiment.get("figures")
     target = args.target if args.target is not None else experiment.get("target_accuracy")
     if figures:
         table, written = ex.write_curves(runs, figures, target, args.formats)
@@ -80,12 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--config", required=True, help="JSON experiment file")
     cmp.add_argument("--out", help="runs folder (default: the config's 'out')")
     cmp.add_argument("--figures", help="figures folder (default: the config's 'figures')")
-    cmp.add_argument("--target", type=float, help="test accuracy of the time-to-target table")
+    cmp.add_argument("--target", type=accuracy, help="test accuracy of the time-to-target table")
     cmp.add_argument(
         "--formats", nargs="+", type=figure_format, default=["png", "pdf"], help="figure formats"
     )
     cmp.add_argument("--optimizers", nargs="+", choices=ex.OPTIMIZER_NAMES, help="only these")
-    cmp.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    cmp.add_argument("--seeds", type=seed, nargs="+", help="override the config's seeds")
     cmp.add_argument("--grid", action="store_true", help="tune lr and damping first")
     cmp.add_argument(
         "--update-config", action="store_true", help="with --grid: write the choice to --config"

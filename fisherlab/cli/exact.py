@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from fisherlab.cli.common import add_problem_arguments, positive_int, reference_problem, where
 from fisherlab.conventions import FISHER_TYPES
 from fisherlab.exact import BACKENDS, exact_blocks
+from fisherlab.files import check_output_folder
 from fisherlab.layers import Layer
 from fisherlab.report import format_table, save_table
 
@@ -42,6 +43,7 @@ def block_summary(name: str, layer: Layer, block: torch.Tensor) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Exact per-layer Fisher blocks of a reference model over the training data."""
+    check_output_folder(args.out)
     problem = reference_problem(args)
     start = time.perf_counter()
     blocks = exact_blocks(problem, backend=args.backend)

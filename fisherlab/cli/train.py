@@ -13,7 +13,18 @@ from typing import Any
 
 from fisherlab import data
 from fisherlab import experiments as ex
-from fisherlab.cli.common import INTERRUPTED, option
+from fisherlab.cli.common import (
+    INTERRUPTED,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    option,
+    positive_float,
+    positive_int,
+    seed,
+)
+from fisherlab.conventions import FisherlabError
+from fisherlab.files import check_output_folder
 from fisherlab.report import format_table
 
 
@@ -55,7 +66,14 @@ def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train one model with one optimizer (``--grid``: every learning rate × damping)."""
     cfg = _config_from_args(args)
+    cfg.resolved()  # every setting checked before any work
+    if cfg.optimizer in ex.FIRST_ORDER:
+        given = [f for f in ("damping", "relative_damping", "grid_damping") if getattr(args, f)]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise FisherlabError(f"{cfg.optimizer} has no damping: {flags} would be ignored")
     out = Path(args.out) if args.out else Path("runs") / cfg.label.replace(" ", "-")
+    check_output_folder(out)
     try:
         if args.grid:
             lrs, dampings, relative = ex.grid_values(cfg.optimizer)
@@ -91,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         return INTERRUPTED
     _print_rows(result.rows)
     print(f"{result.config.label}: {result.status}; logs in {out}/log.csv, log.json, config.json")
+    if any(row.get("skipped_steps") for row in result.rows):
+        print(f"{result.config.label}: {result.note}", file=sys.stderr)
     return 0 if result.status == "finished" else 1
 
 
@@ -111,10 +131,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--data", choices=list(data.DATASETS), default="digits")
     tr.add_argument("--data-dir", help="folder of the local files (IDX or CIFAR-10 batches)")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--lr", type=float, help="learning rate (default: tuned on digits)")
-    tr.add_argument("--damping", type=float, help="damping λ (default: tuned on digits)")
+    tr.add_argument("--epochs", type=positive_int, default=10)
+    tr.add_argument("--batch-size", type=positive_int, default=64)
+    tr.add_argument("--lr", type=positive_float, help="learning rate (default: tuned on digits)")
+    tr.add_argument("--damping", type=positive_float, help="damping λ (default: tuned on digits)")
     tr.add_argument(
         "--relative-damping",
         action="store_true",
@@ -123,18 +143,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     tr.add_argument(
         "--validation",
-        type=float,
+        type=fraction,
         default=0.0,
         help="share of the training set held out for validation (--grid: 0.1 when not given)",
     )
     tr.add_argument(
         "--scale-samples",
-        type=int,
+        type=nonnegative_int,
         default=256,
         help="training samples λ_max is measured on after every epoch (0: not measured)",
     )
-    tr.add_argument("--momentum", type=float, default=0.9)
-    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--momentum", type=fraction, default=0.9)
+    tr.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     tr.add_argument("--fisher-type", choices=("empirical", "mc"), default="empirical")
     tr.add_argument(
         "--option",
@@ -143,27 +163,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="further optimizer argument, e.g. inv_update_freq=20 (repeatable)",
     )
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=seed, default=0)
     tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    tr.add_argument("--train-subset", type=int, help="use the first N training samples")
-    tr.add_argument("--test-subset", type=int, help="use the first N test samples")
+    tr.add_argument(
+        "--train-subset", type=positive_int, help="use the first N training samples (N <= the set)"
+    )
+    tr.add_argument("--test-subset", type=positive_int, help="use the first N test samples")
     tr.add_argument(
         "--no-eval-train",
         action="store_true",
         help="log the running mini-batch loss instead of evaluating the training set",
     )
-    tr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    tr.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     tr.add_argument("--out", help="run folder (default runs/<optimizer>-<model>-<data>-seed-S)")
     tr.add_argument(
         "--overwrite", action="store_true", help="replace an ended run in --out (else refused)"
     )
     tr.add_argument("--grid", action="store_true", help="grid search over lr × damping")
-    tr.add_argument("--grid-lr", type=float, nargs="+", help="learning rates of the grid")
-    tr.add_argument("--grid-damping", type=float, nargs="+", help="dampings of the grid")
-    tr.add_argument("--grid-seeds", type=int, nargs="+", default=[0])
+    tr.add_argument("--grid-lr", type=positive_float, nargs="+", help="learning rates of the grid")
+    tr.add_argument("--grid-damping", type=positive_float, nargs="+", help="dampings of the grid")
+    tr.add_argument("--grid-seeds", type=seed, nargs="+", default=[0])
     tr.add_argument(
         "--grid-extend",
-        type=int,
+        type=nonnegative_int,
         default=2,
         help="extend the grid past an edge holding the best point, at most this often",
     )

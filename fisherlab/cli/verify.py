@@ -10,15 +10,18 @@ from fisherlab.cli.common import (
     add_problem_arguments,
     positive_int,
     reference_problem,
+    seed,
     where,
 )
 from fisherlab.conventions import FISHER_TYPES
+from fisherlab.files import check_output_folder
 from fisherlab.report import format_table, save_table
 from fisherlab.verification import verify
 
 
 def run(args: argparse.Namespace) -> int:
     """Check EKFAC ≤ KFAC, Woodbury's solve, SKFAC = KFAC⁻¹ and one-sample KFAC exactness."""
+    check_output_folder(args.out)
     if args.model:
         problem = reference_problem(args, fisher_type=args.fisher_types[0])
         report = verify(problem, fisher_types=args.fisher_types, progress=not args.quiet)
@@ -51,6 +54,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_problem_arguments(p, model_default=None)
     p.add_argument("--fisher-types", nargs="+", choices=FISHER_TYPES, default=list(FISHER_TYPES))
     p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 3, 17, 128])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seeds", nargs="+", type=seed, default=[0, 1])
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float64", "float32"])
     p.set_defaults(func=run)

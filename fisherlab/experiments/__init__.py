@@ -38,7 +38,9 @@ Example:
     >>> [row["epoch"] for row in result.rows], result.status
     ([0, 1], 'finished')
 
-The package: :mod:`~fisherlab.experiments.config` (what defines a run),
+The package: :mod:`~fisherlab.experiments.config` (what defines a run, each field's type and
+range), :mod:`~fisherlab.experiments.schema` (config files, checked before anything runs),
+:mod:`~fisherlab.experiments.fingerprint` (model code and data content, for reuse),
 :mod:`~fisherlab.experiments.setup` (data, model, optimizer), :mod:`~fisherlab.experiments.runner`
 (the epochs), :mod:`~fisherlab.experiments.runlog` (run folders), :mod:`~fisherlab.experiments.grid`
 (the search), :mod:`~fisherlab.experiments.summary` (tables) and
@@ -47,7 +49,6 @@ The package: :mod:`~fisherlab.experiments.config` (what defines a run),
 """
 
 from fisherlab.experiments.compare import (
-    EXPERIMENT_KEYS,
     QUICK,
     compare_optimizers,
     load_experiment,
@@ -63,19 +64,27 @@ from fisherlab.experiments.config import (
     ROW_KEYS,
     SELECT_CRITERIA,
     RunConfig,
-    data_fingerprint,
     environment,
 )
+from fisherlab.experiments.fingerprint import data_fingerprint, model_fingerprint, model_sources
 from fisherlab.experiments.grid import GridResult, grid_search, grid_values
 from fisherlab.experiments.runlog import (
     REUSE_KEYS,
+    RunFolderWarning,
     RunLogger,
     RunResult,
     find_runs,
     load_run,
 )
 from fisherlab.experiments.runner import evaluate, train
-from fisherlab.experiments.setup import build_model, load_split, make_optimizer, seed_everything
+from fisherlab.experiments.schema import EXPERIMENT_KEYS, check_experiment
+from fisherlab.experiments.setup import (
+    build_model,
+    load_split,
+    make_optimizer,
+    preflight,
+    seed_everything,
+)
 from fisherlab.experiments.summary import group_runs, markdown_table, summarise, time_to_target
 
 __all__ = [
@@ -91,9 +100,11 @@ __all__ = [
     "SELECT_CRITERIA",
     "GridResult",
     "RunConfig",
+    "RunFolderWarning",
     "RunLogger",
     "RunResult",
     "build_model",
+    "check_experiment",
     "compare_optimizers",
     "data_fingerprint",
     "environment",
@@ -107,6 +118,9 @@ __all__ = [
     "load_split",
     "make_optimizer",
     "markdown_table",
+    "model_fingerprint",
+    "model_sources",
+    "preflight",
     "quick_variant",
     "seed_everything",
     "summarise",

@@ -11,12 +11,14 @@ from typing import Any
 
 from fisherlab.conventions import FisherlabError
 from fisherlab.data import Split
-from fisherlab.experiments.config import DEFAULT_TARGETS, OPTIMIZER_NAMES, RunConfig
+from fisherlab.experiments.config import DEFAULT_TARGETS, FIELD_CHECKS, RunConfig
 from fisherlab.experiments.grid import GridResult, _point_name, grid_search, grid_values
 from fisherlab.experiments.runlog import RunResult, _same_run, load_run
 from fisherlab.experiments.runner import train
-from fisherlab.experiments.setup import load_split
-from fisherlab.experiments.summary import group_runs, markdown_table, summarise
+from fisherlab.experiments.schema import check_experiment
+from fisherlab.experiments.setup import load_split, preflight
+from fisherlab.experiments.summary import group_runs, markdown_table, skipped_steps, summarise
+from fisherlab.files import write_text
 from fisherlab.report import save_table
 
 
@@ -60,7 +62,7 @@ def write_curves(
         stem = out / f"optimizers-{data}-time-to-target"
         written += save_table(rows, stem, {"target": rows[0]["target"], "spread": "sample std"})
         md = stem.with_suffix(".md")
-        md.write_text(markdown_table(rows) + "\n")
+        write_text(md, markdown_table(rows) + "\n")
         written.append(md)
     return table, written
 
@@ -102,18 +104,6 @@ def quick_variant(experiment: dict[str, Any]) -> dict[str, Any]:
     return quick
 
 
-EXPERIMENT_KEYS = {
-    "description",
-    "out",
-    "figures",
-    "seeds",
-    "target_accuracy",
-    "train",
-    "grid",
-    "experiments",
-}
-
-
 def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a compare-optimizers config (JSON; see ``configs/digits.json``).
 
@@ -126,38 +116,73 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
     :func:`~fisherlab.experiments.grid.grid_search`) and ``description``.
 
     Raises:
-        FisherlabError: For a missing file, bad JSON, unknown keys or optimizers.
+        FisherlabError: For a missing file, bad JSON, or anything against the schema
+            (:func:`~fisherlab.experiments.schema.check_experiment`): unknown keys (with the
+            nearest valid one), wrong types, values out of range.
     """
     path = Path(path)
     if not path.is_file():
         raise FisherlabError(f"config file {path} does not exist")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FisherlabError(f"{path} is not valid JSON: {err}") from err
-    unknown = sorted(set(cfg) - EXPERIMENT_KEYS)
-    if unknown:
-        raise FisherlabError(f"{path}: unknown key(s) {unknown}; valid: {sorted(EXPERIMENT_KEYS)}")
-    if not cfg.get("experiments"):
-        raise FisherlabError(f"{path}: 'experiments' must list at least one model")
-    RunConfig.from_dict(cfg.get("train", {}))  # typos in shared settings fail early
-    for exp in cfg["experiments"]:
-        bad = sorted(set(exp.get("optimizers", {})) - set(OPTIMIZER_NAMES))
-        if "model" not in exp or not exp.get("optimizers") or bad:
-            raise FisherlabError(
-                f"{path}: each experiment needs 'model' and 'optimizers' from "
-                f"{list(OPTIMIZER_NAMES)} (unknown: {bad})"
-            )
-        for name, hyper in exp["optimizers"].items():
-            extra = sorted(
-                set(hyper) - {"lr", "damping", "relative_damping", "options", "note", "grid"}
-            )
-            if extra:
-                raise FisherlabError(f"{path}: {exp['model']}/{name}: unknown key(s) {extra}")
+    check_experiment(cfg, str(path))
     return cfg
 
 
-#: What a run depends on besides its config, compared before a finished run is reused.
+def _base_config(experiment: dict[str, Any], exp: dict[str, Any], name: str) -> RunConfig:
+    """The resolved run config of optimizer ``name`` in ``exp`` (before any grid search)."""
+    hyper = exp["optimizers"][name]
+    return RunConfig.from_dict(
+        {
+            **experiment.get("train", {}),
+            "model": exp["model"],
+            "optimizer": name,
+            "lr": hyper.get("lr"),
+            "damping": hyper.get("damping"),
+            "relative_damping": hyper.get("relative_damping", False),
+            "optimizer_options": hyper.get("options", {}),
+        }
+    ).resolved()
+
+
+def _plan(
+    experiment: dict[str, Any],
+    optimizers: Sequence[str] | None,
+    grid: bool,
+    splits: dict[tuple, Split],
+) -> list[tuple[dict[str, Any], str, dict[str, Any], RunConfig]]:
+    """Every ``(experiment, optimizer, settings, base config)`` to run, each checked first.
+
+    Loads each data set once into ``splits`` and runs :func:`preflight` on every base config
+    (and its grid variant), so that a bad setting in the last experiment is refused before the
+    first one trains.
+    """
+    named = {name for exp in experiment["experiments"] for name in exp["optimizers"]}
+    absent = sorted(set(optimizers or ()) - named)
+    if absent:
+        raise FisherlabError(
+            f"optimizers {absent} are in no experiment of the config (it has {sorted(named)})"
+        )
+    planned = []
+    for exp in experiment["experiments"]:
+        for name, hyper in exp["optimizers"].items():
+            if optimizers and name not in optimizers:
+                continue
+            base = _base_config(experiment, exp, name)
+            key = (base.data, base.data_dir, base.split_seed)
+            if key not in splits:
+                splits[key] = load_split(base)
+            preflight(base, splits[key])
+            if grid:  # the grid's runs: its own settings and validation split
+                grid_cfg = experiment.get("grid", {})
+                variant = dataclasses.replace(base, **grid_cfg.get("train", {}))
+                validation = variant.validation or grid_cfg.get("validation", 0.1)
+                variant = dataclasses.replace(variant, validation=validation)
+                preflight(variant.resolved(), splits[key])
+            planned.append((exp, name, hyper, base))
+    return planned
 
 
 def compare_optimizers(
@@ -184,79 +209,73 @@ def compare_optimizers(
         The runs and the grid results by ``(model, optimizer)``.
     """
     out = Path(out or experiment.get("out") or "runs/compare")
-    shared = dict(experiment.get("train", {}))
     seeds = list(seeds if seeds is not None else experiment.get("seeds", [0]))
     grid_cfg = experiment.get("grid", {})
     splits: dict[tuple, Split] = {}
     results: list[RunResult] = []
     grids: dict[tuple[str, str], GridResult] = {}
-    for exp in experiment["experiments"]:
-        for name, hyper in exp["optimizers"].items():
-            if optimizers and name not in optimizers:
+    for seed in seeds:
+        FIELD_CHECKS["seed"]("seeds", seed)
+    if len(set(seeds)) != len(seeds):
+        raise FisherlabError(f"seeds {seeds} repeat a seed")
+    planned = _plan(experiment, optimizers, grid, splits)  # every run checked before any runs
+    for exp, name, hyper, base in planned:
+        key = (base.data, base.data_dir, base.split_seed)
+        folder = out / f"{base.data}-{Path(exp['model']).name.replace(':', '-')}"
+        if grid:
+            lrs, dampings, relative = grid_values(name, grid_cfg)
+            what = "λ/λ_max" if relative else "damping"
+            log(f"grid search {name} on {exp['model']}: lr {lrs} × {what} {dampings}")
+            g = grid_search(
+                dataclasses.replace(base, **grid_cfg.get("train", {})),
+                lrs,
+                dampings,
+                seeds=grid_cfg.get("seeds", [0]),
+                select=grid_cfg.get("select", "val_loss"),
+                out=out / "grid" / folder.name / name,
+                progress=progress,
+                split=splits[key],
+                force=force,
+                relative=relative,
+                validation=grid_cfg.get("validation", 0.1),
+                extend=grid_cfg.get("extend", 2),
+            )
+            grids[(exp["model"], name)] = g
+            base = dataclasses.replace(base, **g.best, relative_damping=g.relative)
+            base = base.resolved()
+            hyper.update({k: v for k, v in g.best.items() if v is not None})
+            if g.relative:
+                hyper["relative_damping"] = True
+            else:
+                hyper.pop("relative_damping", None)
+            hyper["grid"] = {"edge": g.edge, "extended": g.extended, "select": g.select}
+            chosen = _point_name(base.lr, base.damping, g.relative)
+            edge = f"; ON THE EDGE of the grid ({', '.join(g.edge)})" if g.edge else ""
+            log(f"  best at the last epoch ({g.select}): {chosen}{edge}")
+        if warmup:  # first calls (library loading, kernel set-up) are not timed in runs
+            split = splits[key]
+            tiny = dataclasses.replace(
+                base,
+                epochs=1,
+                train_subset=min(2 * base.batch_size, len(split.y_train)),
+                test_subset=min(64, len(split.y_test)),
+                tag="warmup",
+            )
+            train(tiny, None, progress=False, split=splits[key])
+        for seed in seeds:
+            cfg = dataclasses.replace(base, seed=seed)
+            run_dir = folder / name / f"seed{seed}"
+            if not force and _same_run(run_dir, cfg):
+                results.append(load_run(run_dir))
+                log(f"reusing {run_dir} (same config, finished)")
                 continue
-            base = RunConfig.from_dict(
-                {
-                    **shared,
-                    "model": exp["model"],
-                    "optimizer": name,
-                    "lr": hyper.get("lr"),
-                    "damping": hyper.get("damping"),
-                    "relative_damping": hyper.get("relative_damping", False),
-                    "optimizer_options": hyper.get("options", {}),
-                }
-            ).resolved()
-            key = (base.data, base.data_dir, base.split_seed)
-            if key not in splits:
-                splits[key] = load_split(base)
-            folder = out / f"{base.data}-{Path(exp['model']).name.replace(':', '-')}"
-            if grid:
-                lrs, dampings, relative = grid_values(name, grid_cfg)
-                what = "λ/λ_max" if relative else "damping"
-                log(f"grid search {name} on {exp['model']}: lr {lrs} × {what} {dampings}")
-                g = grid_search(
-                    dataclasses.replace(base, **grid_cfg.get("train", {})),
-                    lrs,
-                    dampings,
-                    seeds=grid_cfg.get("seeds", [0]),
-                    select=grid_cfg.get("select", "val_loss"),
-                    out=out / "grid" / folder.name / name,
-                    progress=progress,
-                    split=splits[key],
-                    force=force,
-                    relative=relative,
-                    validation=grid_cfg.get("validation", 0.1),
-                    extend=grid_cfg.get("extend", 2),
-                )
-                grids[(exp["model"], name)] = g
-                base = dataclasses.replace(base, **g.best, relative_damping=g.relative)
-                base = base.resolved()
-                hyper.update({k: v for k, v in g.best.items() if v is not None})
-                if g.relative:
-                    hyper["relative_damping"] = True
-                else:
-                    hyper.pop("relative_damping", None)
-                hyper["grid"] = {"edge": g.edge, "extended": g.extended, "select": g.select}
-                chosen = _point_name(base.lr, base.damping, g.relative)
-                edge = f"; ON THE EDGE of the grid ({', '.join(g.edge)})" if g.edge else ""
-                log(f"  best at the last epoch ({g.select}): {chosen}{edge}")
-            if warmup:  # first calls (library loading, kernel set-up) are not timed in runs
-                tiny = dataclasses.replace(
-                    base, epochs=1, train_subset=2 * base.batch_size, test_subset=64, tag="warmup"
-                )
-                train(tiny, None, progress=False, split=splits[key])
-            for seed in seeds:
-                cfg = dataclasses.replace(base, seed=seed)
-                run_dir = folder / name / f"seed{seed}"
-                if not force and _same_run(run_dir, cfg):
-                    results.append(load_run(run_dir))
-                    log(f"reusing {run_dir} (same config, finished)")
-                    continue
-                result = train(cfg, run_dir, progress=progress, split=splits[key], overwrite=True)
-                last = result.final
-                log(
-                    f"{cfg.label}: {result.status}, test accuracy "
-                    f"{100 * last['test_accuracy']:.1f}%, train loss {last['train_loss']:.4f}, "
-                    f"{last['time_s']:.1f} s"
-                )
-                results.append(result)
+            result = train(cfg, run_dir, progress=progress, split=splits[key], overwrite=True)
+            last = result.final
+            skipped = f"; {result.note}" if skipped_steps(result)[0] else ""
+            log(
+                f"{cfg.label}: {result.status}, test accuracy "
+                f"{100 * last['test_accuracy']:.1f}%, train loss {last['train_loss']:.4f}, "
+                f"{last['time_s']:.1f} s{skipped}"
+            )
+            results.append(result)
     return results, grids

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -16,7 +14,8 @@ import numpy as np
 import torch
 
 from fisherlab import data, models, optim
-from fisherlab.conventions import FisherlabError
+from fisherlab.conventions import FisherlabError, check_int, check_keys, check_range
+from fisherlab.experiments.fingerprint import data_fingerprint, model_fingerprint
 
 FIRST_ORDER = ("sgd", "adam")
 OPTIMIZER_NAMES: tuple[str, ...] = (*FIRST_ORDER, *optim.OPTIMIZERS)
@@ -88,6 +87,83 @@ ROW_KEYS = (
     "direction_cosine",
 )
 """Columns of ``log.csv``, in order."""
+
+
+# --------------------------------------------------------------------------------- schema
+SEED_LIMIT = 2**32
+"""Seeds lie in ``[0, 2³²)`` (numpy's and scikit-learn's range)."""
+
+
+def _integer(low: int, high: int | None = None, optional: bool = False):
+    def check(name: str, value: Any) -> None:
+        if value is None and optional:
+            return
+        value = check_int(name, value)
+        if value < low or (high is not None and value >= high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise FisherlabError(f"{name} must be an integer {bounds}, got {value!r}")
+
+    return check
+
+
+def _number(low: float, high: float | None = None, open_low: bool = False, optional=False):
+    def check(name: str, value: Any) -> None:
+        if value is None and optional:
+            return
+        check_range(name, value, low, high, open_low)
+
+    return check
+
+
+def _of_type(kind: type | tuple[type, ...], text: str, optional: bool = False):
+    def check(name: str, value: Any) -> None:
+        if (value is None and optional) or isinstance(value, kind):
+            return
+        raise FisherlabError(f"{name} must be {text}, got {value!r}")
+
+    return check
+
+
+FIELD_CHECKS: dict[str, Any] = {
+    "optimizer": _of_type(str, "a string"),
+    "model": _of_type(str, "a string"),
+    "data": _of_type(str, "a string"),
+    "data_dir": _of_type(str, "a folder name (a string) or null", optional=True),
+    "epochs": _integer(1),
+    "batch_size": _integer(1),
+    "lr": _number(0, open_low=True, optional=True),
+    "damping": _number(0, open_low=True, optional=True),
+    "momentum": _number(0, 1),
+    "weight_decay": _number(0),
+    "fisher_type": _of_type(str, "a string"),
+    "optimizer_options": _of_type(dict, "a JSON object of optimizer arguments"),
+    "seed": _integer(0, SEED_LIMIT),
+    "split_seed": _integer(0, SEED_LIMIT),
+    "device": _of_type(str, "a string"),
+    "train_subset": _integer(1, optional=True),
+    "test_subset": _integer(1, optional=True),
+    "relative_damping": _of_type(bool, "true or false"),
+    "validation": _number(0, 1),
+    "eval_test": _of_type(bool, "true or false"),
+    "scale_samples": _integer(0),
+    "eval_train": _of_type(bool, "true or false"),
+    "eval_batch_size": _integer(1),
+    "threads": _integer(1, optional=True),
+    "tag": _of_type(str, "a string"),
+}
+"""The type and range of every :class:`RunConfig` field (:func:`check_fields`)."""
+
+
+def check_fields(cfg: RunConfig) -> None:
+    """Refuse the first field of ``cfg`` whose type or range is wrong (one line naming it).
+
+    Integers must be integers (``2.0``, ``"2"`` and ``true`` are refused), numbers finite.
+    """
+    for f in dataclasses.fields(cfg):
+        FIELD_CHECKS[f.name](f.name, getattr(cfg, f.name))
+    bad = [k for k in cfg.optimizer_options if not isinstance(k, str)]
+    if bad:
+        raise FisherlabError(f"optimizer_options keys must be strings, got {bad!r}")
 
 
 # --------------------------------------------------------------------------------- config
@@ -164,6 +240,9 @@ class RunConfig:
             FisherlabError: Naming the first invalid field.
         """
         cfg = copy.deepcopy(self)
+        for name in ("optimizer", "data", "model", "device"):
+            if not isinstance(getattr(cfg, name), str):
+                raise FisherlabError(f"{name} must be a string, got {getattr(cfg, name)!r}")
         if cfg.optimizer not in OPTIMIZER_NAMES:
             raise FisherlabError(
                 f"unknown optimizer {cfg.optimizer!r}; choose from {list(OPTIMIZER_NAMES)}"
@@ -177,6 +256,7 @@ class RunConfig:
                 f"unknown model {cfg.model!r}; choose from {list(models.MODELS)} or give "
                 "'path/to/file.py:factory'"
             )
+        data.check_data_dir(cfg.data, cfg.data_dir)
         if cfg.device not in ("cpu", "cuda"):
             raise FisherlabError(f"device must be 'cpu' or 'cuda', got {cfg.device!r}")
         defaults = DEFAULT_HYPER[cfg.optimizer]
@@ -186,22 +266,7 @@ class RunConfig:
             cfg.damping = None
         elif cfg.damping is None:
             cfg.damping = defaults["damping"]
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FisherlabError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("train_subset", "test_subset", "threads"):
-            value = getattr(cfg, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise FisherlabError(f"{name} must be an integer or null, got {value!r}")
-            if value is not None and value < 1:
-                raise FisherlabError(f"{name} must be >= 1, got {value!r}")
-        if not (isinstance(cfg.lr, int | float) and math.isfinite(cfg.lr) and cfg.lr > 0):
-            raise FisherlabError(f"lr must be a positive number, got {cfg.lr!r}")
-        if not (isinstance(cfg.validation, int | float) and 0 <= cfg.validation < 1):
-            raise FisherlabError(f"validation must lie in [0, 1), got {cfg.validation!r}")
-        if isinstance(cfg.scale_samples, bool) or not isinstance(cfg.scale_samples, int):
-            raise FisherlabError(f"scale_samples must be an integer, got {cfg.scale_samples!r}")
+        check_fields(cfg)
         if cfg.scale_samples < (1 if cfg.relative_damping else 0):
             raise FisherlabError(
                 f"scale_samples must be >= {1 if cfg.relative_damping else 0}"
@@ -210,8 +275,6 @@ class RunConfig:
             )
         if cfg.relative_damping and cfg.optimizer in FIRST_ORDER:
             cfg.relative_damping = False
-        if not 0 <= cfg.momentum < 1:
-            raise FisherlabError(f"momentum must lie in [0, 1), got {cfg.momentum!r}")
         if cfg.fisher_type != "empirical" and cfg.optimizer in FIRST_ORDER:
             raise FisherlabError(
                 f"--fisher-type applies to curvature optimizers, not {cfg.optimizer}"
@@ -223,18 +286,15 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, values: dict[str, Any], where: str = "run settings") -> RunConfig:
         """The config of a dict such as :meth:`to_dict` or a ``config.json``'s ``"run"`` entry.
 
         Raises:
             FisherlabError: For keys that are not fields (typos in config files).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise FisherlabError(
-                f"unknown run setting(s) {unknown}; valid ones are {sorted(names)}"
-            )
+        if not isinstance(values, dict):
+            raise FisherlabError(f"{where} must be a JSON object, got {values!r}")
+        check_keys(where, values, [f.name for f in dataclasses.fields(cls)])
         return cls(**values)
 
     @property
@@ -244,7 +304,12 @@ class RunConfig:
 
 
 def environment(cfg: RunConfig) -> dict[str, Any]:
-    """What the results depend on besides the config: versions, threads, device, machine."""
+    """What the results depend on besides the config: versions, threads, device, machine.
+
+    With the fingerprints of the model's code (``model_sha256`` and ``model_files``, for a
+    ``file.py:factory`` model) and of the data's content (``data_sha256``): see
+    :mod:`fisherlab.experiments.fingerprint`.
+    """
     import fisherlab
 
     env: dict[str, Any] = {
@@ -259,20 +324,8 @@ def environment(cfg: RunConfig) -> dict[str, Any]:
     }
     if cfg.device == "cuda" and torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name()
-    if ":" in cfg.model:
-        path = Path(cfg.model.rpartition(":")[0])
-        if path.is_file():
-            env["model_file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    if cfg.data_dir is not None:
-        env["data_fingerprint"] = data_fingerprint(cfg.data_dir)
+    model = model_fingerprint(cfg.model)
+    if model is not None:
+        env["model_sha256"], env["model_files"] = model
+    env["data_sha256"] = data_fingerprint(cfg.data, cfg.data_dir)
     return env
-
-
-def data_fingerprint(folder: str | os.PathLike) -> str:
-    """A digest of the files under a data folder (names, sizes, modification times)."""
-    digest = hashlib.sha256()
-    root = Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()

@@ -30,7 +30,8 @@ class GridResult:
             ``damping_ratio`` (``λ/λ_max`` at initialisation, mean over seeds) and
             ``lambda_max``, final metrics (mean over seeds; the worst value when a seed stopped
             early), ``direction_cosine`` (mean over epochs and seeds), ``diverged`` and
-            ``failed`` (seeds that did) and the run folders.
+            ``failed`` (seeds that did), ``skipped_steps`` (steps the optimizer skipped, summed
+            over seeds) and the run folders.
         per_epoch: One row per epoch: the best point at that epoch and its metrics.
         best: The point best at the last epoch: ``{"lr": …, "damping": …}``.
         select: The criterion.
@@ -93,6 +94,12 @@ def _mean_of(rows_by_seed: list[list[dict]], key: str, epochs: slice) -> float |
         if r.get(key) is not None and math.isfinite(r[key])
     ]
     return float(np.mean(values)) if values else None
+
+
+def _total(rows_by_seed: list[list[dict]], key: str) -> int:
+    """Sum of an integer column over every epoch and seed (missing and NaN entries count 0)."""
+    values = (r.get(key) for rows in rows_by_seed for r in rows)
+    return sum(int(v) for v in values if isinstance(v, int | float) and math.isfinite(v))
 
 
 def _beyond(values: list[float], low: bool) -> float:
@@ -232,6 +239,7 @@ def grid_search(
                 "time_s": float(np.mean([r[-1]["time_s"] for r in rows_by_seed])),
                 "diverged": statuses[(lr, damping)].count("diverged"),
                 "failed": statuses[(lr, damping)].count("failed"),
+                "skipped_steps": _total(rows_by_seed, "skipped_steps"),
                 "runs": ";".join(folders[(lr, damping)]),
             }
         )

@@ -20,6 +20,7 @@ from fisherlab.experiments.config import FIRST_ORDER, RunConfig, environment
 from fisherlab.experiments.runlog import RunLogger, RunResult
 from fisherlab.experiments.setup import (
     RunData,
+    check_model_fits,
     lambda_max,
     load_split,
     make_optimizer,
@@ -116,7 +117,9 @@ def _train(
     tensors = run_data(cfg, split).to(device)
     steps_per_epoch = math.ceil(tensors.x_train.shape[0] / cfg.batch_size)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, split.input_shape, split.num_classes).to(device)
+    model = build_model(cfg.model, split.input_shape, split.num_classes)
+    check_model_fits(model, cfg, split)  # before any file: one line, nothing left behind
+    model = model.to(device)
     loss_fn = nn.CrossEntropyLoss()
     run = _Run(cfg, device, model, loss_fn, tensors)
     damping = None
@@ -153,6 +156,7 @@ class _Run:
         self.logger: RunLogger | None = None
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.steps = 0
+        self.skip_reason = ""  # the optimizer's first warning about a skipped step
         self.wall = 0.0
         self._scale: float | None = None
 
@@ -265,9 +269,24 @@ def _epochs(
         close = getattr(opt, "close", None)
         if close is not None:
             close()
+    skipped = sum(row.get("skipped_steps") or 0 for row in rows)
+    if skipped and status == "finished":
+        note = skipped_note(skipped, run.steps, run.skip_reason)
+        if logger:
+            logger.write(rows, status, note)
     env = logger.meta["environment"] if logger else environment(cfg)
     out = Path(logger.folder) if logger is not None else None
     return RunResult(cfg, rows, status, out, env, note)
+
+
+def skipped_note(skipped: int, steps: int, reason: str = "") -> str:
+    """The note of a run whose optimizer skipped steps, e.g. ``every step (4 of 4) was skipped``."""
+    what = (
+        f"every step ({skipped} of {steps}) was skipped: the parameters never moved"
+        if skipped >= steps
+        else f"{skipped} of {steps} steps were skipped"
+    )
+    return what + (f" ({reason})" if reason else "")
 
 
 def run_epoch(run: _Run, epoch: int, bar: Any = None) -> tuple[dict[str, Any], str, str]:
@@ -327,6 +346,8 @@ def run_epoch(run: _Run, epoch: int, bar: Any = None) -> tuple[dict[str, Any], s
     for w in caught:
         if not (issubclass(w.category, RuntimeWarning) and "skipped" in str(w.message)):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif not run.skip_reason:
+            run.skip_reason = str(w.message).strip().splitlines()[0]
     # the optimizer's own counter (torch optimizers skip nothing)
     skipped = getattr(opt, "skipped_steps", 0) - skipped_before
     run.wall += epoch_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -49,6 +50,53 @@ class RunData:
         return RunData(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+def check_subsets(cfg: RunConfig, split: Split) -> None:
+    """Refuse a ``train_subset``/``test_subset`` larger than the data (never clipped silently)."""
+    for name, part, available in (
+        ("train", "training", len(split.y_train)),
+        ("test", "test", len(split.y_test)),
+    ):
+        asked = getattr(cfg, f"{name}_subset")
+        if asked is not None and asked > available:
+            raise FisherlabError(
+                f"{name}_subset={asked} exceeds the {available:,} {part} samples of "
+                f"{cfg.data}; give at most {available} (or none: all of them)"
+            )
+
+
+def check_model_fits(model: nn.Module, cfg: RunConfig, split: Split) -> None:
+    """Refuse a model that cannot take the data's inputs or gives the wrong number of outputs.
+
+    One forward pass of two training samples in eval mode, without gradients and without
+    touching the random state (the run stays bit-identical).
+    """
+    x = split.x_train[:2]
+    shape = "×".join(map(str, split.input_shape))
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                out = model(x)
+            finally:
+                model.train(was_training)
+    except Exception as err:  # the user's model: one clear line instead of its traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise FisherlabError(
+            f"the model {cfg.model} does not take {cfg.data}'s inputs of shape {shape} "
+            f"({type(err).__name__}: {first})"
+        ) from err
+    expected = (x.shape[0], split.num_classes)
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise FisherlabError(
+            f"the model {cfg.model} maps {cfg.data}'s inputs of shape {shape} to {got}; "
+            f"expected [batch, {split.num_classes}] class scores"
+        )
+    if not out.is_floating_point():
+        raise FisherlabError(f"the model {cfg.model} returns {out.dtype} scores, not floats")
+
+
 def run_data(cfg: RunConfig, split: Split) -> RunData:
     """The run's tensors: its training subset, minus a stratified validation share, and test.
 
@@ -56,6 +104,7 @@ def run_data(cfg: RunConfig, split: Split) -> RunData:
     stratified by class, so every seed of a grid point sees the same validation set and the
     test set is never looked at for selection.
     """
+    check_subsets(cfg, split)
     x, y = split.x_train[: cfg.train_subset], split.y_train[: cfg.train_subset]
     x_test, y_test = split.x_test[: cfg.test_subset], split.y_test[: cfg.test_subset]
     empty_x, empty_y = x[:0], y[:0]
@@ -119,6 +168,46 @@ def make_optimizer(
         damping: The absolute damping (``None``: ``cfg.damping``; a run with
             ``relative_damping`` passes ``cfg.damping·λ_max``).
     """
+    try:
+        return _make_optimizer(cfg, model, steps_per_epoch, loss_fn, damping)
+    except FisherlabError as err:
+        raise FisherlabError(f"{cfg.optimizer}: {err}") from err
+    except (TypeError, ValueError) as err:  # torch's own optimizers check their arguments
+        raise FisherlabError(
+            f"{cfg.optimizer} refuses its settings {_settings(cfg)}: {err}"
+        ) from err
+
+
+def _settings(cfg: RunConfig) -> str:
+    shown = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    return ", ".join(f"{k}={v!r}" for k, v in {**shown, **cfg.optimizer_options}.items())
+
+
+def preflight(cfg: RunConfig, split: Split) -> None:
+    """Everything a run can refuse before it writes a file, checked once and undone.
+
+    The subsets and the validation split, the model (built and given two samples) and the
+    optimizer (constructed with the run's settings, then closed). ``cfg`` must be resolved.
+
+    Raises:
+        FisherlabError: One line naming the first problem.
+    """
+    tensors = run_data(cfg, split)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg.model, split.input_shape, split.num_classes)
+    check_model_fits(model, cfg, split)
+    steps = max(1, math.ceil(tensors.x_train.shape[0] / cfg.batch_size))
+    opt = make_optimizer(cfg, model, steps, nn.CrossEntropyLoss())
+    getattr(opt, "close", lambda: None)()
+
+
+def _make_optimizer(
+    cfg: RunConfig,
+    model: nn.Module,
+    steps_per_epoch: int,
+    loss_fn: nn.Module,
+    damping: float | None = None,
+) -> torch.optim.Optimizer:
     opts = dict(cfg.optimizer_options)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(

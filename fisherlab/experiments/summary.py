@@ -53,11 +53,31 @@ def regime(rs: Sequence[RunResult]) -> dict[str, float]:
     }
 
 
+def skipped_steps(run: RunResult) -> tuple[int, int]:
+    """``(skipped, steps)``: the steps the run's optimizer skipped, and all its steps."""
+
+    def count(value: Any) -> int:
+        return int(value) if isinstance(value, int | float) and math.isfinite(value) else 0
+
+    return sum(count(r.get("skipped_steps")) for r in run.rows), count(run.final.get("steps"))
+
+
+def every_step_skipped(run: RunResult) -> bool:
+    """Whether the optimizer skipped every step of the run (its parameters never moved)."""
+    skipped, steps = skipped_steps(run)
+    return steps > 0 and skipped >= steps
+
+
+SKIPPED_MARK = " [every step skipped]"
+"""Appended to the label of a setting whose runs all skipped every step (curves, tables)."""
+
+
 def group_runs(runs: Sequence[RunResult]) -> dict[tuple[str, str], dict[str, list[RunResult]]]:
     """Runs grouped as ``{(data, model): {label: [runs over seeds]}}``.
 
     The label is the optimizer's name, with the learning rate and damping added when one group
-    holds several settings of the same optimizer.
+    holds several settings of the same optimizer, and :data:`SKIPPED_MARK` when every run of
+    the setting skipped every step.
     """
     groups: dict[tuple[str, str], dict[tuple, list[RunResult]]] = {}
     for run in runs:
@@ -80,6 +100,8 @@ def group_runs(runs: Sequence[RunResult]) -> dict[tuple[str, str], dict[str, lis
         out[key] = {}
         for s, rs in ordered:
             label = s[0] if counts[s[0]] == 1 else f"{s[0]} ({_point_name(s[1], s[2])})"
+            if all(every_step_skipped(r) for r in rs):
+                label += SKIPPED_MARK
             out[key][label] = sorted(rs, key=lambda r: r.config.seed)
     return out
 
@@ -92,7 +114,8 @@ def summarise(runs: Sequence[RunResult], target: float | None = None) -> list[di
     ``vs_sgd`` (time to target ÷ SGD's in the same group), ``final_test_accuracy`` (± std),
     ``final_train_loss`` (± std), ``time_per_epoch_s``, ``step_share`` (time inside
     ``optimizer.step()`` ÷ training time), the curvature regime (:func:`regime`), ``diverged``
-    and ``failed`` (runs that stopped early; their last epoch counts as final) and the settings
+    and ``failed`` (runs that stopped early; their last epoch counts as final),
+    ``skipped_steps`` (steps the optimizer skipped, summed over seeds) and the settings
     (``damping`` is ``λ/λ_max`` when ``relative_damping``).
     """
     table = []
@@ -133,6 +156,7 @@ def summarise(runs: Sequence[RunResult], target: float | None = None) -> list[di
                     **regime(rs),
                     "diverged": sum(r.status == "diverged" for r in rs),
                     "failed": sum(r.status == "failed" for r in rs),
+                    "skipped_steps": sum(skipped_steps(r)[0] for r in rs),
                 }
             )
         sgd = next((r for r in group_rows if r["optimizer"] == "sgd"), None)
@@ -168,6 +192,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         stopped = [f"{r[k]}/{r['seeds']} {k}" for k in ("diverged", "failed") if r.get(k)]
+        if r.get("skipped_steps") and not r["optimizer"].endswith(SKIPPED_MARK):
+            stopped.append(f"{r['skipped_steps']} steps skipped")
         name = r["optimizer"] + (f" ({', '.join(stopped)})" if stopped else "")
         lines.append(
             f"| {r['data']} | {r['model']} | {name} | {r['lr']:g} | {ratio(r)} | "
