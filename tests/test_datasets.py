@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fisherlab import data, datasets
-from fisherlab.datasets import DataFilesError
+from fisherlab import data
+from fisherlab.data import DataFilesError
 
 IDX_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B}
 IDX_CODES |= {np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
@@ -46,7 +46,7 @@ def write_mnist_like(folder, n_train=12, n_test=5, size=6, compress=True, seed=0
 def test_read_idx_round_trips_every_type(tmp_path, compress, dtype):
     rng = np.random.default_rng(1)
     array = (rng.standard_normal((3, 4, 2)) * 50).astype(dtype)
-    back = datasets.read_idx(write_idx(tmp_path / "x.idx", array, compress))
+    back = data.read_idx(write_idx(tmp_path / "x.idx", array, compress))
     assert back.shape == (3, 4, 2) and back.dtype.isnative
     np.testing.assert_array_equal(back, array)
 
@@ -54,20 +54,20 @@ def test_read_idx_round_trips_every_type(tmp_path, compress, dtype):
 def test_read_idx_detects_gzip_by_content_not_name(tmp_path):
     array = np.arange(6, dtype=np.uint8)
     path = write_idx(tmp_path / "labels-without-suffix", array, compress=True)
-    np.testing.assert_array_equal(datasets.read_idx(path), array)
+    np.testing.assert_array_equal(data.read_idx(path), array)
 
 
 def test_read_idx_refuses_bad_files(tmp_path):
     bad_magic = tmp_path / "bad"
     bad_magic.write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
     with pytest.raises(DataFilesError, match="not an IDX file"):
-        datasets.read_idx(bad_magic)
+        data.read_idx(bad_magic)
     truncated = write_idx(tmp_path / "t", np.zeros((4, 3), np.uint8), compress=False)
     truncated.write_bytes(truncated.read_bytes()[:-2])
     with pytest.raises(DataFilesError, match=r"promises shape \(4, 3\)"):
-        datasets.read_idx(truncated)
+        data.read_idx(truncated)
     with pytest.raises(DataFilesError, match="not found"):
-        datasets.read_idx(tmp_path / "missing")
+        data.read_idx(tmp_path / "missing")
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_read_idx_refuses_bad_files(tmp_path):
 )
 def test_idx_dataset_reads_standardises_and_keeps_labels(tmp_path, compress):
     arrays = write_mnist_like(tmp_path, compress=compress)
-    split = datasets.load("fashion-mnist", tmp_path)
+    split = data.load("fashion-mnist", tmp_path)
     assert split.x_train.shape == (12, 1, 6, 6) and split.x_test.shape == (5, 1, 6, 6)
     assert split.x_train.dtype == torch.float32 and split.num_classes == 10
     assert split.y_train.dtype == torch.int64
@@ -91,26 +91,26 @@ def test_idx_dataset_reads_standardises_and_keeps_labels(tmp_path, compress):
 
 def test_idx_dataset_finds_torchvision_layout(tmp_path):
     write_mnist_like(tmp_path / "MNIST" / "raw", compress=False)
-    assert datasets.load("mnist", tmp_path).x_train.shape == (12, 1, 6, 6)
+    assert data.load("mnist", tmp_path).x_train.shape == (12, 1, 6, 6)
 
 
 def test_missing_idx_files_are_named(tmp_path):
     write_mnist_like(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataFilesError) as err:
-        datasets.load("mnist", tmp_path)
+        data.load("mnist", tmp_path)
     message = str(err.value)
     assert "missing t10k-labels-idx1-ubyte" in message and str(tmp_path) in message
     assert "--data-dir" in message and "nothing is downloaded" in message
     with pytest.raises(DataFilesError, match="pass --data-dir"):
-        datasets.load("mnist")
+        data.load("mnist")
 
 
 def test_mismatched_image_and_label_counts_are_refused(tmp_path):
     write_mnist_like(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(3, np.uint8), compress=True)
     with pytest.raises(DataFilesError, match="do not match"):
-        datasets.load("mnist", tmp_path)
+        data.load("mnist", tmp_path)
 
 
 def write_cifar(folder, n=4, str_keys=False, protocol=2, seed=0):
@@ -118,7 +118,7 @@ def write_cifar(folder, n=4, str_keys=False, protocol=2, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     batches = {}
-    for name in (*datasets.CIFAR10_TRAIN, datasets.CIFAR10_TEST):
+    for name in (*data.CIFAR10_TRAIN, data.CIFAR10_TEST):
         images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n)]
         entry = {"batch_label": b"x", "data": images, "labels": labels, "filenames": [b"a"] * n}
@@ -134,12 +134,12 @@ def write_cifar(folder, n=4, str_keys=False, protocol=2, seed=0):
 )
 def test_cifar10_reads_batches_in_channel_order(tmp_path, str_keys, protocol):
     batches = write_cifar(tmp_path / "cifar-10-batches-py", str_keys=str_keys, protocol=protocol)
-    split = datasets.load("cifar10", tmp_path)
+    split = data.load("cifar10", tmp_path)
     assert split.x_train.shape == (20, 3, 32, 32) and split.x_test.shape == (4, 3, 32, 32)
-    labels = [y for n in datasets.CIFAR10_TRAIN for y in batches[n][1]]
+    labels = [y for n in data.CIFAR10_TRAIN for y in batches[n][1]]
     assert split.y_train.tolist() == labels
     images, _ = batches["data_batch_2"]
-    raw, _ = datasets.read_cifar_batch(tmp_path / "cifar-10-batches-py" / "data_batch_2")
+    raw, _ = data.read_cifar_batch(tmp_path / "cifar-10-batches-py" / "data_batch_2")
     # row layout: 1024 red values (row-major 32×32), then green, then blue
     assert raw[1, 1, 2, 5] == images[1, 1024 + 2 * 32 + 5]
     assert raw[3, 2, 31, 0] == images[3, 2048 + 31 * 32]
@@ -151,7 +151,7 @@ def test_cifar10_missing_files_are_named(tmp_path):
     write_cifar(tmp_path)
     (tmp_path / "test_batch").unlink()
     with pytest.raises(DataFilesError, match="missing test_batch; searched"):
-        datasets.load("cifar10", tmp_path)
+        data.load("cifar10", tmp_path)
 
 
 class _Exploit:
@@ -162,7 +162,7 @@ class _Exploit:
 def test_cifar10_pickles_cannot_run_code(tmp_path, capsys):
     (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": _Exploit(), b"labels": []}))
     with pytest.raises(DataFilesError, match=r"refusing to load builtins\.print"):
-        datasets.read_cifar_batch(tmp_path / "data_batch_1")
+        data.read_cifar_batch(tmp_path / "data_batch_1")
     assert "never run" not in capsys.readouterr().out
 
 
@@ -170,14 +170,14 @@ def test_cifar10_batch_of_wrong_shape_is_refused(tmp_path):
     entry = {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}
     (tmp_path / "b").write_bytes(pickle.dumps(entry))
     with pytest.raises(DataFilesError, match=r"not \[N, 3072\]"):
-        datasets.read_cifar_batch(tmp_path / "b")
+        data.read_cifar_batch(tmp_path / "b")
 
 
 def test_digits_come_from_data_module_and_names_are_checked():
-    ours, theirs = datasets.load("digits", seed=3), data.load_digits(seed=3)
+    ours, theirs = data.load("digits", seed=3), data.load_digits(seed=3)
     assert torch.equal(ours.x_train, theirs.x_train) and torch.equal(ours.y_test, theirs.y_test)
     with pytest.raises(ValueError, match="unknown data set 'svhn'"):
-        datasets.load("svhn")
+        data.load("svhn")
 
 
 def test_labels_out_of_range_are_refused_naming_them(tmp_path):
@@ -186,4 +186,4 @@ def test_labels_out_of_range_are_refused_naming_them(tmp_path):
     labels[3] = 12
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels, False)
     with pytest.raises(DataFilesError, match=r"train labels must lie in \[0, 10\).*index 3: 12"):
-        datasets.load("fashion-mnist", tmp_path)
+        data.load("fashion-mnist", tmp_path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fisherlab import cli, data, datasets, files
+from fisherlab import cli, data, files
 from fisherlab import experiments as ex
 from fisherlab.conventions import FisherlabError
 from fisherlab.experiments.runlog import _same_run
@@ -312,8 +312,8 @@ def test_data_rewritten_with_the_same_sizes_and_times_is_noticed(tmp_path):
 
 def test_data_found_in_the_default_folder_has_a_fingerprint(tmp_path, monkeypatch):
     _fashion_files(tmp_path, 0)
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path)  # no --data-dir
-    assert data.source_files("fashion-mnist") == [tmp_path / n for n in datasets.IDX_FILES.values()]
+    monkeypatch.setattr(data.readers, "DEBIAN_FASHION_MNIST", tmp_path)  # no --data-dir
+    assert data.source_files("fashion-mnist") == [tmp_path / n for n in data.IDX_FILES.values()]
     env = ex.environment(ex.RunConfig(data="fashion-mnist"))
     assert env["data_sha256"] == data.fingerprint("fashion-mnist", tmp_path)
     digits = ex.environment(ex.RunConfig())["data_sha256"]  # scikit-learn's embedded file

@@ -1,7 +1,6 @@
 """Readers of real data sets' local files, with numpy: nothing downloads.
 
-The registry of data sets by name is :data:`fisherlab.data.DATASETS`; :func:`load` here is the
-same function as :func:`fisherlab.data.load`.
+The registry of data sets by name is :data:`fisherlab.data.DATASETS` (:func:`fisherlab.data.load`).
 
 * **digits** (default): scikit-learn's embedded 8×8 digits (:func:`fisherlab.data.load_digits`).
 * **fashion-mnist**, **mnist**: the four IDX files of the original distributions,
@@ -19,8 +18,8 @@ of the training split; they are returned as ``[N, C, H, W]`` float tensors with 
 :class:`fisherlab.data.Split`.
 
 Example:
-    >>> from fisherlab import datasets
-    >>> datasets.load("digits").input_shape
+    >>> from fisherlab import data
+    >>> data.load("digits").input_shape
     (1, 8, 8)
 """
 
@@ -36,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fisherlab import data
 from fisherlab.conventions import FisherlabError
+from fisherlab.data.split import Split
 
 IDX_DTYPES: dict[int, str] = {
     0x08: "u1",
@@ -171,7 +170,7 @@ def idx_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str,
 
 def load_idx_dataset(
     name: str, data_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
-) -> data.Split:
+) -> Split:
     """Fashion-MNIST or MNIST from their four local IDX files (gzip or plain).
 
     Args:
@@ -199,7 +198,7 @@ def load_idx_dataset(
     )
     y_train = _labels(name, "train", arrays["train_labels"])
     y_test = _labels(name, "test", arrays["test_labels"])
-    return data.Split(x_train, y_train, x_test, y_test, 10)
+    return Split(x_train, y_train, x_test, y_test, 10)
 
 
 def _labels(name: str, part: str, labels: np.ndarray, classes: int = 10) -> torch.Tensor:
@@ -295,7 +294,7 @@ def cifar10_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 def load_cifar10(
     data_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
-) -> data.Split:
+) -> Split:
     """CIFAR-10 from the local python-pickle batches.
 
     Args:
@@ -316,23 +315,17 @@ def load_cifar10(
     y_tr = np.concatenate([y for _, y in train])
     x_train, x_test = _standardise(x_tr, x_te, dtype)
     y_train, y_test = _labels("cifar10", "train", y_tr), _labels("cifar10", "test", y_te)
-    return data.Split(x_train, y_train, x_test, y_test, 10)
-
-
-load = data.load
-DATASETS = data.DATASETS
+    return Split(x_train, y_train, x_test, y_test, 10)
 
 
 __all__ = [
     "CIFAR10_TEST",
     "CIFAR10_TRAIN",
-    "DATASETS",
     "IDX_DTYPES",
     "IDX_FILES",
     "DataFilesError",
     "cifar10_files",
     "idx_files",
-    "load",
     "load_cifar10",
     "load_idx_dataset",
     "read_cifar_batch",

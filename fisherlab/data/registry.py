@@ -1,14 +1,11 @@
 """The one registry of data sets (:data:`DATASETS`, :func:`load`); nothing downloads.
 
-scikit-learn's digits is embedded; Fashion-MNIST, MNIST and CIFAR-10 are read from local files by
-:mod:`fisherlab.datasets`. Every command and the experiment runner load data through
-:func:`load`, so adding a data set touches this file (and a reader) only. Each data set also
-names the files it is read from (:func:`source_files`, default folders included), whose content
-:func:`fingerprint` hashes for the experiment runner's reuse of finished runs.
-
-Digits: 1,797 grey-scale 8×8 images of the digits 0–9. :func:`load_digits` standardises every
-pixel with the mean and standard deviation of the training split (constant pixels are left at
-zero) and returns images ``[N, 1, 8, 8]`` with int64 labels.
+scikit-learn's digits is embedded (:mod:`fisherlab.data.split`); Fashion-MNIST, MNIST and
+CIFAR-10 are read from local files by :mod:`fisherlab.data.readers`. Every command and the
+experiment runner load data through :func:`load`, so adding a data set touches this file (and a
+reader) only. Each data set also names the files it is read from (:func:`source_files`, default
+folders included), whose content :func:`fingerprint` hashes for the experiment runner's reuse of
+finished runs.
 """
 
 from __future__ import annotations
@@ -19,55 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from fisherlab.conventions import FisherlabError
-
-
-@dataclass(frozen=True)
-class Split:
-    """A train/test split of a classification data set."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input, e.g. ``(1, 8, 8)``."""
-        return tuple(self.x_train.shape[1:])
-
-
-def load_digits(
-    test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Split:
-    """scikit-learn's digits, standardised, with a seeded stratified train/test split.
-
-    Args:
-        test_fraction: Share of samples held out for testing.
-        seed: Seed of the split.
-        dtype: Floating dtype of the images.
-    """
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sk_load_digits()
-    x, y = bunch.data.astype(np.float64), bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
-    std[std == 0] = 1.0
-
-    def images(a: np.ndarray) -> Tensor:
-        return torch.as_tensor((a - mean) / std, dtype=dtype).reshape(-1, 1, 8, 8)
-
-    return Split(images(x_tr), torch.as_tensor(y_tr), images(x_te), torch.as_tensor(y_te), 10)
-
+from fisherlab.data.readers import cifar10_files, idx_files, load_cifar10, load_idx_dataset
+from fisherlab.data.split import Split, load_digits
 
 Loader = Callable[["str | os.PathLike | None", int, torch.dtype], Split]
 
@@ -97,8 +50,6 @@ def _digits(data_dir: str | os.PathLike | None, seed: int, dtype: torch.dtype) -
 
 def _idx(name: str) -> Loader:
     def loader(data_dir: str | os.PathLike | None, seed: int, dtype: torch.dtype) -> Split:
-        from fisherlab.datasets import load_idx_dataset
-
         return load_idx_dataset(name, data_dir, dtype)
 
     return loader
@@ -112,22 +63,16 @@ def _digits_files(data_dir: str | os.PathLike | None) -> list[Path]:
 
 def _idx_files(name: str) -> Callable[[str | os.PathLike | None], list[Path]]:
     def files(data_dir: str | os.PathLike | None) -> list[Path]:
-        from fisherlab.datasets import idx_files
-
         return list(idx_files(name, data_dir).values())
 
     return files
 
 
 def _cifar10_files(data_dir: str | os.PathLike | None) -> list[Path]:
-    from fisherlab.datasets import cifar10_files
-
     return cifar10_files(data_dir)
 
 
 def _cifar10(data_dir: str | os.PathLike | None, seed: int, dtype: torch.dtype) -> Split:
-    from fisherlab.datasets import load_cifar10
-
     return load_cifar10(data_dir, dtype)
 
 
@@ -152,7 +97,7 @@ DATASETS: dict[str, DataSet] = {
         _cifar10, "CIFAR-10 python batches (50,000 / 10,000)", 0.6, files=_cifar10_files
     ),
 }
-"""Every data set known by name (the ``--data`` choices); their files: :mod:`fisherlab.datasets`."""
+"""Every data set known by name (the ``--data`` choices); readers: :mod:`fisherlab.data.readers`."""
 
 
 def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> None:
@@ -184,7 +129,7 @@ def load(
         dtype: Floating dtype of the images.
 
     Raises:
-        FisherlabError: For an unknown name; :class:`fisherlab.datasets.DataFilesError` for
+        FisherlabError: For an unknown name; :class:`fisherlab.data.DataFilesError` for
             missing files.
     """
     if name not in DATASETS:
@@ -230,7 +175,7 @@ def source_files(name: str, data_dir: str | os.PathLike | None = None) -> list[P
     """The files :func:`load` reads for data set ``name`` (the default folders included).
 
     Raises:
-        FisherlabError: For an unknown name; :class:`fisherlab.datasets.DataFilesError` for
+        FisherlabError: For an unknown name; :class:`fisherlab.data.DataFilesError` for
             missing files.
     """
     if name not in DATASETS:
