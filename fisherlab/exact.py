@@ -322,7 +322,26 @@ def _stream(
         key: problem.all_reduce(mirror_upper(total)).div_(problem.normaliser)
         for key, total in sums.items()
     }
+    overflowed = [key for key, block in blocks.items() if not _finite(block)]
+    if overflowed:
+        dtype = blocks[overflowed[0]].dtype
+        what = (
+            "the full exact Fisher overflows"
+            if overflowed == [""]
+            else f"the exact blocks {overflowed} overflow"
+        )
+        raise FisherlabError(
+            f"{what} {dtype} (NaN or Inf "
+            "entries): the data's gradient rows are too large for it; rescale the data or "
+            "compute in float64 (model.double() and double inputs)"
+        )
     return blocks, used, reason
+
+
+def _finite(matrix: Tensor) -> bool:
+    """Whether every entry is finite (no temporary of the matrix's size)."""
+    low, high = torch.aminmax(matrix)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def exact_blocks(

@@ -176,6 +176,7 @@ class Problem:
         self._passes_started = 0
         self._feature_shapes: tuple | None = None
         self._probed = False
+        self._calls_checked = False  # set by fisherlab.capture.capture_batch
         self.num_samples: int | None = None
         self.normaliser: float | None = None
         self._cache: Any = None  # set by fisherlab.capture.cached_captures

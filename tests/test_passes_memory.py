@@ -148,3 +148,124 @@ def test_integer_inputs_to_a_float_model_are_one_clear_error(entry):
         fl.FisherlabError, match=r"inputs have dtype torch.int64 .* torch.float64.*inputs.to"
     ):
         call(_mlp(), nn.CrossEntropyLoss(), x.long(), y)
+
+
+# ------------------------------------------------- parameters used outside their module's call
+class _Functional(nn.Module):
+    """``out.weight`` is also used functionally: ``h @ out.weight.T`` beside ``out(h)``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.inp, self.out, self.how = nn.Linear(4, 5), nn.Linear(5, 3), how
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.how == "matmul":
+            return self.out(h) + 0.5 * h @ self.out.weight.T
+        return self.out(h) + nn.functional.linear(h.flip(1), self.out.weight)
+
+
+@pytest.mark.parametrize("how", ["matmul", "functional-linear"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fisher_type", ["true", "mc", "empirical"])
+def test_a_parameter_used_outside_its_module_is_refused_by_name(method, how, fisher_type):
+    torch.manual_seed(0)
+    model = _Functional(how).double()
+    x, y = _data(8)
+    with pytest.raises(
+        fl.FisherlabError, match=r"parameters 'out.weight' \(.*\) are also used outside"
+    ):
+        fl.curvature(method, model, nn.CrossEntropyLoss(), x, y, fisher_type=fisher_type)
+
+
+def test_capture_of_a_parameter_used_outside_its_module_is_refused():
+    torch.manual_seed(0)
+    x, y = _data(8)
+    problem = fl.Problem(_Functional("matmul").double(), nn.CrossEntropyLoss(), [(x, y)] * 2)
+    with pytest.raises(fl.FisherlabError, match=r"'out.weight'.*fl.exact_blocks"):
+        fl.capture(problem)
+
+
+def test_exact_blocks_differentiate_the_functional_use():
+    """The alternative the refusal names is right: ``exact_blocks`` sees every use."""
+    torch.manual_seed(0)
+    model = _Functional("matmul").double()
+    x, y = _data(8)
+    blocks = fl.exact_blocks(model, nn.CrossEntropyLoss(), x, y, fisher_type="empirical")
+    params = dict(model.named_parameters())
+
+    def loss(w, b, xn, yn):
+        out = torch.func.functional_call(model, {**params, "out.weight": w, "out.bias": b}, (xn,))
+        return nn.functional.cross_entropy(out, yn, reduction="sum")
+
+    gw, gb = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
+        params["out.weight"], params["out.bias"], x.unsqueeze(1), y.unsqueeze(1)
+    )
+    rows = torch.cat([gw.flatten(1), gb.flatten(1)], dim=1)
+    assert rel_err(blocks["out"], rows.T @ rows / len(x)) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "case_name",
+    [
+        "mlp-relu-nobias-ce",
+        "cnn-stride-pad-ce",
+        "cnn-dilation-mse",
+        "seq-linear-ce",
+        "residual-mse",
+    ],
+)
+def test_float32_models_are_not_refused_by_the_module_call_check(case_name):
+    """No false alarm from float32 rounding: the check compares within rounding of Σ‖j_n‖."""
+    from cases import CASES
+
+    case = next(c for c in CASES if c.name == case_name)
+    model, loss_fn, x, y = case.build(16, 0)
+    model = model.float()
+    y = y.float() if y.is_floating_point() else y
+    cap = fl.capture(model, loss_fn, x.float(), y, fisher_type="true")
+    assert all(lc.G.shape[0] == next(iter(cap.values())).G.shape[0] for lc in cap.values())
+
+
+# ------------------------------------------------------------------- overflowing statistics
+@pytest.mark.parametrize("method", METHODS)
+def test_a_huge_float32_sample_is_refused_alike_by_every_method(method):
+    """Probe: one finite sample at 1e22 in float32 (its squares overflow)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    x[3, 1] = 1e22
+    with pytest.raises(
+        fl.FisherlabError, match=r"statistics of layer '0' overflow torch.float32.*float64"
+    ):
+        fl.curvature(method, model, nn.CrossEntropyLoss(), x, y)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_same_sample_in_float64_is_finite_for_every_method(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    x[3, 1] = 1e22
+    block = fl.curvature(method, model, nn.CrossEntropyLoss(), x, y)["0"]
+    assert block.to_dense().isfinite().all()
+
+
+@pytest.mark.parametrize("entry", ["exact_blocks", "exact_fisher"])
+def test_exact_blocks_that_overflow_are_refused(entry):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    x[3, 1] = 1e15  # MSE gradient rows ~1e30: their squares overflow float32
+    call = getattr(fl, entry)
+    with pytest.raises(fl.FisherlabError, match=r"exact .* overflows? torch.float32.*float64"):
+        call(nn.Sequential(nn.Linear(4, 3)), nn.MSELoss(), x, y, fisher_type="empirical")
+
+
+def test_statistics_are_checked_over_the_data_set_not_per_batch():
+    """One batch's sums fit float32; those of four such batches may not."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.full((8, 4), 5e17), torch.zeros(8, 3)  # |g| = √2 (true MSE rows), P = 15
+    one = fl.curvature("kfac", fl.Problem(model, nn.MSELoss(), [(x, y)]))  # bound 1.8e38
+    assert one["0"].to_dense().isfinite().all()
+    with pytest.raises(fl.FisherlabError, match=r"overflow torch.float32: .* over 16 samples"):
+        fl.curvature("kfac", fl.Problem(model, nn.MSELoss(), [(x, y)] * 4))

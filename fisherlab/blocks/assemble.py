@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fisherlab.blocks.base import REGISTRY, BuildContext, CurvatureBlock, Options
-from fisherlab.capture import Capture, cached_captures, captures
+from fisherlab.capture import Capture, RangeCheck, cached_captures, captures
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError
 from fisherlab.layers import Layer
 from fisherlab.problem import Problem
@@ -111,11 +111,14 @@ def assemble(
     ]
     flat = [b for per_layer in builders for b in per_layer.values()]
     total_passes = max((b.passes for b in flat), default=0)
+    in_range = RangeCheck()  # overflowing statistics: refused alike for every method
     with source.cached() if total_passes > 1 else contextlib.nullcontext():
         for pass_index in range(total_passes):
             active = [b for b in flat if b.passes > pass_index]
             label = "capture" if total_passes == 1 else f"capture (pass {pass_index + 1})"
             for cap in source.one_pass(label):
+                if pass_index == 0:
+                    in_range.add(cap)
                 for b in active:
                     lc = cap[b.layer.name]
                     b.add(lc.A, lc.G, pass_index)
