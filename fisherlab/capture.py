@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from fisherlab.conventions import FisherlabError
+from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory, format_bytes
 from fisherlab.layers import Layer
 from fisherlab.losses import LossSpec
 from fisherlab.problem import Batch, Problem, as_problem
@@ -753,18 +753,28 @@ def captures(problem: Problem, desc: str = "capture", quiet: bool = False) -> It
         return
     keep = cache is not None and not cache.too_large
     items: list[Capture] = []
-    nbytes = 0
+    nbytes = seen = 0
+    total = problem.num_samples_hint
     for batch in problem.batches(desc, quiet):
         cap = capture_batch(problem, batch)
         if keep:
-            nbytes += cap.nbytes
-            if nbytes <= cache.max_bytes:
+            nbytes, seen = nbytes + cap.nbytes, seen + batch.size
+            # the pass's size estimated from its first batches, before it is kept
+            if _pass_bytes(nbytes, seen, total) <= cache.max_bytes:
                 items.append(cap)
             else:  # too large to keep: later passes capture again
                 keep, items, cache.too_large = False, [], True
         yield cap
     if keep:
         cache.items = items
+
+
+def _pass_bytes(nbytes: int, seen: int, total: int | None) -> float:
+    """The captures of a whole pass, estimated from ``nbytes`` of its first ``seen`` samples.
+
+    ``total``: the data's ``N`` where known (else the estimate is what was seen).
+    """
+    return nbytes if total is None or total <= seen else nbytes / seen * total
 
 
 @dataclass
@@ -800,6 +810,7 @@ def capture(
     fisher_type: str | None = None,
     mc_samples: int | None = None,
     skip_unsupported: bool | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Capture:
     """Capture ``Ã`` and ``G`` of every supported layer for a batch (or all of a problem's data).
 
@@ -818,12 +829,35 @@ def capture(
         fisher_type: ``"true"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: Labels drawn per input for ``"mc"`` (default 1).
         skip_unsupported: Leave out unsupported parametrised modules with a warning.
+        max_bytes: Memory budget of the captures of a problem over several batches, kept and
+            concatenated (twice their size): estimated from the first batch and the data's
+            ``N`` where known, and refused beyond it with the size and an alternative.
 
     Returns:
         A :class:`Capture` mapping layer names to :class:`LayerCapture`.
+
+    Raises:
+        MemoryBudgetError: when the captures of a problem's data would exceed ``max_bytes``.
     """
     problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
-    parts = list(captures(problem))
+    parts: list[Capture] = []
+    nbytes = seen = 0
+    total = problem.num_samples_hint
+    for cap in captures(problem):
+        parts.append(cap)
+        if problem.single_batch:
+            continue
+        nbytes, seen = nbytes + cap.nbytes, seen + cap.num_samples
+        estimate = _pass_bytes(nbytes, seen, total)
+        check_memory(
+            f"the captures of {'all ' + str(total) if total else 'the'} samples "
+            f"({format_bytes(nbytes / seen)} each), kept and concatenated",
+            int(2 * estimate),
+            max_bytes,
+            "use fl.curvature(...), which streams the batches, iterate "
+            "fisherlab.capture.captures(problem) for one batch's capture at a time, or raise "
+            "max_bytes= if the machine has the memory",
+        )
     if len(parts) == 1:
         return parts[0]
     layers = {

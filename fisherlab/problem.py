@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,7 @@ class Problem:
         loss: What fisherlab read from ``loss_fn`` (kind and reduction).
         layers: The supported layers, ``{module name: Layer}``.
         num_samples: ``N`` of the data (of all ranks when sharded), once a pass completed.
+        output_shape: The network output's shape per sample, once a batch was probed.
         normaliser: ``ν`` of the data, once a pass completed.
 
     Raises:
@@ -177,6 +179,7 @@ class Problem:
         self._feature_shapes: tuple | None = None
         self._probed = False
         self._calls_checked = False  # set by fisherlab.capture.capture_batch
+        self.output_shape: tuple[int, ...] | None = None
         self.num_samples: int | None = None
         self.normaliser: float | None = None
         self._cache: Any = None  # set by fisherlab.capture.cached_captures
@@ -366,6 +369,7 @@ class Problem:
                 "Call model.eval() or remove the randomness"
             )
         self.loss.check_outputs(first, batch.targets)
+        self.output_shape = tuple(first.shape[1:])
         self._probed = True
 
     def _refuse_input_dtype(self, batch: Batch, err: Exception) -> None:
@@ -427,6 +431,15 @@ class Problem:
         return torch.cat(
             [part.narrow(dim, 0, int(s.item())) for part, s in zip(parts, sizes)], dim=dim
         )
+
+    @property
+    def rows_per_sample(self) -> int:
+        """``R``, the gradient rows per sample of the Fisher type (once a batch was probed)."""
+        if self.fisher_type == "true":
+            if self.output_shape is None:
+                raise FisherlabError("rows_per_sample is known once a batch was probed")
+            return math.prod(self.output_shape)
+        return self.mc_samples if self.fisher_type == "mc" else 1
 
     @property
     def num_samples_hint(self) -> int | None:

@@ -191,7 +191,9 @@ def test_exact_blocks_differentiate_the_functional_use():
     torch.manual_seed(0)
     model = _Functional("matmul").double()
     x, y = _data(8)
-    blocks = fl.exact_blocks(model, nn.CrossEntropyLoss(), x, y, fisher_type="empirical")
+    blocks = fl.exact_blocks(
+        model, nn.CrossEntropyLoss(), x, y, fisher_type="empirical", backend="torch.func"
+    )
     params = dict(model.named_parameters())
 
     def loss(w, b, xn, yn):
@@ -269,3 +271,100 @@ def test_statistics_are_checked_over_the_data_set_not_per_batch():
     assert one["0"].to_dense().isfinite().all()
     with pytest.raises(fl.FisherlabError, match=r"overflow torch.float32: .* over 16 samples"):
         fl.curvature("kfac", fl.Problem(model, nn.MSELoss(), [(x, y)] * 4))
+
+
+# ------------------------------------------------------------------ memory pre-flights
+@pytest.mark.parametrize("backend", ["backpack", "torch.func"])
+@pytest.mark.parametrize("entry", ["exact_blocks", "exact_fisher"])
+def test_exact_rows_are_preflighted_beside_the_blocks(entry, backend):
+    """Probe: Linear(15, 1000), one batch of 128, 2 GiB: the ~1 GiB block fits, its 16 GiB of
+    rows do not; refused before any row (or block) is allocated, with the batch size that fits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(15, 1000))
+    x, y = torch.randn(128, 15), torch.randint(0, 1000, (128,))
+    with pytest.raises(
+        fl.MemoryBudgetError,
+        match=r"gradient rows of batch 0 \(1000 per sample × 128 samples × 16000 parameters"
+        r".*needs 16.2\d GiB.*2.00 GiB.*batches of at most 8 samples",
+    ):
+        getattr(fl, entry)(model, nn.CrossEntropyLoss(), x, y, backend=backend, max_bytes=2 * 2**30)
+
+
+def test_exact_rows_that_fit_in_smaller_batches_give_the_same_blocks():
+    """The alternative the refusal names: the same data in batches of at most that size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 4, (12,))
+    block = 16 * 16 * 8
+    rows_per_sample = 2 * 4 * 16 * 8  # R = 4 rows, P = 16, twice
+    budget = block + 4 * rows_per_sample
+    with pytest.raises(fl.MemoryBudgetError, match="batches of at most 4 samples"):
+        fl.exact_blocks(model, nn.CrossEntropyLoss(), x, y, max_bytes=budget)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    split = fl.exact_blocks(fl.Problem(model, nn.CrossEntropyLoss(), batches), max_bytes=budget)
+    whole = fl.exact_blocks(model, nn.CrossEntropyLoss(), x, y)
+    assert rel_err(split["0"], whole["0"]) <= 1e-12
+
+
+class _Images(torch.utils.data.Dataset):
+    """Images made on demand (nothing held): ``n`` of 3×8×8, labels ``i mod 10``."""
+
+    def __init__(self, n):
+        self.n, self.made = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.made += 1
+        return torch.cos(torch.arange(192.0) * (i + 1)).reshape(3, 8, 8), i % 10
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+
+
+def test_capture_of_many_batches_is_estimated_before_it_is_kept():
+    """Probe (smaller): 200 batches; refused after capturing the first, with the size."""
+    images = _Images(200 * 16)
+    loader = torch.utils.data.DataLoader(images, batch_size=16)
+    problem = fl.Problem(_cnn(), nn.CrossEntropyLoss(), loader, fisher_type="empirical")
+    one = fl.capture(
+        fl.Problem(_cnn(), nn.CrossEntropyLoss(), next(iter(loader)), fisher_type="empirical")
+    )
+    need = 2 * one.nbytes * 200
+    with pytest.raises(
+        fl.MemoryBudgetError,
+        match=rf"captures of all 3200 samples .* needs {fl.conventions.format_bytes(need)}.*"
+        r"fl.curvature",
+    ):
+        fl.capture(problem, max_bytes=need // 10)
+    assert images.made == 16 + 16  # the batch above and one batch of the refused pass
+
+
+def test_capture_of_many_batches_within_the_budget_is_the_concatenation():
+    loader = torch.utils.data.DataLoader(_Images(48), batch_size=16)
+    cap = fl.capture(fl.Problem(_cnn(), nn.CrossEntropyLoss(), loader), max_bytes=2**24)
+    assert cap.num_samples == 48 and cap["3"].G.shape == (10, 48, 1, 10)
+
+
+def test_a_generator_capture_is_checked_as_it_grows():
+    batches = ((x, y) for x, y in torch.utils.data.DataLoader(_Images(200 * 16), batch_size=16))
+    problem = fl.Problem(_cnn(), nn.CrossEntropyLoss(), batches, fisher_type="empirical")
+    with pytest.raises(fl.MemoryBudgetError, match=r"captures of the samples"):
+        fl.capture(problem, max_bytes=2**20)
+
+
+def test_a_cache_that_cannot_hold_the_pass_is_given_up_at_the_first_batch():
+    from fisherlab.capture import cached_captures, captures
+
+    loader = torch.utils.data.DataLoader(_Images(200 * 16), batch_size=16)
+    problem = fl.Problem(_cnn(), nn.CrossEntropyLoss(), loader, fisher_type="empirical")
+    one = fl.Problem(_cnn(), nn.CrossEntropyLoss(), next(iter(loader)), fisher_type="empirical")
+    first = next(iter(captures(one)))
+    with cached_captures(problem, max_bytes=50 * first.nbytes) as cached:
+        passing = captures(cached)
+        next(passing)
+        assert cached._cache.too_large  # 200 batches estimated from one; none kept
+        passing.close()
