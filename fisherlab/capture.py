@@ -303,6 +303,15 @@ class Recorder:
         finally:
             self.channel = previous
 
+    def input_bytes(self) -> int:
+        """Bytes of the layers' inputs ``Ã`` recorded since the last take."""
+        return sum(
+            call.A.numel() * call.A.element_size()
+            for p in self._passes
+            for calls in p.calls.values()
+            for call in calls
+        )
+
     @property
     def num_passes(self) -> int:
         """Forward passes recorded since the last take."""
@@ -625,11 +634,13 @@ def _concat(name: str, tensors: list[Tensor], dim: int, along: str = "samples") 
 
 
 # ------------------------------------------------------------------------- one-shot captures
-def capture_batch(problem: Problem, batch: Batch) -> Capture:
+def capture_batch(problem: Problem, batch: Batch, max_bytes: int | None = None) -> Capture:
     """The statistics of one batch of a problem: one forward, ``R`` backward passes of rows.
 
     The first batch captured for a problem is also checked by :func:`_check_module_calls`
-    (every layer's parameters are used only inside its module's call).
+    (every layer's parameters are used only inside its module's call). With ``max_bytes``, the
+    capture (the layers' inputs and ``R`` output-gradient rows per sample) is estimated after
+    the forward pass and refused beyond it, before any backward pass.
 
     The model is left as it was: hooks are removed, parameters, ``requires_grad`` flags and
     ``.grad`` are untouched.
@@ -661,6 +672,16 @@ def capture_batch(problem: Problem, batch: Batch) -> Capture:
             loss_rows = problem.loss.output_rows(outputs, batch.targets, "empirical")
             rows = torch.cat([rows, loss_rows])
         wrt = [z for _, z in zs]
+        if max_bytes is not None:
+            check_memory(
+                f"the capture of batch {batch.index} (the layers' inputs and "
+                f"{rows.shape[0] - extra} output-gradient rows per sample × {batch.size} samples)",
+                recorder.input_bytes()
+                + rows.shape[0] * sum(z.numel() * z.element_size() for z in wrt),
+                max_bytes,
+                "use smaller batches, fisher_type='mc' or 'empirical' (fewer rows per sample), or "
+                "raise max_bytes= if the machine has the memory",
+            )
         with recorder.recording("rows"):
             for r in range(rows.shape[0]):
                 last = r == rows.shape[0] - 1
@@ -742,10 +763,13 @@ def _check_module_calls(
     return dataclasses.replace(cap, layers=layers)
 
 
-def captures(problem: Problem, desc: str = "capture", quiet: bool = False) -> Iterator[Capture]:
+def captures(
+    problem: Problem, desc: str = "capture", quiet: bool = False, max_bytes: int | None = None
+) -> Iterator[Capture]:
     """One pass over a problem's data: the capture of each batch.
 
-    Within :func:`cached_captures`, a complete pass is kept (when it fits) and replayed.
+    Within :func:`cached_captures`, a complete pass is kept (when it fits) and replayed. With
+    ``max_bytes``, each batch's capture is pre-flighted (:func:`capture_batch`).
     """
     cache = problem._cache
     if cache is not None and cache.items is not None:
@@ -756,7 +780,7 @@ def captures(problem: Problem, desc: str = "capture", quiet: bool = False) -> It
     nbytes = seen = 0
     total = problem.num_samples_hint
     for batch in problem.batches(desc, quiet):
-        cap = capture_batch(problem, batch)
+        cap = capture_batch(problem, batch, max_bytes)
         if keep:
             nbytes, seen = nbytes + cap.nbytes, seen + batch.size
             # the pass's size estimated from its first batches, before it is kept
@@ -829,9 +853,10 @@ def capture(
         fisher_type: ``"true"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: Labels drawn per input for ``"mc"`` (default 1).
         skip_unsupported: Leave out unsupported parametrised modules with a warning.
-        max_bytes: Memory budget of the captures of a problem over several batches, kept and
-            concatenated (twice their size): estimated from the first batch and the data's
-            ``N`` where known, and refused beyond it with the size and an alternative.
+        max_bytes: Memory budget of the captures: each batch's is estimated after its
+            forward pass, and those of a problem over several batches, kept and concatenated
+            (twice their size), from the first batch and the data's ``N`` where known; refused
+            beyond it with the size and an alternative.
 
     Returns:
         A :class:`Capture` mapping layer names to :class:`LayerCapture`.
@@ -843,7 +868,7 @@ def capture(
     parts: list[Capture] = []
     nbytes = seen = 0
     total = problem.num_samples_hint
-    for cap in captures(problem):
+    for cap in captures(problem, max_bytes=max_bytes):
         parts.append(cap)
         if problem.single_batch:
             continue

@@ -368,3 +368,20 @@ def test_a_cache_that_cannot_hold_the_pass_is_given_up_at_the_first_batch():
         next(passing)
         assert cached._cache.too_large  # 200 batches estimated from one; none kept
         passing.close()
+
+
+def test_a_one_batch_capture_is_preflighted_before_its_backward_passes():
+    """True Fisher of 1,000 classes: 1,000 rows per sample of every layer's outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(15, 64), nn.Tanh(), nn.Linear(64, 1000))
+    x, y = torch.randn(128, 15), torch.randint(0, 1000, (128,))
+    rows = (1000 + 1) * 128 * (64 + 1000) * 4  # and the loss gradient's row (first batch)
+    inputs = 128 * (16 + 65) * 4
+    with pytest.raises(
+        fl.MemoryBudgetError,
+        match=rf"capture of batch 0 .*1000 output-gradient rows per sample × 128 samples\) "
+        rf"needs {fl.conventions.format_bytes(rows + inputs)}",
+    ):
+        fl.capture(model, nn.CrossEntropyLoss(), x, y, max_bytes=2**26)
+    cap = fl.capture(model, nn.CrossEntropyLoss(), x, y, fisher_type="empirical", max_bytes=2**26)
+    assert cap["2"].G.shape == (1, 128, 1, 1000)
