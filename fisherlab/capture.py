@@ -30,15 +30,18 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from fisherlab.conventions import FisherlabError
+from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory, format_bytes
 from fisherlab.layers import Layer
 from fisherlab.losses import LossSpec
 from fisherlab.problem import Batch, Problem, as_problem
@@ -296,6 +299,15 @@ class Recorder:
         finally:
             self.channel = previous
 
+    def input_bytes(self) -> int:
+        """Bytes of the layers' inputs ``Ã`` recorded since the last take."""
+        return sum(
+            call.A.numel() * call.A.element_size()
+            for p in self._passes
+            for calls in p.calls.values()
+            for call in calls
+        )
+
     @property
     def num_passes(self) -> int:
         """Forward passes recorded since the last take."""
@@ -537,6 +549,59 @@ class Recorder:
         )
 
 
+class RangeCheck:
+    r"""Refuses captured statistics whose sums overflow their dtype, for every method alike.
+
+    Every method sums products of the captured ``Ã`` and ``G`` over the data in their dtype:
+    the factor sums ``Σ ÃᵀÃ`` and ``Σ GᵀG`` (KFAC, EKFAC, SKFAC, the Woodbury Gram), and
+    ``Σ j jᵀ`` with ``j = Σ_t g ãᵀ`` (exact, diagonal, EKFAC's scalings). Their traces are
+    bounded by ``a²·NT·D``, ``g²·RNT·d`` and ``(T·a·g)²·RN·P``, with ``a``, ``g`` the largest
+    magnitudes seen, ``N`` the samples so far, ``R`` rows, ``T`` positions, ``D``, ``d`` and ``P``
+    the factor and block sizes; a batch that takes a bound beyond the dtype's largest number
+    (or holds NaN/Inf) is refused before any method sums it, whatever the method.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, float, int]] = {}  # name -> (a, g, N)
+
+    def add(self, cap: Capture) -> None:
+        """Check one batch's capture (accumulating ``a``, ``g`` and ``N`` over the data)."""
+        if not cap.layers:
+            return
+        extremes = []
+        for lc in cap.values():
+            extremes.extend(torch.aminmax(lc.A))
+            extremes.extend(torch.aminmax(lc.G))
+        values = torch.stack([e.double() for e in extremes]).abs().tolist()  # one sync
+        for i, (name, lc) in enumerate(cap.items()):
+            a_min, a_max, g_min, g_max = values[4 * i : 4 * i + 4]
+            old = self._seen.get(name, (0.0, 0.0, 0))
+            a, g = max(a_min, a_max, old[0]), max(g_min, g_max, old[1])
+            n = old[2] + lc.A.shape[0]
+            self._seen[name] = (a, g, n)
+            r, t, d_in, d_out = lc.G.shape[0], lc.A.shape[1], lc.A.shape[2], lc.G.shape[3]
+            bound = max(
+                a * a * n * t * d_in,
+                g * g * r * n * t * d_out,
+                (t * a * g) ** 2 * r * n * lc.layer.num_params,
+            )
+            largest = torch.finfo(lc.A.dtype).max
+            if not math.isfinite(a + g):
+                raise FisherlabError(
+                    f"the statistics of layer {name!r} hold NaN or Inf (its inputs or output "
+                    "gradients overflowed in the forward or backward pass); rescale the data or "
+                    "compute in float64 (model.double() and double inputs)"
+                )
+            if not bound < largest:
+                raise FisherlabError(
+                    f"the statistics of layer {name!r} overflow {lc.A.dtype}: its inputs reach "
+                    f"{a:.3g} and its output gradients {g:.3g} over {n} samples × {t} positions, "
+                    f"so the sums every method forms can reach {bound:.3g}, beyond the largest "
+                    f"{lc.A.dtype} ({largest:.3g}); rescale the data or compute in float64 "
+                    "(model.double() and double inputs)"
+                )
+
+
 @contextlib.contextmanager
 def analysis_scope() -> Iterator[None]:
     """Within the block, training recorders (optimizers' hooks) record nothing.
@@ -565,15 +630,25 @@ def _concat(name: str, tensors: list[Tensor], dim: int, along: str = "samples") 
 
 
 # ------------------------------------------------------------------------- one-shot captures
-def capture_batch(problem: Problem, batch: Batch) -> Capture:
+def capture_batch(problem: Problem, batch: Batch, max_bytes: int | None = None) -> Capture:
     """The statistics of one batch of a problem: one forward, ``R`` backward passes of rows.
+
+    The first batch captured for a problem is also checked by :func:`_check_module_calls`
+    (every layer's parameters are used only inside its module's call). With ``max_bytes``, the
+    capture (the layers' inputs and ``R`` output-gradient rows per sample) is estimated after
+    the forward pass and refused beyond it, before any backward pass.
 
     The model is left as it was: hooks are removed, parameters, ``requires_grad`` flags and
     ``.grad`` are untouched.
     """
+    check = not problem._calls_checked
+    params = _layer_parameters(problem) if check else {}
     recorder = Recorder(problem.model, problem.layers, problem.loss, force_grad=True)
     with analysis_scope(), recorder, torch.enable_grad():
-        outputs = problem.model(batch.inputs)
+        if check:  # leaves of our own, so that autograd gives every parameter's full gradient
+            outputs = functional_call(problem.model, params, (batch.inputs,), strict=False)
+        else:
+            outputs = problem.model(batch.inputs)
         if not isinstance(outputs, Tensor):
             raise FisherlabError(
                 f"the model returns {type(outputs).__name__}; fisherlab needs a tensor of "
@@ -588,23 +663,109 @@ def capture_batch(problem: Problem, batch: Batch) -> Capture:
             rows = problem.loss.output_rows(
                 outputs, batch.targets, problem.fisher_type, problem.mc_samples
             )
+        extra = check and problem.fisher_type != "empirical"
+        if extra:  # one more row: the loss gradient (the empirical rows are that already)
+            loss_rows = problem.loss.output_rows(outputs, batch.targets, "empirical")
+            rows = torch.cat([rows, loss_rows])
+        wrt = [z for _, z in zs]
+        if max_bytes is not None:
+            check_memory(
+                f"the capture of batch {batch.index} (the layers' inputs and "
+                f"{rows.shape[0] - extra} output-gradient rows per sample × {batch.size} samples)",
+                recorder.input_bytes()
+                + rows.shape[0] * sum(z.numel() * z.element_size() for z in wrt),
+                max_bytes,
+                "use smaller batches, fisher_type='mc' or 'empirical' (fewer rows per sample), or "
+                "raise max_bytes= if the machine has the memory",
+            )
         with recorder.recording("rows"):
             for r in range(rows.shape[0]):
-                torch.autograd.grad(
+                last = r == rows.shape[0] - 1
+                grads = torch.autograd.grad(
                     outputs,
-                    [z for _, z in zs],
+                    wrt + (list(params.values()) if check and last else []),
                     grad_outputs=rows[r],
-                    retain_graph=r < rows.shape[0] - 1,
+                    retain_graph=not last,
                     allow_unused=True,
                 )
         cap = recorder.take("rows", problem.fisher_type, problem.mc_samples, rows=rows.shape[0])
+    if check:
+        loss_grads = dict(zip(params, grads[len(wrt) :]))
+        cap = _check_module_calls(problem, cap, loss_grads, drop_last_row=extra)
+        problem._calls_checked = True
     return cap
 
 
-def captures(problem: Problem, desc: str = "capture", quiet: bool = False) -> Iterator[Capture]:
+def _layer_parameters(problem: Problem) -> dict[str, Tensor]:
+    """Detached copies (requiring grad) of the layers' parameters, by full parameter name."""
+    return {
+        f"{name}.{p_name}" if name else p_name: p.detach().requires_grad_(True)
+        for name, layer in problem.layers.items()
+        for p_name, p in layer.module.named_parameters(recurse=False)
+    }
+
+
+def _check_module_calls(
+    problem: Problem, cap: Capture, loss_grads: dict[str, Tensor | None], drop_last_row: bool
+) -> Capture:
+    r"""Refuse layers whose parameters are used outside their module's call.
+
+    Captures see a parameter only through its module's call: its gradient is
+    ``Σ_n G_nᵀ Ã_n`` of the loss rows. Autograd's gradient of the loss w.r.t. the parameter
+    also holds any other use (``x @ layer.weight`` in the forward, a use by another module);
+    where the two differ beyond rounding (``‖Δ‖ > tol·Σ_n ‖G_n‖‖Ã_n‖``), the captured
+    statistics miss part of the parameter's gradient and no block built from them is the
+    Fisher of the parameter.
+
+    Args:
+        problem: The problem.
+        cap: The batch's capture; its last row is the loss gradient's.
+        loss_grads: Autograd's gradient of the per-sample summed loss per parameter name.
+        drop_last_row: Whether the last row was added for this check (not a Fisher row).
+
+    Returns:
+        The capture without the added row.
+    """
+    outside = []
+    for name, lc in cap.items():
+        A, G = lc.A, lc.G[-1]  # [N, T, D], [N, T, d_out]
+        captured = lc.layer.gradients_from_rows(
+            A.reshape(1, -1, A.shape[-1]).double(), G.reshape(1, -1, G.shape[-1]).double()
+        )[0]
+        scale = float((A.double().flatten(1).norm(dim=1) * G.double().flatten(1).norm(dim=1)).sum())
+        tol = min(1e3 * torch.finfo(A.dtype).eps, 0.05) * scale
+        offset = 0
+        for p_name, p in zip(("weight", "bias"), lc.layer.parameters()):
+            key = f"{name}.{p_name}" if name else p_name
+            part = captured[offset : offset + p.numel()]
+            offset += p.numel()
+            full = loss_grads.get(key)
+            full = torch.zeros_like(part) if full is None else full.reshape(-1).double()
+            difference = float((full - part).norm())
+            if difference > tol:
+                relative = difference / max(float(full.norm()), 1e-300)
+                outside.append(f"{key!r} (relative difference of the gradients {relative:.2g})")
+    if outside:
+        raise FisherlabError(
+            f"parameters {', '.join(outside)} are also used outside their module's call (e.g. "
+            "x @ layer.weight in the forward, or by another module): the captured statistics "
+            "see only the module's call, so no block built from them is the Fisher of those "
+            "parameters; route every use through the module's call, or use "
+            "fl.exact_blocks(problem), which differentiates the whole forward"
+        )
+    if not drop_last_row:
+        return cap
+    layers = {name: dataclasses.replace(lc, G=lc.G[:-1].clone()) for name, lc in cap.layers.items()}
+    return dataclasses.replace(cap, layers=layers)
+
+
+def captures(
+    problem: Problem, desc: str = "capture", quiet: bool = False, max_bytes: int | None = None
+) -> Iterator[Capture]:
     """One pass over a problem's data: the capture of each batch.
 
-    Within :func:`cached_captures`, a complete pass is kept (when it fits) and replayed.
+    Within :func:`cached_captures`, a complete pass is kept (when it fits) and replayed. With
+    ``max_bytes``, each batch's capture is pre-flighted (:func:`capture_batch`).
     """
     cache = problem._cache
     if cache is not None and cache.items is not None:
@@ -612,18 +773,28 @@ def captures(problem: Problem, desc: str = "capture", quiet: bool = False) -> It
         return
     keep = cache is not None and not cache.too_large
     items: list[Capture] = []
-    nbytes = 0
+    nbytes = seen = 0
+    total = problem.num_samples_hint
     for batch in problem.batches(desc, quiet):
-        cap = capture_batch(problem, batch)
+        cap = capture_batch(problem, batch, max_bytes)
         if keep:
-            nbytes += cap.nbytes
-            if nbytes <= cache.max_bytes:
+            nbytes, seen = nbytes + cap.nbytes, seen + batch.size
+            # the pass's size estimated from its first batches, before it is kept
+            if _pass_bytes(nbytes, seen, total) <= cache.max_bytes:
                 items.append(cap)
             else:  # too large to keep: later passes capture again
                 keep, items, cache.too_large = False, [], True
         yield cap
     if keep:
         cache.items = items
+
+
+def _pass_bytes(nbytes: int, seen: int, total: int | None) -> float:
+    """The captures of a whole pass, estimated from ``nbytes`` of its first ``seen`` samples.
+
+    ``total``: the data's ``N`` where known (else the estimate is what was seen).
+    """
+    return nbytes if total is None or total <= seen else nbytes / seen * total
 
 
 @dataclass
@@ -659,6 +830,7 @@ def capture(
     fisher_type: str | None = None,
     mc_samples: int | None = None,
     skip_unsupported: bool | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Capture:
     """Capture ``Ã`` and ``G`` of every supported layer for a batch (or all of a problem's data).
 
@@ -677,12 +849,36 @@ def capture(
         fisher_type: ``"true"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: Labels drawn per input for ``"mc"`` (default 1).
         skip_unsupported: Leave out unsupported parametrised modules with a warning.
+        max_bytes: Memory budget of the captures: each batch's is estimated after its
+            forward pass, and those of a problem over several batches, kept and concatenated
+            (twice their size), from the first batch and the data's ``N`` where known; refused
+            beyond it with the size and an alternative.
 
     Returns:
         A :class:`Capture` mapping layer names to :class:`LayerCapture`.
+
+    Raises:
+        MemoryBudgetError: when the captures of a problem's data would exceed ``max_bytes``.
     """
     problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
-    parts = list(captures(problem))
+    parts: list[Capture] = []
+    nbytes = seen = 0
+    total = problem.num_samples_hint
+    for cap in captures(problem, max_bytes=max_bytes):
+        parts.append(cap)
+        if problem.single_batch:
+            continue
+        nbytes, seen = nbytes + cap.nbytes, seen + cap.num_samples
+        estimate = _pass_bytes(nbytes, seen, total)
+        check_memory(
+            f"the captures of {'all ' + str(total) if total else 'the'} samples "
+            f"({format_bytes(nbytes / seen)} each), kept and concatenated",
+            int(2 * estimate),
+            max_bytes,
+            "use fl.curvature(...), which streams the batches, iterate "
+            "fisherlab.capture.captures(problem) for one batch's capture at a time, or raise "
+            "max_bytes= if the machine has the memory",
+        )
     if len(parts) == 1:
         return parts[0]
     layers = {

@@ -377,17 +377,48 @@ def _itemsize(problem: Problem) -> int:
     return 4
 
 
+def _check_rows_memory(problem: Problem, batch: Batch, held: int, max_bytes: int) -> None:
+    """Refuse a batch whose rows ``[R·N_b, P]`` (and their copy in block order) exceed the budget.
+
+    The peak of a batch is its rows of every parameter, their concatenation per block, and the
+    blocks held (``held`` bytes).
+    """
+    rows = problem.rows_per_sample
+    params = sum(layer.num_params for layer in problem.layers.values())
+    per_sample = 2 * rows * params * _itemsize(problem)
+    fits = (max_bytes - held) // per_sample
+    hint = (
+        f"split the data into batches of at most {fits} samples (the blocks are the same sums)"
+        if fits >= 1
+        else "use fisher_type='mc' or 'empirical' (fewer rows per sample), or an approximation "
+        "(fl.curvature('kfac'/'ekfac'/'diag', ...))"
+    )
+    check_memory(
+        f"the gradient rows of batch {batch.index} ({rows} per sample × {batch.size} samples × "
+        f"{params} parameters, twice: as computed and in block order) beside the blocks",
+        held + batch.size * per_sample,
+        max_bytes,
+        hint + ", or raise max_bytes= if the machine has the memory",
+    )
+
+
 def _stream(
-    problem: Problem, backend: str, columns_of: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    problem: Problem,
+    backend: str,
+    columns_of: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    held: int,
+    max_bytes: int,
 ) -> tuple[dict[str, Tensor], str, str]:
     """``Σ_b JᵀJ`` of the row matrices ``columns_of(rows of batch b)``, over ranks, over ``ν``.
 
-    Accumulated in place on the upper block triangle and mirrored once at the end.
+    Accumulated in place on the upper block triangle and mirrored once at the end. Each
+    batch's rows are pre-flighted against ``max_bytes`` beside the ``held`` bytes of the sums.
     """
     sums: dict[str, Tensor] = {}
     desc = "exact Fisher" + ("" if backend == "auto" else f" ({backend})")
     with analysis_scope(), _row_source(problem, backend) as rows_of:
         for batch in problem.batches(desc):
+            _check_rows_memory(problem, batch, held, max_bytes)
             for key, rows in columns_of(rows_of(batch)).items():
                 if key not in sums:
                     sums[key] = rows.new_zeros(rows.shape[1], rows.shape[1])
@@ -396,7 +427,26 @@ def _stream(
         key: problem.all_reduce(mirror_upper(total)).div_(problem.normaliser)
         for key, total in sums.items()
     }
+    overflowed = [key for key, block in blocks.items() if not _finite(block)]
+    if overflowed:
+        dtype = blocks[overflowed[0]].dtype
+        what = (
+            "the full exact Fisher overflows"
+            if overflowed == [""]
+            else f"the exact blocks {overflowed} overflow"
+        )
+        raise FisherlabError(
+            f"{what} {dtype} (NaN or Inf "
+            "entries): the data's gradient rows are too large for it; rescale the data or "
+            "compute in float64 (model.double() and double inputs)"
+        )
     return blocks, rows_of.backend, rows_of.reason
+
+
+def _finite(matrix: Tensor) -> bool:
+    """Whether every entry is finite (no temporary of the matrix's size)."""
+    low, high = torch.aminmax(matrix)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def exact_blocks(
@@ -437,9 +487,10 @@ def exact_blocks(
     """
     problem = as_problem(model, loss_fn, inputs, targets, fisher_type, mc_samples, skip_unsupported)
     sizes = {name: layer.num_params for name, layer in problem.layers.items()}
+    held = sum(p * p for p in sizes.values()) * _itemsize(problem)
     check_memory(
         "the dense blocks " + ", ".join(f"{n!r} ({p}×{p})" for n, p in sizes.items()),
-        sum(p * p for p in sizes.values()) * _itemsize(problem),
+        held,
         max_bytes,
         "raise max_bytes= if the machine has the memory",
     )
@@ -447,6 +498,8 @@ def exact_blocks(
         problem,
         backend,
         lambda rows: {name: _layer_rows(problem, rows, name) for name in problem.layers},
+        held,
+        max_bytes,
     )
     return BlockDict(
         blocks,
@@ -486,9 +539,10 @@ def exact_fisher(
     params = [p for p in problem.model.parameters() if id(p) in owner]
     order = [owner[id(p)] for p in params]
     total = sum(p.numel() for p in params)
+    held = total * total * _itemsize(problem)
     check_memory(
         f"the full Fisher ({total}×{total})",
-        total * total * _itemsize(problem),
+        held,
         max_bytes,
         "raise max_bytes= if the machine has the memory, or use fl.exact_blocks(...) for the "
         "per-layer blocks",
@@ -501,6 +555,8 @@ def exact_fisher(
         problem,
         backend,
         lambda rows: {"": torch.cat([rows[key] for _, key in order], dim=1)},
+        held,
+        max_bytes,
     )
     slices = {
         name: slice(start, start + problem.layers[name].num_params)

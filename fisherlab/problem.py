@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +64,24 @@ class Batch:
 
 @dataclass(frozen=True)
 class PassRecord:
-    """What one complete pass over the data saw (to check that later passes see the same)."""
+    """What one complete pass over the data saw (to check that later passes see the same).
+
+    Attributes:
+        sizes: ``N_b`` of every batch, in order.
+        checksums: :func:`_checksum` of every batch, in order: ``[B, 2, K]`` (moment sums and
+            the sums of their magnitudes, for the rounding tolerance).
+    """
 
     sizes: tuple[int, ...]
-    checksums: tuple[float, ...]
+    checksums: Tensor
+
+    def same_batches(self, other: PassRecord) -> bool:
+        """Whether ``other`` saw the same batches in the same order (up to rounding)."""
+        return _close(self.checksums, other.checksums)
+
+    def same_samples(self, other: PassRecord) -> bool:
+        """Whether ``other`` saw the same samples, in any order or batching (up to rounding)."""
+        return _close(self.checksums.sum(0, keepdim=True), other.checksums.sum(0, keepdim=True))
 
 
 def _is_pair(item: Any) -> bool:
@@ -115,6 +130,7 @@ class Problem:
         loss: What fisherlab read from ``loss_fn`` (kind and reduction).
         layers: The supported layers, ``{module name: Layer}``.
         num_samples: ``N`` of the data (of all ranks when sharded), once a pass completed.
+        output_shape: The network output's shape per sample, once a batch was probed.
         normaliser: ``ν`` of the data, once a pass completed.
 
     Raises:
@@ -166,6 +182,8 @@ class Problem:
         self._passes_started = 0
         self._feature_shapes: tuple | None = None
         self._probed = False
+        self._calls_checked = False  # set by fisherlab.capture.capture_batch
+        self.output_shape: tuple[int, ...] | None = None
         self.num_samples: int | None = None
         self.normaliser: float | None = None
         self._cache: Any = None  # set by fisherlab.capture.cached_captures
@@ -225,8 +243,10 @@ class Problem:
         The first batch of the first pass also probes the model (every supported layer runs
         exactly once; two forward passes agree, i.e. no random op is active). At the end of a
         complete pass, ``num_samples`` and ``normaliser`` hold ``N`` and ``ν`` of the whole data
-        (of all ranks when ``sharded``); a later pass must see the same batch sizes (and, for
-        ``"mc"``, the same batches, whose labels are drawn per batch).
+        (of all ranks when ``sharded``); a later pass must see the same batch sizes and the
+        same samples (checked by order-independent checksums: a reshuffling ``DataLoader``
+        passes, one with ``drop_last=True`` or random augmentation does not) and, for ``"mc"``,
+        the same batches in the same order (labels are drawn per batch).
 
         Raises:
             FisherlabError: for an empty iterable, a consumed iterator, a bad batch, or data
@@ -241,11 +261,19 @@ class Problem:
         self._passes_started += 1
         if self.fisher_type == "mc":
             self._start_keyed_pass()
-        sizes, checksums, normalisers = [], [], []
+        sizes, checksums, normalisers = [], [], []  # checksums: one [2, K] tensor per batch
         show = False if self.single_batch or quiet else self.progress
-        bar = self._batches
+        # one iterator per pass: tqdm.auto would call iter() on an iterable once more (a
+        # DataLoader then starts its workers and draws its shuffling order twice)
+        bar = iter(self._batches)
         if show is not False:  # None: tqdm shows the bar on a terminal only
-            bar = tqdm(bar, desc=desc, disable=None if show is None else False, leave=False)
+            try:
+                total = len(self._batches)
+            except TypeError:  # no length (a generator, an IterableDataset's loader)
+                total = None
+            bar = tqdm(
+                bar, desc=desc, total=total, disable=None if show is None else False, leave=False
+            )
         for index, item in enumerate(bar):
             batch = self._check_batch(index, item, sum(sizes))
             if not self._probed:
@@ -259,7 +287,7 @@ class Problem:
                 "the data yielded no batch"
                 + (" on this pass (an exhausted iterator?)" if self._record else "")
             )
-        record = PassRecord(tuple(sizes), tuple(checksums))
+        record = PassRecord(tuple(sizes), torch.stack(checksums).cpu())
         if self._record is None:
             self._record = record
             count = self.all_reduce(torch.tensor([float(sum(sizes))], dtype=torch.float64))
@@ -271,18 +299,37 @@ class Problem:
             self._check_same_data(record)
 
     def _check_same_data(self, record: PassRecord) -> None:
+        """Refuse a pass that saw other data than the first pass (every Fisher type).
+
+        Every Fisher type needs the same samples on every pass (the passes of EKFAC, of several
+        methods, of ``compare``, or of two calls on one problem are summed or compared as one
+        data set); ``"mc"`` needs the same batches in the same order too (its labels are drawn
+        per batch).
+        """
         first = self._record
+        remedy = (
+            "use data that yields the same samples on every pass (a fixed order: shuffle=False; "
+            "no random augmentation); within one call of EKFAC or of several methods, a "
+            "Problem(cache_bytes=...) that holds a pass's captures also works (later passes "
+            "replay the first from memory)"
+        )
         if record.sizes != first.sizes:
             raise FisherlabError(
                 f"the data changed between passes: the first pass had {len(first.sizes)} batches "
                 f"of {sum(first.sizes)} samples, this one {len(record.sizes)} batches of "
-                f"{sum(record.sizes)}; use data that yields the same batches on every pass"
+                f"{sum(record.sizes)}; {remedy}"
             )
-        if self.fisher_type == "mc" and record.checksums != first.checksums:
+        if self.fisher_type == "mc" and not first.same_batches(record):
             raise FisherlabError(
                 "the data changed between passes (a shuffling DataLoader?): Monte-Carlo labels are "
-                "drawn per batch, so every pass must see the same batches in the same order; use "
-                "shuffle=False"
+                "drawn per batch, so every pass must see the same batches in the same order; "
+                + remedy
+            )
+        if not first.same_samples(record):
+            raise FisherlabError(
+                "the data changed between passes: this pass saw other samples than the first (a "
+                "DataLoader with shuffle=True and drop_last=True, or random augmentation?), so "
+                "the passes' statistics belong to different data sets; " + remedy
             )
 
     def _probe(self, batch: Batch) -> None:
@@ -301,6 +348,9 @@ class Problem:
         try:
             with torch.no_grad(), self._forked_rng(1):
                 first = self.model(batch.inputs)
+        except Exception as err:
+            self._refuse_input_dtype(batch, err)
+            raise
         finally:
             for handle in handles:
                 handle.remove()
@@ -327,7 +377,24 @@ class Problem:
                 "Call model.eval() or remove the randomness"
             )
         self.loss.check_outputs(first, batch.targets)
+        self.output_shape = tuple(first.shape[1:])
         self._probed = True
+
+    def _refuse_input_dtype(self, batch: Batch, err: Exception) -> None:
+        """A clear error when the forward failed on inputs of another dtype than the model's.
+
+        Integer inputs are valid for models that embed them (a skipped ``nn.Embedding``), so
+        they are refused only once the model has failed on them.
+        """
+        dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        if len(dtypes) != 1 or batch.inputs.dtype in dtypes:
+            return
+        (dtype,) = dtypes
+        raise FisherlabError(
+            f"the inputs have dtype {batch.inputs.dtype} but the model's parameters are {dtype}, "
+            f"and the forward pass failed on them ({type(err).__name__}: {err}); convert the "
+            f"inputs, e.g. inputs.to({dtype})"
+        ) from err
 
     # ------------------------------------------------------------------------- random
     def _forked_rng(self, seed: int):
@@ -429,6 +496,15 @@ class Problem:
         )
 
     @property
+    def rows_per_sample(self) -> int:
+        """``R``, the gradient rows per sample of the Fisher type (once a batch was probed)."""
+        if self.fisher_type == "true":
+            if self.output_shape is None:
+                raise FisherlabError("rows_per_sample is known once a batch was probed")
+            return math.prod(self.output_shape)
+        return self.mc_samples if self.fisher_type == "mc" else 1
+
+    @property
     def num_samples_hint(self) -> int | None:
         """``N`` (of this rank) before a pass, where the data tells it cheaply, else ``None``."""
         if self.num_samples is not None and not self.sharded:
@@ -450,8 +526,40 @@ class Problem:
         )
 
 
-def _checksum(batch: Batch) -> float:
-    return float(batch.inputs.double().sum()) + float(batch.targets.double().sum())
+#: Relative tolerance of checksums: float64 sums of the same numbers in another order agree to
+#: ~N·1e-16 of their magnitude; any changed sample moves them far more.
+_CHECKSUM_RTOL = 1e-9
+
+
+def _projection(size: int, device: torch.device, phase: float) -> Tensor:
+    """A fixed quasi-random vector ``[size]`` in ``[-1, 1]`` (no random number generator)."""
+    index = torch.arange(size, dtype=torch.float64, device=device)
+    return torch.cos(index * 0.7548776662466927 + phase)
+
+
+def _checksum(batch: Batch) -> Tensor:
+    r"""Moment sums of a batch's samples, ``[2, 5]`` float64: cheap and order-independent.
+
+    Each sample ``n`` is reduced to two keys ``k = x_n·u + y_n·v`` (fixed projections of its
+    inputs and targets); the batch's checksum is ``Σ_n (k_1, k_2, k_1², k_2², k_1 k_2)`` and,
+    for the rounding tolerance, ``Σ_n |…|``. Sums over batches are those of the samples, in
+    any order or batching; a sample changed, added or left out moves them.
+    """
+    x = batch.inputs.reshape(batch.size, -1).double()
+    y = batch.targets.reshape(batch.size, -1).double()
+    keys = [
+        x @ _projection(x.shape[1], x.device, phase) + y @ _projection(y.shape[1], y.device, phase)
+        for phase in (0.3, 1.9)
+    ]
+    k1, k2 = keys
+    moments = torch.stack([k1, k2, k1 * k1, k2 * k2, k1 * k2])  # [5, N_b]
+    return torch.stack([moments.sum(1), moments.abs().sum(1)])
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Whether checksums ``[..., 2, K]`` agree up to the rounding of their sums."""
+    scale = a[..., 1, :] + b[..., 1, :]
+    return bool(((a[..., 0, :] - b[..., 0, :]).abs() <= _CHECKSUM_RTOL * scale).all())
 
 
 def as_problem(

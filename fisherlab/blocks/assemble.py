@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fisherlab.blocks.base import REGISTRY, BuildContext, CurvatureBlock, LayerStats, Options
-from fisherlab.capture import Capture, cached_captures, captures
+from fisherlab.capture import Capture, RangeCheck, cached_captures, captures
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, UnsupportedLayerError
 from fisherlab.layers import Layer
 from fisherlab.problem import Problem
@@ -187,11 +187,14 @@ def assemble(
         builders.append(per_layer)
     flat = [b for per_layer in builders for b in per_layer.values()]
     total_passes = max((b.passes for b in flat), default=0)
+    in_range = RangeCheck()  # overflowing statistics: refused alike for every method
     with source.cached() if total_passes > 1 else contextlib.nullcontext():
         for pass_index in range(total_passes):
             active = [b for b in flat if b.passes > pass_index]
             label = "capture" if total_passes == 1 else f"capture (pass {pass_index + 1})"
             for cap in source.one_pass(label):
+                if pass_index == 0:
+                    in_range.add(cap)
                 for b in active:  # a sum over the data: weights (1, 1), ν at the end
                     b.add(LayerStats.of(cap, b.layer.name))
             normaliser, _ = source.totals()
