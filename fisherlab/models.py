@@ -113,8 +113,10 @@ def three_conv_one_fc(
 
 
 class BasicBlock(nn.Module):
-    """A residual block: two 3×3 convolutions with BatchNorm, and a 1×1 projection when the
-    shape changes (He et al. 2016): ``relu(bn₂(conv₂(relu(bn₁(conv₁ x)))) + shortcut(x))``.
+    """A residual block (He et al. 2016), two 3×3 convolutions with BatchNorm.
+
+    ``relu(bn₂(conv₂(relu(bn₁(conv₁ x)))) + shortcut(x))``, the shortcut a 1×1 convolution with
+    BatchNorm when the shape changes.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
@@ -142,8 +144,10 @@ def resnet(
     num_classes: int = 10,
     widths: Sequence[int] = (8, 16),
 ) -> nn.Sequential:
-    """A ResNet-style net: a 3×3 stem with BatchNorm, one residual block per width (the first
-    at stride 1, the others at stride 2), global average pooling, a linear head.
+    """A ResNet-style net: 3×3 stem with BatchNorm, residual blocks, pooling, linear head.
+
+    One residual block per width (the first at stride 1, the others at stride 2), then global
+    average pooling.
 
     Curvature is taken in eval mode (BatchNorm with its running statistics): the CLI and
     :func:`fisherlab.problem.Problem` refuse BatchNorm in training mode.
