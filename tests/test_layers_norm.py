@@ -38,12 +38,15 @@ def test_exact_blocks_equal_brute_force(case, fisher_type):
     by_func = fl.exact_blocks(problem, backend="torch.func")
     from_capture = fl.curvature("exact", problem)
     assert set(by_func) == set(from_capture) == set(problem.layers)
-    for name in problem.layers:
+    if fisher_type == "true":  # one dense JᵀHJ over every layer, in the layers' order
+        full, start = brute_force_ggn(model, loss_fn, x, y, list(problem.layers)), 0
+    for name, layer in problem.layers.items():
         if fisher_type == "empirical":
             g = per_sample_grads(model, loss_fn, x, y, name)
             reference = g.T @ g / normaliser(loss_fn, model(x))
         else:
-            reference = brute_force_ggn(model, loss_fn, x, y, [name])
+            size = layer.num_params
+            reference, start = full[start : start + size, start : start + size], start + size
         assert rel_err(by_func[name], reference) <= EXACT, name
         assert rel_err(from_capture[name].to_dense(), reference) <= EXACT, name
 
@@ -118,18 +121,21 @@ def test_data_set_blocks_equal_curvlinops(case, fisher_type):
         batches.append((x[start : start + size], y[start : start + size]))
         start += size
     problem = fl.Problem(model, loss_fn, batches, fisher_type=fisher_type)
-    ours = fl.curvature("exact", problem)
+    full = fl.exact_fisher(problem)  # every parameter, model.parameters() order
+    blocks = fl.curvature("exact", problem)
+    params = list(model.parameters())
     operator = {"true": curvlinops.GGNLinearOperator, "empirical": curvlinops.EFLinearOperator}
-    for name, block in ours.items():
-        params = list(model.get_submodule(name).parameters())
-        peer = operator[fisher_type](model, loss_fn, params, batches, check_deterministic=False)
-        dense = peer @ torch.eye(block.size, dtype=torch.float64)
-        ours = block.to_dense()
+    peer = operator[fisher_type](model, loss_fn, params, batches, check_deterministic=False)
+    dense = peer @ torch.eye(full.matrix.shape[0], dtype=torch.float64)
+    for name, sl in full.slices.items():
         pad = padding_entries(model.get_submodule(name))
         if pad is not None:  # curvlinops' forward-mode J sees the padding row (PyTorch's
-            dense[pad], dense[:, pad] = 0, 0  # backward, and so the Fisher, does not)
-            assert not ours[pad].any() and not ours[:, pad].any()
-        assert rel_err(ours, dense) <= EXACT, name
+            index = torch.arange(sl.start, sl.stop)[pad]  # backward, hence the Fisher, does not)
+            assert not full.matrix[index].any() and not full.matrix[:, index].any()
+            dense[index], dense[:, index] = 0, 0
+    assert rel_err(full.matrix, dense) <= EXACT
+    for name, block in blocks.items():
+        assert rel_err(block.to_dense(), full.block(name)) <= EXACT, name
 
 
 def padding_entries(module):
