@@ -15,7 +15,9 @@ from torch import nn
 
 import fisherlab as fl
 from fisherlab.blocks import BLOCK_TABLE, METHODS
+from fisherlab.blocks.base import LayerStats
 from fisherlab.blocks.scale_shift import ScaleAndShiftDiagonal, ScaleAndShiftFull
+from fisherlab.capture import captures
 from fisherlab.layers import adapter_for
 from fisherlab.verification import verify_problem
 from fisherlab.zoo import LAYER_TYPE_CASES, randomise_norm_layers
@@ -307,3 +309,33 @@ def test_resnet_compares_every_layer_and_method():
     assert all(r["note"] == "" for r in rows)
     for r in rows:
         assert r["rel_frobenius"] >= 0 and r["direction_cosine"] == r["direction_cosine"], r
+
+
+# ------------------------------------------------------------------------ weighted builders
+def _captures(case):
+    model, loss_fn, x, y = case.build(9, seed=1)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    problem = fl.Problem(model, loss_fn, batches, fisher_type="true")
+    return problem, list(captures(problem, quiet=True))
+
+
+@pytest.mark.parametrize("case", LAYER_TYPE_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ["exact", "diag", "woodbury", "kfac", "ekfac:scale_shift=full"])
+def test_running_averages_are_averages_of_batch_blocks(case, spec):
+    """``add(stats, old, new)`` on the new layer types: (0, 1) then (0.7, 0.3) per batch."""
+    problem, caps = _captures(case)
+    method, options = fl.blocks.parse_method(spec)
+    for name, layer in problem.layers.items():
+        if method in ("kfac", "ekfac") and layer.layer_kind != "scale_shift":
+            continue  # Kronecker blocks average their factors, not their blocks
+        b = fl.blocks.builder(method, layer, "true", normalise="batch", **options)
+        for k, cap in enumerate(caps):
+            b.add(LayerStats.of(cap, name), 0.0 if k == 0 else 0.7, 1.0 if k == 0 else 0.3)
+        per_batch = [
+            fl.blocks.build(method, cap, names=[name], **options)[name].to_dense() for cap in caps
+        ]
+        expected = 0.7 * per_batch[0] + 0.3 * per_batch[1]
+        assert rel_err(b.block().to_dense(), expected) <= 1e-12, name
+        restored = fl.blocks.builder(method, layer, "true", normalise="batch", **options)
+        restored.load_state_dict(b.state_dict())
+        assert torch.equal(restored.block().to_dense(), b.block().to_dense()), name
