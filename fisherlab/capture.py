@@ -391,7 +391,8 @@ class Recorder:
         layer = self.layers[name]
         A = layer.adapter.inputs(module, args[0].detach())
         self._note_precision(A.dtype)
-        call = _Call(A if self.dtype is None else A.to(self.dtype), output)
+        keep = self.dtype is None or not A.is_floating_point()  # token indices stay integers
+        call = _Call(A if keep else A.to(self.dtype), output)
         current.calls.setdefault(name, []).append(call)
 
         def grad_hook(g: Tensor) -> None:
@@ -506,7 +507,11 @@ class Recorder:
                     grads = call.grads.get(channel, [])
                     if rows is not None and len(grads) < rows:
                         shape = (call.A.shape[0], call.A.shape[1], self.layers[name].d_out)
-                        grads = grads + [call.A.new_zeros(shape)] * (rows - len(grads))
+                        dtype = call.A.dtype  # token indices (Embedding): the weight's
+                        if not call.A.is_floating_point():
+                            dtype = self.dtype or self.layers[name].weight.dtype
+                        zeros = torch.zeros(shape, dtype=dtype, device=call.A.device)
+                        grads = grads + [zeros] * (rows - len(grads))
                     if len(grads) == 1:
                         parts.append((call.A, grads[0].unsqueeze(0)))
                     elif grads:

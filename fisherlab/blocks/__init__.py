@@ -25,6 +25,11 @@ adds a method). Built in, with their options (defaults first):
                ``damping_mode="eigen"|"factored"``
 ``diag``       the diagonal of ``F``
 =============  ===============================================================================
+
+``kfac``, ``ekfac`` and ``skfac`` also take ``scale_shift="diagonal"|"full"``: the block of a
+scale-and-shift layer (BatchNorm, LayerNorm, GroupNorm; :mod:`fisherlab.blocks.scale_shift`).
+Which block each method builds for each layer kind is the table
+:data:`~fisherlab.blocks.assemble.BLOCK_TABLE`.
 """
 
 from __future__ import annotations

@@ -17,14 +17,22 @@ from fisherlab.blocks.base import (
     tensor_bytes,
 )
 from fisherlab.blocks.factors import gradient_rows
+from fisherlab.layers import Layer
 from fisherlab.linalg import sample_chunks
 
 
-def squared_rows_sum(A: Tensor, G: Tensor) -> Tensor:
-    """``Σ_{n,r} j²`` as ``[d_out, D]`` (Kronecker order), in chunks of samples."""
-    out = A.new_zeros(G.shape[-1], A.shape[-1])
+def squared_rows_sum(A: Tensor, G: Tensor, layer: Layer | None = None) -> Tensor:
+    """``Σ_{n,r} j²`` as ``[d_out, D]`` (Kronecker order), in chunks of samples.
+
+    ``layer`` gives the rows (any layer type); ``None``: ``A`` is ``Ã`` of a Kronecker layer.
+    """
+    if layer is None:
+        rows_of, shape = gradient_rows, (G.shape[-1], A.shape[-1])
+    else:
+        rows_of, shape = layer.gradient_rows, (layer.d_out, layer.d_in + layer.has_bias)
+    out = G.new_zeros(shape)
     for chunk in sample_chunks(A.shape[0], G.shape[0] * out.numel()):
-        out += (gradient_rows(A[chunk], G[:, chunk]) ** 2).sum(dim=(0, 1))
+        out += (rows_of(A[chunk], G[:, chunk]) ** 2).sum(dim=(0, 1))
     return out
 
 
@@ -38,7 +46,7 @@ class DiagBuilder(BlockBuilder):
         self.sum = WeightedSum()
 
     def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
-        part = squared_rows_sum(stats.A, stats.G)
+        part = squared_rows_sum(stats.A, stats.G, self.layer)
         if self.per_batch:
             part = part / stats.normaliser
         self.sum.add(part, old_weight, new_weight)
@@ -90,4 +98,4 @@ class DiagBlock(CurvatureBlock):
         return float((self.diagonal**2).sum())
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        return float((self.diagonal * squared_rows_sum(A, G)).sum())
+        return float((self.diagonal * squared_rows_sum(A, G, self.layer)).sum())

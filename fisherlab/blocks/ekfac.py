@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
 from fisherlab.blocks.base import (
     BlockBuilder,
     CurvatureBlock,
@@ -87,11 +88,17 @@ class EKFACOptions(Options):
         kfac_approx: Factors the basis comes from (``"expand"``, the default, or ``"reduce"``).
         basis: A given basis (an earlier ``ekfac`` result or ``{name: (U_Γ, U_Ω)}``), or
             ``None`` for the basis of the data's own factors.
+        scale_shift: The block of a scale-and-shift layer (BatchNorm, LayerNorm,
+            GroupNorm): ``"diagonal"`` or ``"full"`` (:mod:`fisherlab.blocks.scale_shift`).
     """
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kfac_approx": KFAC_APPROX}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "kfac_approx": KFAC_APPROX,
+        "scale_shift": SCALE_SHIFT_BLOCKS,
+    }
     kfac_approx: str = "expand"
     basis: Any = None
+    scale_shift: str = "diagonal"
 
 
 class EKFACBuilder(BlockBuilder):
@@ -151,7 +158,7 @@ class EKFACBuilder(BlockBuilder):
         self._add_scalings(stats, old, new)
 
     def _add_scalings(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
-        A = stats.A
+        A = self.layer.kron_inputs(stats.A)
         u_gamma, u_omega = (u.to(A) for u in self.basis)
         part = kfe_squares(A, stats.G, u_gamma, u_omega)
         if self.per_batch:
@@ -271,4 +278,5 @@ class EKFACBlock(CurvatureBlock):
         return float((self.scalings**2).sum())
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
+        A = self.layer.kron_inputs(A)
         return float((self.scalings * kfe_squares(A, G, self.u_gamma, self.u_omega)).sum())

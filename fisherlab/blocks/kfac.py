@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
 from fisherlab.blocks.base import (
     BlockBuilder,
     CurvatureBlock,
@@ -68,14 +69,18 @@ class KFACOptions(Options):
     Attributes:
         kfac_approx: ``"expand"`` (KFC) or ``"reduce"`` factors for layers with ``T > 1``.
         damping_mode: ``"eigen"`` (exact damping in the eigenbasis) or ``"factored"``.
+        scale_shift: The block of a scale-and-shift layer (BatchNorm, LayerNorm,
+            GroupNorm): ``"diagonal"`` or ``"full"`` (:mod:`fisherlab.blocks.scale_shift`).
     """
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "kfac_approx": KFAC_APPROX,
         "damping_mode": DAMPING_MODES,
+        "scale_shift": SCALE_SHIFT_BLOCKS,
     }
     kfac_approx: str = "expand"
     damping_mode: str = "eigen"
+    scale_shift: str = "diagonal"
 
 
 class KFACBuilder(BlockBuilder):
@@ -94,7 +99,8 @@ class KFACBuilder(BlockBuilder):
         self.sums = KroneckerSums(options.kfac_approx, self.per_batch)
 
     def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
-        self.sums.add(stats.A, stats.G, old_weight, new_weight, stats.normaliser)
+        A = self.layer.kron_inputs(stats.A)
+        self.sums.add(A, stats.G, old_weight, new_weight, stats.normaliser)
 
     def factors(self, normaliser: float | None = None) -> tuple[Tensor, Tensor]:
         """``(Γ, Ω)`` of the state (``normaliser``: as :meth:`block`)."""
@@ -218,7 +224,7 @@ class KronBlock(CurvatureBlock):
         return float((self.gamma**2).sum() * (self.omega**2).sum())
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        return kron_inner_with_rows(A, G, self.gamma, self.omega)
+        return kron_inner_with_rows(self.layer.kron_inputs(A), G, self.gamma, self.omega)
 
 
 __all__ = [
