@@ -574,8 +574,9 @@ class RangeCheck:
         if not cap.layers:
             return
         extremes = []
-        for lc in cap.values():
-            extremes.extend(torch.aminmax(lc.A))
+        for lc in cap.values():  # integer inputs are token indices: a one-hot Ã, a = 1
+            a_part = lc.A if lc.A.is_floating_point() else lc.G.new_ones(1)
+            extremes.extend(torch.aminmax(a_part))
             extremes.extend(torch.aminmax(lc.G))
         values = torch.stack([e.double() for e in extremes]).abs().tolist()  # one sync
         for i, (name, lc) in enumerate(cap.items()):
@@ -584,13 +585,14 @@ class RangeCheck:
             a, g = max(a_min, a_max, old[0]), max(g_min, g_max, old[1])
             n = old[2] + lc.A.shape[0]
             self._seen[name] = (a, g, n)
-            r, t, d_in, d_out = lc.G.shape[0], lc.A.shape[1], lc.A.shape[2], lc.G.shape[3]
+            r, t, d_out = lc.G.shape[0], lc.A.shape[1], lc.G.shape[3]
+            d_in = lc.layer.d_in + lc.layer.has_bias  # the width of Ã (the matrix view)
             bound = max(
                 a * a * n * t * d_in,
                 g * g * r * n * t * d_out,
                 (t * a * g) ** 2 * r * n * lc.layer.num_params,
             )
-            largest = torch.finfo(lc.A.dtype).max
+            largest = torch.finfo(lc.G.dtype).max
             if not math.isfinite(a + g):
                 raise FisherlabError(
                     f"the statistics of layer {name!r} hold NaN or Inf (its inputs or output "
@@ -733,14 +735,15 @@ def _check_module_calls(
     """
     outside = []
     for name, lc in cap.items():
-        A, G = lc.A, lc.G[-1]  # [N, T, D], [N, T, d_out]
-        captured = lc.layer.gradients_from_rows(
-            A.reshape(1, -1, A.shape[-1]).double(), G.reshape(1, -1, G.shape[-1]).double()
-        )[0]
-        scale = float((A.double().flatten(1).norm(dim=1) * G.double().flatten(1).norm(dim=1)).sum())
-        tol = min(1e3 * torch.finfo(A.dtype).eps, 0.05) * scale
+        A, G = lc.A, lc.G[-1]  # A as the adapter stores it ([N, T, …]), G [N, T, d_out]
+        A64 = A.double() if A.is_floating_point() else A  # integer inputs: token indices
+        captured = lc.layer.gradients_from_rows(A64, G.double().unsqueeze(0))[0].sum(0)
+        a_norms = A64.flatten(1).norm(dim=1) if A.is_floating_point() else A.shape[1] ** 0.5
+        scale = float((a_norms * G.double().flatten(1).norm(dim=1)).sum())
+        eps = torch.finfo(A.dtype if A.is_floating_point() else G.dtype).eps
+        tol = min(1e3 * eps, 0.05) * scale
         offset = 0
-        for p_name, p in zip(("weight", "bias"), lc.layer.parameters()):
+        for p_name, p in zip(lc.layer.parameter_names(), lc.layer.parameters()):
             key = f"{name}.{p_name}" if name else p_name
             part = captured[offset : offset + p.numel()]
             offset += p.numel()
