@@ -35,11 +35,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from syncs import counting_syncs  # benchmarks/syncs.py, beside this script
 from torch import nn
 
 import fisherlab as fl
 from fisherlab.report import format_table, save_table
-from fisherlab.syncs import counting_syncs
 
 RESULTS = Path(__file__).parent / "results"
 FISHERLAB = ("kfac", "kfac-factored", "ekfac", "ekfac-ra", "tengrad", "skfac", "fngd")

@@ -205,12 +205,6 @@ class LossSpec:
             return 1.0
         return float(sum(normalisers))
 
-    def num_rows(self, outputs: Tensor, fisher_type: str, mc_samples: int) -> int:
-        """Number ``R`` of output rows per sample for a Fisher type."""
-        if fisher_type == "true":
-            return outputs[0].numel()
-        return mc_samples if fisher_type == "mc" else 1
-
     def output_rows(
         self, outputs: Tensor, targets: Tensor, fisher_type: str, mc_samples: int = 1
     ) -> Tensor:

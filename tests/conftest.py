@@ -1,9 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from cases import BATCH_SIZES, CASE_IDS, CASES
 from helpers import DEVICES
+
+# the benchmarks' tools (benchmarks/syncs.py, the host-sync counter) for the tests that use them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one intra-op thread per xdist worker: -n 2 on 2 cores with two threads each

@@ -12,10 +12,10 @@ import warnings
 import pytest
 import torch
 from helpers import EXACT, per_sample_grads, rel_err
+from syncs import counting_syncs
 from torch import nn
 
 import fisherlab as fl
-from fisherlab.syncs import counting_syncs
 
 LR, DAMPING = 0.1, 1e-2
 

@@ -7,7 +7,7 @@ kernels are not seen).
 
 Example:
     >>> import torch
-    >>> from fisherlab.syncs import counting_syncs
+    >>> from syncs import counting_syncs
     >>> with counting_syncs() as count:
     ...     _ = bool(torch.ones(2).sum() > 0)
     >>> count[0]
