@@ -41,6 +41,15 @@ BLOCK_TABLE: dict[tuple[str, str], str] = {
     for kind in DEFAULT_KINDS
 }
 
+# nn.MultiheadAttention's input projection (fisherlab.layers.attention): a Linear layer over
+# the tokens (its output projection is an ordinary "linear" layer).
+BLOCK_TABLE.update(
+    {
+        (method, "mha_in_proj"): method
+        for method in ("exact", "kfac", "ekfac", "woodbury", "skfac", "diag")
+    }
+)
+
 #: Why a method has no block for a layer kind, where there is more to say than "none".
 NO_BLOCK_REASONS: dict[tuple[str, str], str] = {}
 

@@ -38,7 +38,33 @@ def _training_mode_problem(name: str, module: nn.Module) -> str | None:
             f"module {name!r} ({type(module).__name__}) is in training mode: the curvature would "
             "be that of one random mask; call model.eval()"
         )
-    return None
+    return _adapter_training_problem(name, module)
+
+
+def _adapter_training_problem(name: str, module: nn.Module) -> str | None:
+    """The adapter's own reason why the module's training mode is not supported."""
+    problem = getattr(adapter_for(module), "training_problem", lambda m: None)(module)
+    return None if problem is None else f"module {name!r} ({type(module).__name__}) {problem}"
+
+
+def _claimed_sublayers(name: str, module: nn.Module) -> dict[str, tuple[str, object]]:
+    """Submodules whose parameters ``module`` uses functionally: ``{full name: (parent, adapter)}``.
+
+    E.g. ``nn.MultiheadAttention``'s ``out_proj``.
+
+    Asked of the adapter of the module's type even when the module overrides ``forward`` (a
+    parent that is not supported takes its claimed submodules with it).
+    """
+    for base in type(module).__mro__:
+        if base in ADAPTERS:
+            sublayers = getattr(ADAPTERS[base], "sublayers", None)
+            if sublayers is None:
+                return {}
+            return {
+                f"{name}.{sub}" if name else sub: (name, adapter)
+                for sub, adapter in sublayers(module).items()
+            }
+    return {}
 
 
 def find_layers(
@@ -68,15 +94,22 @@ def find_layers(
     skipped: list[str] = []
     skipped_owner: dict[int, str] = {}
     owner: dict[int, str] = {}
+    claimed: dict[str, tuple[str, object]] = {}
     for name, module in model.named_modules():
         problem = _training_mode_problem(name, module)
         if problem is not None and not for_optimizer:
             raise FisherlabError(problem)
+        claimed.update(_claimed_sublayers(name, module))
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
         adapter = adapter_for(module)
-        if adapter is None:
+        parent, claim = claimed.get(name, (None, None))
+        if claim is not None:  # used functionally by its parent: its layer is the parent's
+            adapter = claim if parent in layers else None
+        if adapter is None and parent is not None:
+            reason = f"it is used by its parent {parent!r}, which is not supported"
+        elif adapter is None:
             reason = (
                 "this layer type is not supported (supported: "
                 + ", ".join(sorted(t.__name__ for t in ADAPTERS))
@@ -84,6 +117,8 @@ def find_layers(
             )
         else:
             reason = adapter.unsupported_reason(module)
+            if reason is None and for_optimizer:  # the mode an optimizer trains in
+                reason = getattr(adapter, "training_problem", lambda m: None)(module)
             extra = {n for n, _ in own} - set(adapter.parameter_names(module))
             if reason is None and extra:
                 reason = f"unexpected parameters {sorted(extra)}"
