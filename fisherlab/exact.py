@@ -144,7 +144,7 @@ def _leaf_problem(name: str, module: nn.Module) -> str:
 
 def _chain_problem(net: nn.Module) -> str:
     """Why BackPACK cannot take ``net`` as a chain of known modules (empty if it can)."""
-    seen: set[int] = set()
+    seen: dict[int, str] = {}
     if isinstance(net, torch.fx.GraphModule):
         for node in net.graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
@@ -152,7 +152,9 @@ def _chain_problem(net: nn.Module) -> str:
             if node.op != "call_module":
                 return f"graph node {node.name!r} ({node.op} {node.target}) is not a module"
             module = net.get_submodule(node.target)
-            reason = _leaf_problem(node.target, module) or _reuse_problem(node.target, module, seen)
+            reason = _leaf_problem(node.target, module) or _reuse_problem(
+                f"{node.target}@{node.name}", module, seen
+            )
             if reason:
                 return reason
         return ""
@@ -165,11 +167,13 @@ def _chain_problem(net: nn.Module) -> str:
     return ""
 
 
-def _reuse_problem(name: str, module: nn.Module, seen: set[int]) -> str:
+def _reuse_problem(name: str, module: nn.Module, seen: dict[int, str]) -> str:
     """Why BackPACK cannot take a module called a second time (it keeps one call's input)."""
-    if id(module) in seen and any(True for _ in module.parameters(recurse=False)):
-        return f"module {name!r} is used more than once (BackPACK keeps one call per module)"
-    seen.add(id(module))
+    first = seen.setdefault(id(module), name)
+    if first != name and any(True for _ in module.parameters(recurse=False)):
+        first, again = first.split("@")[0], name.split("@")[0]
+        where = "" if again == first else f" (again as {again!r})"
+        return f"module {first!r} is used more than once{where}; BackPACK keeps one call per module"
     return ""
 
 
