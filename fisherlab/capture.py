@@ -417,7 +417,8 @@ class Recorder:
                 return output
             output = output.detach().requires_grad_(True)
         self._note_precision(A.dtype)
-        call = _Call(A if self.dtype is None else A.to(self.dtype), output)
+        keep = self.dtype is None or not A.is_floating_point()  # token indices stay integers
+        call = _Call(A if keep else A.to(self.dtype), output)
         self._open.calls.setdefault(name, []).append(call)
 
         def grad_hook(g: Tensor) -> None:
@@ -532,7 +533,11 @@ class Recorder:
                     grads = call.grads.get(channel, [])
                     if rows is not None and len(grads) < rows:
                         shape = (call.A.shape[0], call.A.shape[1], self.layers[name].d_out)
-                        grads = grads + [call.A.new_zeros(shape)] * (rows - len(grads))
+                        dtype = call.A.dtype  # token indices (Embedding): the weight's
+                        if not call.A.is_floating_point():
+                            dtype = self.dtype or self.layers[name].weight.dtype
+                        zeros = torch.zeros(shape, dtype=dtype, device=call.A.device)
+                        grads = grads + [zeros] * (rows - len(grads))
                     if len(grads) == 1:
                         parts.append((call.A, grads[0].unsqueeze(0)))
                     elif grads:

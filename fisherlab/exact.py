@@ -121,6 +121,9 @@ _BACKPACK_LEAVES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d,
     nn.AvgPool2d,
     nn.Identity,
+    nn.BatchNorm1d,  # eval mode (training mode is refused before: it couples the samples)
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
 )
 
 
@@ -134,8 +137,15 @@ def _backpack_leaves() -> tuple[type[nn.Module], ...]:
 
 def _leaf_problem(name: str, module: nn.Module) -> str:
     """Why BackPACK cannot take this leaf module (empty if it can)."""
+    if isinstance(module, nn.Embedding):
+        # BackPACK 1.7's Embedding extensions fail in float64 and refuse padding_idx (tested)
+        return f"module {name!r} (Embedding) is left to torch.func"
     if type(module) not in _backpack_leaves():
         return f"module {name!r} ({type(module).__name__}) is not supported"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or module.running_mean is None
+    ):
+        return f"module {name!r} ({type(module).__name__}) normalises with batch statistics"
     if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
         # BackPACK 1.7 returns wrong second-order blocks for string padding (tested)
         return f"module {name!r} uses padding={module.padding!r}"

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fisherlab.blocks.base import CurvatureBlock
 from fisherlab.blocks.ekfac import EKFACBlock
-from fisherlab.blocks.woodbury import choose_gram_route, cross_gram, gram
+from fisherlab.blocks.woodbury import layer_cross_gram, layer_gram
 from fisherlab.capture import LayerCapture, cached_captures, captures
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_memory
 from fisherlab.problem import Problem
@@ -129,8 +129,7 @@ def correlation_matrix(matrix: Tensor) -> Tensor:
 
 def sample_correlation(layer: LayerCapture) -> Tensor:
     """The normalised Gram ``K`` of a layer's gradient rows (``M×M``; ``N×N`` for empirical)."""
-    A, G = layer.A, layer.G
-    return correlation_matrix(gram(A, G, choose_gram_route(A, G)))
+    return correlation_matrix(layer_gram(layer.layer, layer.A, layer.G))
 
 
 @dataclass(frozen=True)
@@ -172,8 +171,7 @@ def kfe_correlation(
 # ------------------------------------------------------------------------------- at scale
 def fisher_norm_sq(layer: LayerCapture, normaliser: float) -> float:
     """``‖F‖²_F = ‖K‖²_F / ν²`` from the Gram of one capture's rows."""
-    A, G = layer.A, layer.G
-    k = gram(A, G, choose_gram_route(A, G))
+    k = layer_gram(layer.layer, layer.A, layer.G)
     return float((k**2).sum()) / normaliser**2
 
 
@@ -200,7 +198,7 @@ def fisher_norms_sq(problem: Problem, names: Sequence[str] | None = None) -> dic
                     break
                 for name in names:
                     x, y = first[name], second[name]
-                    k = cross_gram(x.A, x.G, y.A, y.G)
+                    k = layer_cross_gram(x.layer, x.A, x.G, y.A, y.G)
                     totals[name] += (1.0 if b == c else 2.0) * float((k**2).sum())
     return {name: total / problem.normaliser**2 for name, total in totals.items()}
 

@@ -42,10 +42,21 @@ class Counting(nn.Module):
         return self.model(x)
 
 
+class Scale(nn.Module):
+    """A user's own module with a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        return x * self.scale
+
+
 @pytest.mark.parametrize(
     "extra, kind",
-    [(nn.BatchNorm1d(5), "BatchNorm1d"), (nn.LayerNorm(5), "LayerNorm")],
-    ids=["batchnorm", "layernorm"],
+    [(Scale(), "Scale"), (nn.RMSNorm(5), "RMSNorm")],
+    ids=["own-module", "rmsnorm"],
 )
 def test_unsupported_layer_is_named_or_skipped_with_a_warning(entry, extra, kind):
     model = nn.Sequential(nn.Linear(4, 5), extra, nn.Tanh(), nn.Linear(5, 3)).double().eval()
@@ -193,11 +204,11 @@ def test_model_without_supported_layers_is_refused(entry):
 
 # ------------------------------------------------------------------- problems over data sets
 class TiedNet(nn.Module):
-    """An Embedding (unsupported, skipped) tied to the output Linear."""
+    """An Embedding (unsupported: max_norm, skipped) tied to the output Linear."""
 
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(3, 4)
+        self.emb = nn.Embedding(3, 4, max_norm=10.0)
         self.hidden = nn.Linear(4, 4)
         self.out = nn.Linear(4, 3, bias=False)
         self.out.weight = self.emb.weight

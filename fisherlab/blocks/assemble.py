@@ -33,13 +33,26 @@ from fisherlab.problem import Problem
 #: Layer kinds every method reads: ``z_t = W ã_t (+ b)`` with Kronecker-structured gradients.
 DEFAULT_KINDS: tuple[str, ...] = ("linear", "conv2d")
 
-#: ``(method, layer kind) → name of the registered block class`` that method builds for that
-#: kind of layer. Adding a block for a new layer kind is one entry here.
+#: Values of the Kronecker methods' option ``scale_shift``: the block they give a
+#: scale-and-shift layer (:mod:`fisherlab.blocks.scale_shift`; kfac-jax's default first).
+SCALE_SHIFT_BLOCKS: tuple[str, ...] = ("diagonal", "full")
+
+#: ``(method, layer kind) → name of the block class`` that method builds for that kind of
+#: layer: a registered method, or a block of :data:`KIND_BLOCKS`. Adding a block for a new
+#: layer kind is one entry here.
 BLOCK_TABLE: dict[tuple[str, str], str] = {
     (method, kind): method
     for method in ("exact", "kfac", "ekfac", "woodbury", "skfac", "diag")
-    for kind in DEFAULT_KINDS
+    for kind in (*DEFAULT_KINDS, "embedding")
 }
+BLOCK_TABLE.update({(method, "scale_shift"): method for method in ("exact", "woodbury", "diag")})
+BLOCK_TABLE.update(
+    {(method, "scale_shift"): "scale_shift" for method in ("kfac", "ekfac", "skfac")}
+)
+
+#: Block classes the table names that are not methods of their own (filled in by their
+#: modules): ``"scale_shift"`` → :class:`~fisherlab.blocks.scale_shift.ScaleShiftBlock`.
+KIND_BLOCKS: dict[str, type[CurvatureBlock]] = {}
 
 # nn.MultiheadAttention's input projection (fisherlab.layers.attention): a Linear layer over
 # the tokens (its output projection is an ordinary "linear" layer).
@@ -150,7 +163,8 @@ def block_class(method: str, layer: Layer) -> type[CurvatureBlock]:
     reason = no_block_reason(method, layer)
     if reason is not None:
         raise UnsupportedLayerError(reason)
-    return REGISTRY[_table_entry(method, layer.layer_kind)]
+    entry = _table_entry(method, layer.layer_kind)
+    return REGISTRY[entry] if entry in REGISTRY else KIND_BLOCKS[entry]
 
 
 def assemble(

@@ -273,6 +273,10 @@ class CurvatureBlock(ABC):
             )
         cols = v.reshape(self.size, -1).T.to(self.dtype)  # [k, P]
         d_out, d_in = self.layer.d_out, self.layer.d_in
+        if not self.layer.adapter.standard_layout:  # the adapter's own order (e.g. Embedding)
+            kron = cols.new_empty(cols.shape)
+            kron[:, self.layer.kron_to_param_index().to(cols.device)] = cols
+            return kron.reshape(-1, d_out, d_in + self.layer.has_bias), vector
         kron = cols[:, : d_out * d_in].reshape(-1, d_out, d_in)
         if self.layer.has_bias:  # [W | b]: the bias is the last column
             kron = torch.cat([kron, cols[:, d_out * d_in :].unsqueeze(-1)], dim=-1)
@@ -281,7 +285,9 @@ class CurvatureBlock(ABC):
     def _to_param(self, u: Tensor, vector: bool) -> Tensor:
         """``[k, d_out, D]`` in Kronecker order → ``[P]`` or ``[P, k]`` in parameter order."""
         k, d_out, d_in = u.shape[0], self.layer.d_out, self.layer.d_in
-        if self.layer.has_bias:  # one copy: weight columns, then the bias column
+        if not self.layer.adapter.standard_layout:
+            out = self.layer.to_param_order(u)
+        elif self.layer.has_bias:  # one copy: weight columns, then the bias column
             out = u.new_empty(k, self.size)
             out[:, : d_out * d_in].view(k, d_out, d_in).copy_(u[..., :d_in])
             out[:, d_out * d_in :].copy_(u[..., d_in])

@@ -10,14 +10,22 @@ from torch import Tensor
 
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows
+from fisherlab.layers import Layer
 from fisherlab.linalg import sample_chunks
 
 
-def squared_rows_sum(A: Tensor, G: Tensor) -> Tensor:
-    """``Σ_{n,r} j²`` as ``[d_out, D]`` (Kronecker order), in chunks of samples."""
-    out = A.new_zeros(G.shape[-1], A.shape[-1])
+def squared_rows_sum(A: Tensor, G: Tensor, layer: Layer | None = None) -> Tensor:
+    """``Σ_{n,r} j²`` as ``[d_out, D]`` (Kronecker order), in chunks of samples.
+
+    ``layer`` gives the rows (any layer type); ``None``: ``A`` is ``Ã`` of a Kronecker layer.
+    """
+    if layer is None:
+        rows_of, shape = gradient_rows, (G.shape[-1], A.shape[-1])
+    else:
+        rows_of, shape = layer.gradient_rows, (layer.d_out, layer.d_in + layer.has_bias)
+    out = G.new_zeros(shape)
     for chunk in sample_chunks(A.shape[0], G.shape[0] * out.numel()):
-        out += (gradient_rows(A[chunk], G[:, chunk]) ** 2).sum(dim=(0, 1))
+        out += (rows_of(A[chunk], G[:, chunk]) ** 2).sum(dim=(0, 1))
     return out
 
 
@@ -29,7 +37,7 @@ class DiagBuilder(BlockBuilder):
         self.sum: Tensor | None = None
 
     def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
-        part = squared_rows_sum(A, G)
+        part = squared_rows_sum(A, G, self.layer)
         self.sum = part if self.sum is None else self.sum.add_(part)
 
     def finish(self, normaliser: float, num_samples: int) -> DiagBlock:
@@ -66,4 +74,4 @@ class DiagBlock(CurvatureBlock):
         return float((self.diagonal**2).sum())
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        return float((self.diagonal * squared_rows_sum(A, G)).sum())
+        return float((self.diagonal * squared_rows_sum(A, G, self.layer)).sum())

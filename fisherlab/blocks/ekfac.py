@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
 from fisherlab.blocks.factors import KFAC_APPROX, KroneckerSums
 from fisherlab.conventions import FisherlabError
@@ -75,11 +76,17 @@ class EKFACOptions(Options):
         kfac_approx: Factors the basis comes from (``"expand"``, the default, or ``"reduce"``).
         basis: A given basis (an earlier ``ekfac`` result or ``{name: (U_Γ, U_Ω)}``), or
             ``None`` for the basis of the data's own factors.
+        scale_shift: The block of a scale-and-shift layer (BatchNorm, LayerNorm,
+            GroupNorm): ``"diagonal"`` or ``"full"`` (:mod:`fisherlab.blocks.scale_shift`).
     """
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kfac_approx": KFAC_APPROX}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "kfac_approx": KFAC_APPROX,
+        "scale_shift": SCALE_SHIFT_BLOCKS,
+    }
     kfac_approx: str = "expand"
     basis: Any = None
+    scale_shift: str = "diagonal"
 
 
 class EKFACBuilder(BlockBuilder):
@@ -95,6 +102,7 @@ class EKFACBuilder(BlockBuilder):
         self.squares: Tensor | None = None
 
     def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+        A = self.layer.kron_inputs(A)
         if self.basis is None:
             self.sums.add(A, G)
             return
@@ -165,4 +173,5 @@ class EKFACBlock(CurvatureBlock):
         return float((self.scalings**2).sum())
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
+        A = self.layer.kron_inputs(A)
         return float((self.scalings * kfe_squares(A, G, self.u_gamma, self.u_omega)).sum())

@@ -6,7 +6,10 @@ Over a data set the sum ``Σ j jᵀ`` is accumulated batch by batch (memory ``P�
 * rows: per-sample gradient rows ``[R·N_b, P]`` and their Gram, ``R·N_b·P²/2`` multiply-adds;
 * Kronecker sum, for one position per sample (``T = 1``): ``Σ_{n,r} j jᵀ = Σ_n Γ_n ⊗ ã_nã_nᵀ``
   with ``Γ_n = Σ_r g_{rn} g_{rn}ᵀ``, ``N_b·P²`` multiply-adds whatever ``R`` (the true Fisher has
-  ``R = C`` rows per sample).
+  ``R = C`` rows per sample); for Kronecker layers whose capture holds ``Ã`` itself.
+
+The rows are the layer adapter's (:meth:`fisherlab.layers.Layer.gradient_rows`): any layer type,
+Kronecker-structured or not (scale-and-shift), or stored compactly (an Embedding's indices).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows
 from fisherlab.conventions import check_memory
+from fisherlab.layers import Layer
 from fisherlab.linalg import (
     add_to_diagonal,
     gram_accumulate,
@@ -34,32 +38,36 @@ class DenseSum:
 
     The Kronecker-sum route accumulates ``Σ_n vec(Γ_n) vec(ã_nã_nᵀ)ᵀ`` as ``[d_out², D²]``; the
     rows route the upper block triangle of ``[P, P]``; :meth:`result` combines them once.
+    ``layer`` gives the rows (``None``: ``A`` is ``Ã`` of a Kronecker layer).
     """
 
-    def __init__(self, d_out: int, d: int, like: Tensor):
-        self.d_out, self.d, self.like = d_out, d, like
+    def __init__(self, d_out: int, d: int, like: Tensor, layer: Layer | None = None):
+        self.d_out, self.d, self.like, self.layer = d_out, d, like, layer
         self.kron: Tensor | None = None
         self.rows: Tensor | None = None
 
     def add(self, A: Tensor, G: Tensor) -> None:
         """Add a batch's ``A [N, T, D]`` and ``G [R, N, T, d_out]``."""
-        r, n, t, d_out = G.shape
-        d = A.shape[-1]
-        if t == 1 and r > 2:
+        r, n, t, _ = G.shape
+        d_out, d = self.d_out, self.d
+        layer = self.layer
+        kron_route = layer is None or (layer.kronecker and A.is_floating_point())
+        if t == 1 and r > 2 and kron_route:
             if self.kron is None:
-                self.kron = A.new_zeros(d_out * d_out, d * d)
+                self.kron = G.new_zeros(d_out * d_out, d * d)
             for chunk in sample_chunks(n, d_out * d_out + d * d):
                 g = G[:, chunk, 0]  # [R, c, d_out]
                 gg = torch.einsum("rni,rnj->nij", g, g).reshape(-1, d_out * d_out)
-                a = A[chunk, 0]
+                a = A[chunk, 0] if layer is None else layer.kron_inputs(A[chunk])[:, 0]
                 aa = (a.unsqueeze(2) * a.unsqueeze(1)).reshape(-1, d * d)
                 self.kron.addmm_(gg.T, aa)
             return
         p = d_out * d
         if self.rows is None:
-            self.rows = A.new_zeros(p, p)
+            self.rows = G.new_zeros(p, p)
+        rows_of = gradient_rows if layer is None else layer.gradient_rows
         for chunk in sample_chunks(n, r * p):
-            gram_accumulate(gradient_rows(A[chunk], G[:, chunk]).reshape(-1, p), self.rows)
+            gram_accumulate(rows_of(A[chunk], G[:, chunk]).reshape(-1, p), self.rows)
 
     def result(self) -> Tensor:
         """``Σ j jᵀ`` in Kronecker order, ``[P, P]`` (the accumulators are consumed)."""
@@ -76,9 +84,15 @@ class DenseSum:
         return out if out is not None else self.like.new_zeros(p, p)
 
 
-def dense_sum(A: Tensor, G: Tensor) -> Tensor:
-    """``Σ_{n,r} j jᵀ`` in Kronecker order, ``[P, P]``, by the cheaper route (module docstring)."""
-    acc = DenseSum(G.shape[-1], A.shape[-1], A)
+def dense_sum(A: Tensor, G: Tensor, layer: Layer | None = None) -> Tensor:
+    """``Σ_{n,r} j jᵀ`` in Kronecker order, ``[P, P]``, by the cheaper route (module docstring).
+
+    ``layer`` gives the rows (``None``: ``A`` is ``Ã`` of a Kronecker layer).
+    """
+    if layer is None:
+        acc = DenseSum(G.shape[-1], A.shape[-1], A)
+    else:
+        acc = DenseSum(layer.d_out, layer.d_in + layer.has_bias, G, layer)
     acc.add(A, G)
     return acc.result()
 
@@ -95,11 +109,13 @@ class ExactBuilder(BlockBuilder):
             size = self.layer.num_params
             check_memory(
                 f"the exact block of layer {self.layer.name!r} ({size}×{size}), twice at its peak",
-                2 * size * size * A.element_size(),
+                2 * size * size * G.element_size(),
                 self.context.max_bytes,
                 "use method 'woodbury' (the same matrix, never formed) or raise max_bytes=",
             )
-            self.sum = DenseSum(G.shape[-1], A.shape[-1], A)
+            self.sum = DenseSum(
+                self.layer.d_out, self.layer.d_in + self.layer.has_bias, G, self.layer
+            )
         self.sum.add(A, G)
 
     def finish(self, normaliser: float, num_samples: int) -> ExactBlock:
@@ -161,4 +177,4 @@ class ExactBlock(CurvatureBlock):
         return squared_norm(self.matrix)
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        return float(torch.dot(self.matrix.reshape(-1), dense_sum(A, G).reshape(-1)))
+        return float(torch.dot(self.matrix.reshape(-1), dense_sum(A, G, self.layer).reshape(-1)))

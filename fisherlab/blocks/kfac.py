@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
 from fisherlab.blocks.factors import KFAC_APPROX, KroneckerSums
 from fisherlab.linalg import damped_inverse, sample_chunks, symmetric_eigh
@@ -67,14 +68,18 @@ class KFACOptions(Options):
     Attributes:
         kfac_approx: ``"expand"`` (KFC) or ``"reduce"`` factors for layers with ``T > 1``.
         damping_mode: ``"eigen"`` (exact damping in the eigenbasis) or ``"factored"``.
+        scale_shift: The block of a scale-and-shift layer (BatchNorm, LayerNorm,
+            GroupNorm): ``"diagonal"`` or ``"full"`` (:mod:`fisherlab.blocks.scale_shift`).
     """
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "kfac_approx": KFAC_APPROX,
         "damping_mode": DAMPING_MODES,
+        "scale_shift": SCALE_SHIFT_BLOCKS,
     }
     kfac_approx: str = "expand"
     damping_mode: str = "eigen"
+    scale_shift: str = "diagonal"
 
 
 class KFACBuilder(BlockBuilder):
@@ -85,7 +90,7 @@ class KFACBuilder(BlockBuilder):
         self.sums = KroneckerSums(options.kfac_approx)
 
     def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
-        self.sums.add(A, G)
+        self.sums.add(self.layer.kron_inputs(A), G)
 
     def finish(self, normaliser: float, num_samples: int) -> KronBlock:
         gamma, omega = self.sums.factors(normaliser, self.context.all_reduce)
@@ -170,4 +175,4 @@ class KronBlock(CurvatureBlock):
         return float((self.gamma**2).sum() * (self.omega**2).sum())
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        return kron_inner_with_rows(A, G, self.gamma, self.omega)
+        return kron_inner_with_rows(self.layer.kron_inputs(A), G, self.gamma, self.omega)

@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
 from fisherlab.blocks.kfac import DAMPING_MODES, factored_pi, kron_inner_with_rows
 from fisherlab.conventions import FisherlabError, check_int, check_positive_int
@@ -104,16 +105,20 @@ class SKFACOptions(Options):
         spatial_samples: Positions per sample for ``"subsample"``.
         seed: Seed of the subsampled positions.
         damping_mode: ``"eigen"`` (KFAC's damped inverse) or ``"factored"`` (as in the paper).
+        scale_shift: The block of a scale-and-shift layer (BatchNorm, LayerNorm,
+            GroupNorm): ``"diagonal"`` or ``"full"`` (:mod:`fisherlab.blocks.scale_shift`).
     """
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "conv_reduction": CONV_REDUCTIONS,
         "damping_mode": DAMPING_MODES,
+        "scale_shift": SCALE_SHIFT_BLOCKS,
     }
     conv_reduction: str = "sum"
     spatial_samples: int | None = None
     seed: int = 0
     damping_mode: str = "eigen"
+    scale_shift: str = "diagonal"
 
     def validate(self) -> None:
         if self.spatial_samples is not None:
@@ -132,6 +137,7 @@ class SKFACBuilder(BlockBuilder):
 
     def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
         o = self.options
+        A = self.layer.kron_inputs(A)
         X, Y = skfac_rows(A, G, o.conv_reduction, o.spatial_samples, self.generator)
         n = A.shape[0]
         self._check_rows_memory(
@@ -221,4 +227,4 @@ class SKFACBlock(CurvatureBlock):
         return gamma_sq * omega_sq
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        return kron_inner_with_rows(A, G, *self.factors())
+        return kron_inner_with_rows(self.layer.kron_inputs(A), G, *self.factors())

@@ -24,10 +24,16 @@ is small, the empirical Fisher, a sample of the data).
 ``conv_gram="reduce_sum"`` replaces ``Ã`` by its position mean and ``G`` by its position sum
 before everything else: the block is then an approximation (the one other libraries use),
 exact only for ``T = 1``.
+
+**Layers without Kronecker structure** (scale-and-shift: BatchNorm, LayerNorm, GroupNorm) have
+no covariance factors: their Gram, ``Jv`` and ``Jᵀu`` go through the adapter's gradient rows
+(the ``"gradients"`` route, always). Kronecker layers whose capture is compact (an Embedding's
+token indices) are expanded to ``Ã`` (:meth:`fisherlab.layers.Layer.kron_inputs`) when added.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -38,6 +44,7 @@ from torch import Tensor
 from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows, reduce_positions
 from fisherlab.conventions import check_damping, check_memory
+from fisherlab.layers import Layer
 from fisherlab.linalg import sample_chunks, symmetric_eigh, symmetric_gram
 
 GRAM_ROUTES = ("auto", "covariance", "gradients")
@@ -63,19 +70,31 @@ def choose_gram_route(A: Tensor, G: Tensor, route: str = "auto") -> str:
     return min(costs, key=costs.get)
 
 
-def cross_gram(A1: Tensor, G1: Tensor, A2: Tensor, G2: Tensor, route: str = "auto") -> Tensor:
+RowsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_gram(
+    A1: Tensor,
+    G1: Tensor,
+    A2: Tensor,
+    G2: Tensor,
+    route: str = "auto",
+    rows_of: RowsFn = gradient_rows,
+) -> Tensor:
     """``J₁J₂ᵀ`` as ``[R₁·N₁, R₂·N₂]`` for the rows of two captures (rows ordered ``r·N + n``).
 
     ``(J₁J₂ᵀ)_{(r,n),(s,m)} = Σ_{t,t'} (Ã_n Ã_mᵀ)_{tt'} (G_{rn} G_{sm}ᵀ)_{tt'}``; the positions of
     the two captures may differ in number (e.g. a reduced capture against a full one).
+    ``rows_of`` gives the gradient rows of the ``"gradients"`` route (a layer adapter's for a
+    layer without Kronecker structure).
     """
     r1, n1, t1, d_out = G1.shape
     r2, n2, t2, _ = G2.shape
     if route == "auto":
         route = choose_gram_route(A1, G1) if t1 == t2 else "covariance"
     if route == "gradients":
-        rows1 = gradient_rows(A1, G1).reshape(r1 * n1, -1)
-        rows2 = gradient_rows(A2, G2).reshape(r2 * n2, -1)
+        rows1 = rows_of(A1, G1).reshape(r1 * n1, -1)
+        rows2 = rows_of(A2, G2).reshape(r2 * n2, -1)
         return rows1 @ rows2.T
     if t1 == 1 and t2 == 1:
         aa = A1[:, 0] @ A2[:, 0].T  # [N1, N2]
@@ -89,12 +108,40 @@ def cross_gram(A1: Tensor, G1: Tensor, A2: Tensor, G2: Tensor, route: str = "aut
     return out.reshape(r1 * n1, r2 * n2)
 
 
-def gram(A: Tensor, G: Tensor, route: str) -> Tensor:
+def gram(A: Tensor, G: Tensor, route: str, rows_of: RowsFn = gradient_rows) -> Tensor:
     """``K = JJᵀ`` as ``[R·N, R·N]`` (rows ordered ``r·N + n``)."""
     if route == "gradients":
-        rows = gradient_rows(A, G).reshape(G.shape[0] * G.shape[1], -1)
+        rows = rows_of(A, G).reshape(G.shape[0] * G.shape[1], -1)
         return rows @ rows.T
     return cross_gram(A, G, A, G, route)
+
+
+def layer_rows_of(layer: Layer) -> RowsFn:
+    """The gradient rows of a layer's statistics (``Ã`` for Kronecker layers, else as captured)."""
+    return gradient_rows if layer.kronecker else layer.gradient_rows
+
+
+def layer_statistics(layer: Layer, A: Tensor) -> Tensor:
+    """A capture's ``A`` as the Gram routes read it: ``Ã`` for a Kronecker layer."""
+    return layer.kron_inputs(A) if layer.kronecker else A
+
+
+def layer_route(layer: Layer, A: Tensor, G: Tensor, route: str = "auto") -> str:
+    """The Gram route of a layer: ``"gradients"`` without Kronecker structure, else by count."""
+    return choose_gram_route(A, G, route) if layer.kronecker else "gradients"
+
+
+def layer_gram(layer: Layer, A: Tensor, G: Tensor) -> Tensor:
+    """``K = JJᵀ`` of one capture of a layer (any layer type), by the cheaper route."""
+    A = layer_statistics(layer, A)
+    return gram(A, G, layer_route(layer, A, G), layer_rows_of(layer))
+
+
+def layer_cross_gram(layer: Layer, A1: Tensor, G1: Tensor, A2: Tensor, G2: Tensor) -> Tensor:
+    """``J₁J₂ᵀ`` of two captures of a layer (any layer type)."""
+    A1, A2 = layer_statistics(layer, A1), layer_statistics(layer, A2)
+    route = "auto" if layer.kronecker else "gradients"
+    return cross_gram(A1, G1, A2, G2, route, layer_rows_of(layer))
 
 
 @dataclass(frozen=True)
@@ -132,15 +179,16 @@ class WoodburyBuilder(BlockBuilder):
 
     def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
         self.positions = A.shape[1]
+        A = layer_statistics(self.layer, A)
         if self.options.conv_gram == "reduce_sum":
             A, G = reduce_positions(A, G)
         self._check_rows_memory(
             f"the Woodbury Gram of layer {self.layer.name!r} ({{m}}×{{m}}) and the rows of {{n}} "
             "samples",
             self.held + A.shape[0],
-            (A[0].numel() + G[:, 0].numel()) * A.element_size(),
+            (A[0].numel() + G[:, 0].numel()) * G.element_size(),
             G.shape[0],
-            A.element_size(),
+            G.element_size(),
             _HINT,
         )
         self.parts.append((A, G))
@@ -155,7 +203,7 @@ class WoodburyBuilder(BlockBuilder):
         self.parts = []
         A, G = self.context.all_gather(A, 0), self.context.all_gather(G, 1)
         rows = G.shape[0] * G.shape[1]
-        route = choose_gram_route(A, G, self.options.gram_route)
+        route = layer_route(self.layer, A, G, self.options.gram_route)
         extra = rows * self.layer.num_params if route == "gradients" else 0
         check_memory(
             f"the Woodbury Gram of layer {self.layer.name!r} ({rows}×{rows}"
@@ -186,7 +234,8 @@ class WoodburyBlock(CurvatureBlock):
     def __init__(self, layer, A: Tensor, G: Tensor, normaliser: float, fisher_type, options=None):
         super().__init__(layer, fisher_type, options or {})
         self.A, self.G, self.normaliser = A, G, normaliser
-        self.gram_route = choose_gram_route(A, G, self.options.gram_route)
+        self.gram_route = layer_route(layer, A, G, self.options.gram_route)
+        self._rows_of = layer_rows_of(layer)
 
     def _reference(self) -> Tensor:
         return self.A
@@ -203,7 +252,7 @@ class WoodburyBlock(CurvatureBlock):
     @cached_property
     def gram(self) -> Tensor:
         """``K = JJᵀ``, ``[M, M]``."""
-        return gram(self.A, self.G, self.gram_route)
+        return gram(self.A, self.G, self.gram_route, self._rows_of)
 
     @cached_property
     def gram_eig(self) -> tuple[Tensor, Tensor]:
@@ -216,16 +265,18 @@ class WoodburyBlock(CurvatureBlock):
         if self.A.dtype == torch.float64:
             return (self.A, self.G, *self.gram_eig)
         A, G = self.A.double(), self.G.double()
-        return (A, G, *symmetric_eigh(gram(A, G, self.gram_route)))
+        return (A, G, *symmetric_eigh(gram(A, G, self.gram_route, self._rows_of)))
 
-    @staticmethod
-    def _jv(A: Tensor, G: Tensor, V: Tensor) -> Tensor:
+    def _jv(self, A: Tensor, G: Tensor, V: Tensor) -> Tensor:
+        if not self.layer.kronecker:  # through the adapter's rows [R, N, d_out, D]
+            return torch.einsum("rnde,kde->krn", self._rows_of(A, G), V).reshape(V.shape[0], -1)
         va = torch.einsum("kde,nte->kntd", V, A)
         return torch.einsum("rntd,kntd->krn", G, va).reshape(V.shape[0], -1)
 
-    @staticmethod
-    def _jtu(A: Tensor, G: Tensor, U: Tensor) -> Tensor:
+    def _jtu(self, A: Tensor, G: Tensor, U: Tensor) -> Tensor:
         r, n = G.shape[:2]
+        if not self.layer.kronecker:
+            return torch.einsum("krn,rnde->kde", U.reshape(-1, r, n), self._rows_of(A, G))
         gu = torch.einsum("krn,rntd->kntd", U.reshape(-1, r, n), G)
         return torch.einsum("kntd,nte->kde", gu, A)
 
@@ -301,14 +352,16 @@ class WoodburyBlock(CurvatureBlock):
         return tensor_bytes(*held)
 
     def _dense_kron(self) -> Tensor:
-        rows = gradient_rows(self.A, self.G).reshape(self.rows, -1)
+        rows = self._rows_of(self.A, self.G).reshape(self.rows, -1)
         return symmetric_gram(rows) / self.normaliser
 
     def norm_sq(self) -> float:
         return float((self.gram**2).sum()) / self.normaliser**2
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
-        cross = cross_gram(A, G, self.A, self.G, self.gram_route)
+        cross = cross_gram(
+            layer_statistics(self.layer, A), G, self.A, self.G, self.gram_route, self._rows_of
+        )
         return float((cross**2).sum()) / self.normaliser
 
     # ---------------------------------------------------- the natural gradient of the batch

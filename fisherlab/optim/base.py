@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fisherlab.blocks.assemble import DEFAULT_KINDS
 from fisherlab.capture import OutputSelector, Recorder
 from fisherlab.conventions import FisherlabError, check_range
 from fisherlab.layers import Layer, find_layers
@@ -189,6 +190,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._unsupported = [
             str(w.message).removeprefix("skipping unsupported layers: ") for w in caught
         ]
+        for name, layer in list(self._model_layers.items()):  # norm layers, Embedding: not yet
+            if layer.layer_kind not in DEFAULT_KINDS:
+                del self._model_layers[name]
+                self._unsupported.append(
+                    f"module {name!r} ({layer.kind}): the optimizers precondition "
+                    "Linear and Conv2d layers only"
+                )
         self.model, self.fisher_type, self.loss = model, fisher_type, loss
         self.grad_scaler = grad_scaler
         owned = [p for g in self.param_groups for p in g["params"]]
