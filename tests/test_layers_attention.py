@@ -420,3 +420,107 @@ def test_backpack_backend_is_refused_naming_the_attention():
             torch.randn(2, 3, 4, dtype=torch.float64),
             backend="backpack",
         )
+
+
+# ------------------------------------------------- the transformer encoder example (README)
+class TinyTransformer(nn.Module):
+    """Token and position Embeddings → an encoder block (attention, LayerNorm, feed-forward
+    Linear layers, LayerNorm) → mean over positions → Linear classifier."""
+
+    def __init__(self, vocab: int = 7, length: int = 4, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ff1, self.ff2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        h = self.embed(tokens) + self.pos(positions)
+        h = self.norm1(h + self.attn(h, h, h, need_weights=False)[0])
+        h = self.norm2(h + self.ff2(torch.relu(self.ff1(h))))
+        return self.head(h.mean(dim=1))
+
+
+class WithEncoderLayer(nn.Module):
+    """PyTorch's own ``nn.TransformerEncoderLayer`` (dropout 0) between an Embedding and a head."""
+
+    def __init__(self, vocab: int = 7, d: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.encoder = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+TRANSFORMERS = {"tiny-transformer": TinyTransformer, "encoder-layer": WithEncoderLayer}
+
+
+def _token_batches(seed: int = 3) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 7, (7, 4), generator=g)
+    y = torch.randint(0, CLASSES, (7,), generator=g)
+    return [(x[:4], y[:4]), (x[4:], y[4:])]
+
+
+def _transformer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return TRANSFORMERS[kind]().double().eval()
+
+
+@pytest.mark.parametrize("fisher_type", ["true", "empirical"])
+@pytest.mark.parametrize("kind", list(TRANSFORMERS))
+def test_transformer_exact_blocks_of_every_parameter_equal_brute_force(kind, fisher_type):
+    model, loss_fn, batches = _transformer(kind), nn.CrossEntropyLoss(), _token_batches()
+    x, y = _all(batches)
+    problem = fl.Problem(model, loss_fn, batches, fisher_type=fisher_type)
+    covered = {id(p) for layer in problem.layers.values() for p in layer.parameters()}
+    assert covered == {id(p) for p in model.parameters()}  # no parameter skipped
+    exact = fl.exact_blocks(problem)
+    recorded = fl.curvature("exact", problem)
+    names = list(problem.layers)
+    if fisher_type == "true":  # one dense GGN of all parameters, cut into the blocks
+        full = brute_force_ggn(model, loss_fn, x, y, names)
+    start = 0
+    for name in names:
+        size = problem.layers[name].num_params
+        if fisher_type == "true":
+            reference = full[start : start + size, start : start + size]
+            start += size
+        else:
+            grads = per_sample_grads(model, loss_fn, x, y, name)
+            reference = grads.T @ grads / x.shape[0]
+        assert rel_err(exact[name], reference) <= EXACT, name
+        assert rel_err(recorded[name].to_dense(), reference) <= EXACT, name
+
+
+def test_transformer_compare_reports_every_layer_and_method():
+    model, loss_fn, batches = (
+        _transformer("tiny-transformer"),
+        nn.CrossEntropyLoss(),
+        _token_batches(),
+    )
+    problem = fl.Problem(model, loss_fn, batches)
+    rows = fl.compare(problem, progress=False)
+    methods = {r["method"] for r in rows}
+    assert {(r["layer"], r["method"]) for r in rows} == {
+        (name, m) for name in problem.layers for m in methods
+    }
+    assert all(r["rel_frobenius"] == r["rel_frobenius"] for r in rows)  # no NaN: none refused
+    woodbury = [r for r in rows if r["method"] == "woodbury"]
+    assert max(r["rel_frobenius"] for r in woodbury) <= 1e-10  # Woodbury is the exact block
+
+
+def test_transformer_passes_verify():
+    model, loss_fn, batches = (
+        _transformer("tiny-transformer"),
+        nn.CrossEntropyLoss(),
+        _token_batches(),
+    )
+    x, y = batches[0]
+    report = fl.verify(model, loss_fn, x[:3], y[:3], fisher_types=["true"], progress=False)
+    assert report.ok, report.violations
+    assert {c.layer for c in report.checks} == set(find_layers(model))
