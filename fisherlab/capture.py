@@ -257,7 +257,7 @@ class Recorder:
     def add_layer(self, name: str, layer: Layer) -> None:
         """Record ``layer`` too (its module must belong to the model).
 
-        A layer whose adapter has ``recording_module(module) → (owner, record_forward)`` is
+        A layer whose adapter gives ``recording_module(module) = (owner, record_forward)`` is
         recorded by ``owner``'s forward hook instead: ``record_forward(owner, args, kwargs,
         record)`` computes ``owner``'s output again, handing every use of a layer's parameters
         to ``record`` (a module that uses several layers' parameters functionally, as
@@ -265,9 +265,9 @@ class Recorder:
         """
         self.layers[name] = layer
         self._names[id(layer.module)] = name
-        recording_module = getattr(layer.adapter, "recording_module", None)
-        if recording_module is not None:
-            owner, record_forward = recording_module(layer.module)
+        recording = layer.adapter.recording_module(layer.module)
+        if recording is not None:
+            owner, record_forward = recording
             self._forwards[id(owner)] = record_forward
 
     def remove(self) -> None:

@@ -293,8 +293,8 @@ class Problem:
             return hook
 
         def recorded_by(layer: Layer) -> nn.Module:
-            recording_module = getattr(layer.adapter, "recording_module", None)
-            return layer.module if recording_module is None else recording_module(layer.module)[0]
+            recording = layer.adapter.recording_module(layer.module)
+            return layer.module if recording is None else recording[0]
 
         handles = [
             recorded_by(layer).register_forward_hook(counter(name))

@@ -11,7 +11,7 @@ import warnings
 from torch import nn
 
 from fisherlab.conventions import FisherlabError, UnsupportedLayerError
-from fisherlab.layers.base import ADAPTERS, Layer, adapter_for
+from fisherlab.layers.base import ADAPTERS, Layer, LayerAdapter, adapter_for
 
 #: Modules that draw random numbers in training mode (their Fisher would be one random draw).
 RANDOM_MODULES: tuple[type[nn.Module], ...] = (
@@ -43,11 +43,12 @@ def _training_mode_problem(name: str, module: nn.Module) -> str | None:
 
 def _adapter_training_problem(name: str, module: nn.Module) -> str | None:
     """The adapter's own reason why the module's training mode is not supported."""
-    problem = getattr(adapter_for(module), "training_problem", lambda m: None)(module)
+    adapter = adapter_for(module)
+    problem = adapter.training_problem(module) if adapter is not None else None
     return None if problem is None else f"module {name!r} ({type(module).__name__}) {problem}"
 
 
-def _claimed_sublayers(name: str, module: nn.Module) -> dict[str, tuple[str, object]]:
+def _claimed_sublayers(name: str, module: nn.Module) -> dict[str, tuple[str, LayerAdapter]]:
     """Submodules whose parameters ``module`` uses functionally: ``{full name: (parent, adapter)}``.
 
     E.g. ``nn.MultiheadAttention``'s ``out_proj``.
@@ -57,12 +58,9 @@ def _claimed_sublayers(name: str, module: nn.Module) -> dict[str, tuple[str, obj
     """
     for base in type(module).__mro__:
         if base in ADAPTERS:
-            sublayers = getattr(ADAPTERS[base], "sublayers", None)
-            if sublayers is None:
-                return {}
             return {
                 f"{name}.{sub}" if name else sub: (name, adapter)
-                for sub, adapter in sublayers(module).items()
+                for sub, adapter in ADAPTERS[base].sublayers(module).items()
             }
     return {}
 
@@ -71,6 +69,10 @@ def find_layers(
     model: nn.Module, skip_unsupported: bool = False, for_optimizer: bool = False
 ) -> dict[str, Layer]:
     """The supported layers of a model, keyed by their names in ``model.named_modules()``.
+
+    A submodule whose parameters its parent uses functionally (``nn.MultiheadAttention``'s
+    ``out_proj``; :meth:`~fisherlab.layers.LayerAdapter.sublayers`) is read with the parent's
+    adapter for it, and left out with the parent when the parent is not supported.
 
     Args:
         model: Any ``nn.Module`` graph.
@@ -94,7 +96,7 @@ def find_layers(
     skipped: list[str] = []
     skipped_owner: dict[int, str] = {}
     owner: dict[int, str] = {}
-    claimed: dict[str, tuple[str, object]] = {}
+    claimed: dict[str, tuple[str, LayerAdapter]] = {}
     for name, module in model.named_modules():
         problem = _training_mode_problem(name, module)
         if problem is not None and not for_optimizer:
@@ -118,7 +120,7 @@ def find_layers(
         else:
             reason = adapter.unsupported_reason(module)
             if reason is None and for_optimizer:  # the mode an optimizer trains in
-                reason = getattr(adapter, "training_problem", lambda m: None)(module)
+                reason = adapter.training_problem(module)
             extra = {n for n, _ in own} - set(adapter.parameter_names(module))
             if reason is None and extra:
                 reason = f"unexpected parameters {sorted(extra)}"
