@@ -101,7 +101,7 @@ MODELS = {
 
 
 def _fisherlab(name: str, warmup: int) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    kwargs = {"lr": 1e-3, "damping": 1e-2, "momentum": 0.9}
+    kwargs = {"lr": 1e-3, "damping": 1e-2, "momentum": 0.9, "unsupported": "sgd"}
     if name == "fngd":
         return lambda m: fl.optim.FNGD(m, steps_per_epoch=warmup, **kwargs)
     if name == "kfac-factored":

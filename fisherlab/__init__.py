@@ -6,7 +6,10 @@ approximations built from the same captured layer statistics, their comparison a
 figures, and (in :mod:`fisherlab.optim`) optimizers.
 """
 
-from fisherlab import analysis, data, metrics, models, optim, plots, zoo
+import importlib
+from typing import Any
+
+from fisherlab import data, metrics, models, optim, zoo
 from fisherlab.blocks import METHODS, REGISTRY, CurvatureDict, curvature, curvatures
 from fisherlab.capture import Capture, LayerCapture, Recorder, capture
 from fisherlab.comparison import compare
@@ -21,6 +24,16 @@ from fisherlab.problem import Problem
 from fisherlab.verification import verify
 
 __version__ = "0.1.0"
+
+#: The applications, imported on first use: ``import fisherlab`` loads no plotting library.
+_LAZY = ("analysis", "plots", "experiments")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FISHER_TYPES",

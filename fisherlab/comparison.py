@@ -77,14 +77,15 @@ def _build(
     """Blocks of one method per layer (or the reason it was refused), and the build time."""
     start = time.perf_counter()
     try:
-        blocks: dict[str, CurvatureBlock | str] = dict(
-            curvatures(problem, [spec], names, max_bytes)[spec]
-        )
+        built = curvatures(problem, [spec], names, max_bytes, missing="skip")[spec]
+        blocks: dict[str, CurvatureBlock | str] = dict(built)
+        blocks.update(built.missing)  # layers the method has no block for: the reason
     except MemoryBudgetError:
         blocks = {}
         for name in names:  # which layers fit
             try:
-                blocks[name] = curvatures(problem, [spec], [name], max_bytes)[spec][name]
+                built = curvatures(problem, [spec], [name], max_bytes, missing="skip")[spec]
+                blocks[name] = built[name] if name in built else built.missing[name]
             except MemoryBudgetError as err:
                 blocks[name] = str(err)
     return blocks, time.perf_counter() - start

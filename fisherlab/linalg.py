@@ -75,8 +75,8 @@ def damped_inverse(
     return inverse.to(matrix.dtype)
 
 
-def gram_accumulate(rows: Tensor, out: Tensor, tile: int = 512) -> Tensor:
-    """``out += rowsᵀ rows`` on the upper triangle of ``tile×tile`` blocks only.
+def gram_accumulate(rows: Tensor, out: Tensor, tile: int = 512, alpha: float = 1.0) -> Tensor:
+    """``out += alpha · rowsᵀ rows`` on the upper triangle of ``tile×tile`` blocks only.
 
     Accumulate any number of batches of rows, then call :func:`mirror_upper` once. In place,
     without a ``P×P`` temporary; the product costs about ``(k+1)/(2k)`` of the full one for
@@ -86,12 +86,14 @@ def gram_accumulate(rows: Tensor, out: Tensor, tile: int = 512) -> Tensor:
         rows: ``[M, P]``.
         out: ``[P, P]``, accumulated in place.
         tile: Column tile width.
+        alpha: Weight of the product.
     """
     p = rows.shape[1]
+    weight = {} if alpha == 1 else {"alpha": alpha}
     if p <= tile:
-        return out.addmm_(rows.T, rows)
+        return out.addmm_(rows.T, rows, **weight)
     for i in range(0, p, tile):
-        out[i : i + tile, i:].addmm_(rows[:, i : i + tile].T, rows[:, i:])
+        out[i : i + tile, i:].addmm_(rows[:, i : i + tile].T, rows[:, i:], **weight)
     return out
 
 

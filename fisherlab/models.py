@@ -112,6 +112,64 @@ def three_conv_one_fc(
     return nn.Sequential(*layers)
 
 
+class BasicBlock(nn.Module):
+    """A residual block (He et al. 2016), two 3×3 convolutions with BatchNorm.
+
+    ``relu(bn₂(conv₂(relu(bn₁(conv₁ x)))) + shortcut(x))``, the shortcut a 1×1 convolution with
+    BatchNorm when the shape changes.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        h = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def resnet(
+    in_channels: int = 1,
+    image_size: int = 8,
+    num_classes: int = 10,
+    widths: Sequence[int] = (8, 16),
+) -> nn.Sequential:
+    """A ResNet-style net: 3×3 stem with BatchNorm, residual blocks, pooling, linear head.
+
+    One residual block per width (the first at stride 1, the others at stride 2), then global
+    average pooling.
+
+    Curvature is taken in eval mode (BatchNorm with its running statistics): the CLI and
+    :func:`fisherlab.problem.Problem` refuse BatchNorm in training mode.
+
+    Example:
+        >>> resnet(3, 32)(__import__("torch").zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    del image_size  # global pooling: any size
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+    ]
+    width = widths[0]
+    for i, c in enumerate(widths):
+        layers.append(BasicBlock(width, c, stride=1 if i == 0 else 2))
+        width = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
 def _square_images(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) != 3 or shape[1] != shape[2]:
         raise FisherlabError(f"model {name!r} needs square images [C, H, H], got {shape}")
@@ -148,6 +206,12 @@ MODELS: dict[str, ModelEntry] = {
         three_conv_one_fc,
         lambda shape, classes: three_conv_one_fc(*_square_images("3c1f", shape), classes),
         "three 3×3 convolutions with 2×2 max-pooling, one linear layer (TENGraD's 3C1F)",
+    ),
+    "resnet": ModelEntry(
+        resnet,
+        lambda shape, classes: resnet(shape[0], num_classes=classes),
+        "ResNet-style: 3×3 stem, residual blocks of 8 and 16 channels with BatchNorm (eval "
+        "mode), global pooling, linear head",
     ),
 }
 """Every model known by name: the CLI's ``--model`` choices and the experiment runner's."""

@@ -2,7 +2,9 @@
 
 Every case is float64 and seeded: MLPs with/without bias, tanh/ReLU; CNNs with stride, padding
 (numbers and ``"same"``) and dilation; a Linear layer on sequences; a residual graph;
-cross-entropy and MSE, mean and sum reductions.
+cross-entropy and MSE, mean and sum reductions. :data:`LAYER_TYPE_CASES` adds the other layer
+types: a tiny ResNet with BatchNorm (eval mode, random running statistics), a token model with
+an Embedding (with ``padding_idx``) and LayerNorm, and a CNN with GroupNorm.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from fisherlab.models import resnet
 
 BATCH_SIZES = (1, 3, 17)
 
@@ -57,12 +61,16 @@ class Case:
     input_shape: tuple[int, ...]
     out: int
     backpack: bool = True  # whether BackPACK can take the model (else the torch.func path)
+    tokens: int | None = None  # inputs are token indices below this (else Gaussian)
 
     def build(self, batch_size: int, seed: int = 0) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
         """Model, loss, inputs and targets of a batch, all float64, seeded."""
         torch.manual_seed(seed)
         model = self.model().double()
-        x = torch.randn(batch_size, *self.input_shape, dtype=torch.float64)
+        if self.tokens is not None:
+            x = torch.randint(0, self.tokens, (batch_size, *self.input_shape))
+        else:
+            x = torch.randn(batch_size, *self.input_shape, dtype=torch.float64)
         loss_fn = self.loss()
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             y = torch.randint(0, self.out, (batch_size,))
@@ -124,4 +132,67 @@ CASES: list[Case] = [
     Case("cnn-same-ce", _cnn_same, nn.CrossEntropyLoss, (1, 5, 5), 3, backpack=False),
     Case("seq-linear-ce", SequenceNet, nn.CrossEntropyLoss, (12,), 3, backpack=False),
     Case("residual-mse", ResidualNet, nn.MSELoss, (4,), 3),
+]
+
+
+def randomise_norm_layers(model: nn.Module) -> nn.Module:
+    """Random ``γ, β`` and running statistics for every norm layer; BatchNorm in eval mode.
+
+    At initialisation ``γ = 1, β = 0`` and the running statistics are ``0, 1``: a Fisher test on
+    such a model would not see a mix-up of ``γ`` with ``β`` or of the statistics.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.LayerNorm | nn.GroupNorm):
+                if module.weight is not None:
+                    module.weight.uniform_(0.5, 1.5)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.5)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.eval()
+    return model
+
+
+class TokenNet(nn.Module):
+    """Tokens ``[N, S]`` → Embedding (``padding_idx=0``) → LayerNorm → tanh → mean → Linear."""
+
+    def __init__(self, vocab: int = 6, dim: int = 3, out: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.norm(self.embed(x))).mean(dim=1))
+
+
+def _tiny_resnet() -> nn.Module:
+    return randomise_norm_layers(resnet(1, num_classes=3, widths=(2, 3)))
+
+
+def _token_net() -> nn.Module:
+    return randomise_norm_layers(TokenNet())
+
+
+def _groupnorm_cnn() -> nn.Module:
+    return randomise_norm_layers(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+            nn.LayerNorm([4, 3, 3], bias=False),
+            nn.Flatten(),
+            nn.Linear(36, 3),
+        )
+    )
+
+
+#: Problems with the other layer types (scale-and-shift, Embedding), kept apart from
+#: :data:`CASES` (the Linear/Conv2d zoo of the default ``verify`` workload and the peer tests).
+LAYER_TYPE_CASES: list[Case] = [
+    Case("resnet-bn-ce", _tiny_resnet, nn.CrossEntropyLoss, (1, 5, 5), 3, backpack=False),
+    Case("tokens-embedding-ce", _token_net, nn.CrossEntropyLoss, (4,), 3, False, tokens=6),
+    Case("cnn-groupnorm-mse", _groupnorm_cnn, nn.MSELoss, (1, 5, 5), 3, backpack=False),
 ]

@@ -175,12 +175,31 @@ def test_state_dict_round_trip_resumes_bit_identically(name):
         assert torch.equal(p, q)
 
 
-def test_unsupported_layers_get_the_plain_step_with_one_warning():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_parameters_without_a_block_are_refused_at_construction(name):
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with pytest.raises(
+        fl.FisherlabError, match=r"has no block for.*'1' \(LayerNorm\).*unsupported='sgd'"
+    ):
+        OPTIMIZERS[name](model)
+    assert not [h for h in model._forward_hooks.values()]
+
+
+def test_parameters_without_a_block_left_out_of_params_are_accepted():
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    params = [p for n, p in model.named_parameters() if not n.startswith("1.")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = fl.optim.KFAC(model, lr=LR, damping=DAMPING, params=params)
+    assert set(opt.layers) == {"0", "3"}
+
+
+def test_unsupported_sgd_gives_the_plain_step_with_one_warning():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     with pytest.warns(UserWarning, match=r"plain gradient step.*'1' \(LayerNorm\)") as record:
-        opt = fl.optim.KFAC(model, lr=LR, damping=DAMPING)
+        opt = fl.optim.KFAC(model, lr=LR, damping=DAMPING, unsupported="sgd")
     assert len(record) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -197,7 +216,7 @@ def test_batchnorm_in_training_mode_is_trained_by_the_fallback():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
     with pytest.warns(UserWarning, match=r"'1' \(BatchNorm1d\)"):
-        opt = fl.optim.TENGraD(model, lr=LR, damping=DAMPING)
+        opt = fl.optim.TENGraD(model, lr=LR, damping=DAMPING, unsupported="sgd")
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     before, _ = _step(opt, model, nn.CrossEntropyLoss(), x, y)
     assert not torch.equal(model[1].weight.detach(), before["1.weight"])

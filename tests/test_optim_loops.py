@@ -456,7 +456,7 @@ def test_sparse_embedding_gradients_get_the_plain_step(name):
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
     model = model.double()
     with pytest.warns(UserWarning, match=r"'0' \(Embedding\)"):
-        opt = MAKE[name](model, momentum=0.9)
+        opt = MAKE[name](model, momentum=0.9, unsupported="sgd")
     tokens, y = torch.randint(0, 10, (6, 2)), torch.randint(0, 3, (6,))
     for _ in range(2):
         opt.zero_grad()

@@ -8,6 +8,11 @@ targets, fisher_type=...)`` is the one-batch shorthand. ``build(method, capture,
 builds from an existing :class:`~fisherlab.capture.Capture`, and :func:`curvatures` builds
 several methods in shared passes.
 
+A layer's statistics become its block through the method's builder
+(:class:`~fisherlab.blocks.base.BlockBuilder`): ``builder.add(stats, old_weight, new_weight)``
+serves both a sum over a data set (what ``curvature`` does, weights ``(1, 1)``) and a running
+average (an optimizer's); :func:`builder` makes one for a layer.
+
 Methods are registered by their block classes, one file each in this package (adding a file
 adds a method). Built in, with their options (defaults first):
 
@@ -20,6 +25,11 @@ adds a method). Built in, with their options (defaults first):
                ``damping_mode="eigen"|"factored"``
 ``diag``       the diagonal of ``F``
 =============  ===============================================================================
+
+``kfac``, ``ekfac`` and ``skfac`` also take ``scale_shift="diagonal"|"full"``: the block of a
+scale-and-shift layer (BatchNorm, LayerNorm, GroupNorm; :mod:`fisherlab.blocks.scale_shift`).
+Which block each method builds for each layer kind is the table
+:data:`~fisherlab.blocks.assemble.BLOCK_TABLE`.
 """
 
 from __future__ import annotations
@@ -39,9 +49,17 @@ from fisherlab.blocks.assemble import (
     method_class,
     methods_for,
 )
-from fisherlab.blocks.base import REGISTRY, CurvatureBlock, Options
+from fisherlab.blocks.base import (
+    REGISTRY,
+    BlockBuilder,
+    BuildContext,
+    CurvatureBlock,
+    LayerStats,
+    Options,
+)
 from fisherlab.capture import Capture
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, check_damping
+from fisherlab.layers import Layer
 from fisherlab.problem import Problem, as_problem
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
@@ -174,6 +192,45 @@ def build_block(
     return build(method, cap, max_bytes=max_bytes, names=[name], **options)[name]
 
 
+def builder(
+    method: str,
+    layer: Layer,
+    fisher_type: str,
+    normalise: str = "data",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    **options: Any,
+) -> BlockBuilder:
+    """A builder of one layer's ``method`` block, to hold across batches or steps.
+
+    Args:
+        method: Any registered method that has a block for the layer's type (the table).
+        layer: The layer (e.g. ``capture[name].layer`` or ``problem.layers[name]``).
+        fisher_type: The Fisher type of the statistics it will be given.
+        normalise: ``"data"`` (sums over a data set; ``block(normaliser=ν)``) or ``"batch"``
+            (averages of per-batch estimates; ``block()``), see
+            :class:`~fisherlab.blocks.base.BlockBuilder`.
+        max_bytes: Memory budget of each large object.
+        **options: Method options.
+
+    Example:
+        >>> import torch, fisherlab as fl
+        >>> from fisherlab.blocks import LayerStats, builder
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> caps = [fl.capture(model, loss_fn, torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        ...         for _ in range(3)]
+        >>> b = builder("kfac", caps[0]["0"].layer, "true", normalise="batch")
+        >>> for k, cap in enumerate(caps):  # a running average with decay 0.9
+        ...     b.add(LayerStats.of(cap, "0"), 0.0 if k == 0 else 0.9, 1.0 if k == 0 else 0.1)
+        >>> b.block().solve(torch.ones(15), damping=1e-3).shape
+        torch.Size([15])
+    """
+    opts = parse_options(method, options)
+    context = BuildContext(fisher_type, max_bytes)
+    return block_class(method, layer).Builder(layer, opts, context, normalise)
+
+
 def curvature(
     method: str,
     problem: Problem | nn.Module,
@@ -227,11 +284,14 @@ __all__ = [
     "BLOCK_TABLE",
     "METHODS",
     "REGISTRY",
+    "BlockBuilder",
     "CurvatureBlock",
     "CurvatureDict",
+    "LayerStats",
     "block_class",
     "build",
     "build_block",
+    "builder",
     "check_damping",
     "curvature",
     "curvatures",

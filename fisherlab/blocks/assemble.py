@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fisherlab.blocks.base import REGISTRY, BuildContext, CurvatureBlock, Options
+from fisherlab.blocks.base import REGISTRY, BuildContext, CurvatureBlock, LayerStats, Options
 from fisherlab.capture import Capture, cached_captures, captures
 from fisherlab.conventions import DEFAULT_MAX_BYTES, FisherlabError, UnsupportedLayerError
 from fisherlab.layers import Layer
@@ -215,11 +215,10 @@ def assemble(
             active = [b for b in flat if b.passes > pass_index]
             label = "capture" if total_passes == 1 else f"capture (pass {pass_index + 1})"
             for cap in source.one_pass(label):
-                for b in active:
-                    lc = cap[b.layer.name]
-                    b.add(lc.A, lc.G, pass_index)
+                for b in active:  # a sum over the data: weights (1, 1), ν at the end
+                    b.add(LayerStats.of(cap, b.layer.name))
             normaliser, _ = source.totals()
             for b in active:
-                b.end_pass(pass_index, normaliser)
+                b.end_pass(normaliser)
     normaliser, num_samples = source.totals()
     return [{name: b.finish(normaliser, num_samples) for name, b in bs.items()} for bs in builders]

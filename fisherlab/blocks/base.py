@@ -4,8 +4,9 @@ A block represents a ``P×P`` matrix ``F̂`` for one layer, indexed in parameter
 row-major, then bias). A method is one file in this package that defines
 
 * an :class:`Options` dataclass (typed, validated once, parsed from ``key=value`` text);
-* a :class:`BlockBuilder`, which accumulates the layer's statistics from the captures of a
-  data set's batches (one or more passes) and builds the block;
+* a :class:`BlockBuilder`, which keeps the layer's statistics under weighted updates
+  ``add(stats, old_weight, new_weight)`` (a sum over a data set's batches, in one or more
+  passes, or a running average: the same call) and gives the block at any time;
 * a :class:`CurvatureBlock` subclass with ``method = "name"``, ``Options`` and ``Builder``;
   defining it registers the method in :data:`REGISTRY`.
 
@@ -45,6 +46,7 @@ from fisherlab.conventions import (
     check_choice,
     check_damping,
     check_memory,
+    check_range,
 )
 from fisherlab.layers import Layer
 from fisherlab.linalg import sample_chunks
@@ -154,34 +156,257 @@ class BuildContext:
     all_gather: Callable[[Tensor, int], Tensor] = lambda t, dim: t
 
 
-class BlockBuilder(ABC):
-    """Accumulates one layer's statistics over the batches of a data set; builds the block.
+@dataclass(frozen=True)
+class LayerStats:
+    """One batch's statistics of one layer, what :meth:`BlockBuilder.add` takes.
 
-    The engine (:func:`fisherlab.blocks.assemble`) calls :meth:`add` with each batch's
-    :class:`~fisherlab.capture.LayerCapture` for ``passes`` passes, :meth:`end_pass` after
-    each, and :meth:`finish` with ``ν`` and ``N`` of the whole data. Sums are unnormalised
-    (rows in units of the per-sample summed loss) until :meth:`finish`.
+    Attributes:
+        A: Homogeneous inputs ``[N_b, T, D]``.
+        G: Output-gradient rows ``[R, N_b, T, d_out]`` of the per-sample summed loss.
+        normaliser: ``ν_b`` of the batch (the loss's normaliser; ``F_b = (1/ν_b) Σ j jᵀ``).
+    """
+
+    A: Tensor
+    G: Tensor
+    normaliser: float = 1.0
+
+    @classmethod
+    def of(cls, capture: Any, name: str) -> LayerStats:
+        """Layer ``name`` of a :class:`~fisherlab.capture.Capture` (its ``ν`` included)."""
+        lc = capture[name]
+        return cls(lc.A, lc.G, capture.normaliser)
+
+
+#: What a builder's state holds (see :class:`BlockBuilder`).
+NORMALISATIONS = ("data", "batch")
+
+
+def check_weights(old_weight: Any, new_weight: Any) -> tuple[float, float]:
+    """The pair of weights of :meth:`BlockBuilder.add`: finite reals ``≥ 0``, or a clear error."""
+    return (
+        float(check_range("old_weight", old_weight, 0.0)),
+        float(check_range("new_weight", new_weight, 0.0)),
+    )
+
+
+class WeightedSum:
+    r"""``S = Σ_k w_k x_k`` under the weighted update ``S ← α S + β x`` (and its mass).
+
+    After updates ``(α_k, β_k, x_k)``, ``k = 1…K``, from an empty state (zero),
+
+    .. math::
+        S_K = \sum_k w_k x_k, \qquad W_K = \sum_k w_k, \qquad
+        w_k = β_k \prod_{j > k} α_j .
+
+    ``α = 0`` forgets the state (it is dropped, not multiplied: no ``0·∞``).
+
+    Attributes:
+        value: ``S`` (``None`` while empty).
+        mass: ``W``, the same recurrence applied to the number 1.
+    """
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+        self.mass = 0.0
+
+    def add(self, x: Tensor, old_weight: float = 1.0, new_weight: float = 1.0) -> None:
+        """``S ← α S + β x`` in place; ``x`` is taken over (it must not be used elsewhere)."""
+        if self.value is None or old_weight == 0:
+            self.value = x if new_weight == 1 else x.mul_(new_weight)
+        else:
+            if old_weight != 1:
+                self.value.mul_(old_weight)
+            if new_weight == 1:
+                self.value.add_(x)
+            else:
+                self.value.add_(x, alpha=new_weight)
+        self.mass = old_weight * self.mass + new_weight
+
+    def state(self, prefix: str) -> dict[str, Tensor | None]:
+        """``{prefix: S, prefix_mass: W}`` (tensors only)."""
+        return {prefix: self.value, f"{prefix}_mass": torch.tensor(self.mass, dtype=torch.float64)}
+
+    def load(self, state: Mapping[str, Tensor | None], prefix: str) -> None:
+        """Restore from :meth:`state`."""
+        self.value = state.get(prefix)
+        mass = state.get(f"{prefix}_mass")
+        self.mass = 0.0 if mass is None else float(mass)
+
+
+class BlockBuilder(ABC):
+    r"""One layer's weighted statistics: ``add`` batches, take the block at any time.
+
+    **The update.** ``add(stats, old_weight=α, new_weight=β)`` updates every statistic the
+    builder keeps (``Σ j jᵀ``, ``Σ g gᵀ`` and ``Σ ã ãᵀ``, ``Σ (Qᵀj)²``, ``Σ j²``, the factor rows…)
+    by ``S ← α S + β x_b``, where ``x_b`` is the batch's statistic: after ``K`` calls,
+    ``S = Σ_k w_k x_k`` with ``w_k = β_k Π_{j>k} α_j`` (:class:`WeightedSum`). A sum over a data
+    set and a running average are the same call with other weights (kfac-jax's
+    ``update_curvature_matrix_estimate(state, data, ema_old, ema_new, batch_size)``).
+
+    **What the state means** is fixed at construction by ``normalise``:
+
+    * ``"data"`` (a sum over a data set; the engine's :func:`~fisherlab.blocks.assemble`):
+      ``x_b`` is the batch's *unnormalised* statistic, in units of the per-sample summed loss
+      (``Σ_{n,r} j jᵀ`` over the batch), and :meth:`block` divides by the ``ν`` it is given.
+      With weights ``(1, 1)`` for every batch and ``ν`` of the whole data, the block is the data
+      set's, ``F̂`` of ``F = (1/ν) Σ_batches JᵀJ``, bit for bit what a single sum gives. Factors
+      normalised by a count of rows (KFAC's ``Ω = Σ ããᵀ / (N·T)``) carry their count through the
+      same recurrence: ``Ω = (Σ_k w_k Σ ããᵀ) / (Σ_k w_k N_k T)``.
+    * ``"batch"`` (a running average, as the optimizers keep): ``x_b`` is the batch's own
+      *normalised* estimate (``(1/ν_b) Σ j jᵀ``; ``Ω_b = Σ ããᵀ / (N_b T)``), and :meth:`block`
+      divides by the mass ``W = Σ_k w_k``: the block is the weighted *average*
+      ``Σ_k w_k F̂_k / Σ_k w_k`` of the per-batch estimates. With ``(0, 1)`` on the first call
+      (or after a reset) and ``(decay, 1 − decay)`` after it, ``W = 1`` and the block is the
+      exponential running average ``S ← decay·S + (1 − decay)·F̂_b`` of the optimizers; with
+      ``(decay, 1 − decay)`` from the start it is that average bias-corrected (as Adam's); with
+      ``(1, 1)`` the plain mean of the batches' estimates. No reduction over ranks is applied:
+      callers combine a batch's statistics across ranks before ``add`` (as the optimizers do).
+
+    Representations that hold rows (``woodbury``, ``skfac``) realise the weights on the rows
+    (``√w_k`` times the batch's rows, so that their Grams are weighted by ``w_k``); their memory
+    grows with every call whose ``old_weight`` is not 0.
+
+    **Passes.** A builder that needs several passes over a data set (EKFAC: the basis from the
+    factors of the whole data, then the scalings in it) has ``passes > 1`` and is told the end of
+    each by :meth:`end_pass`. :meth:`block` may be called any number of times and leaves the
+    state as it is; :meth:`finish` (the engine's last call) may release the state.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the state as tensors only
+    (``torch.save`` works; references to the live tensors, as ``torch``'s own ``state_dict``).
+
+    Args:
+        layer: The layer.
+        options: The method's options.
+        context: What the builder knows about the data.
+        normalise: ``"data"`` or ``"batch"`` (above).
     """
 
     #: Passes over the data the builder needs.
     passes: int = 1
 
-    def __init__(self, layer: Layer, options: Options, context: BuildContext):
+    def __init__(
+        self, layer: Layer, options: Options, context: BuildContext, normalise: str = "data"
+    ):
         self.layer, self.options, self.context = layer, options, context
+        self.normalise = check_choice("normalise", normalise, NORMALISATIONS)
+        #: Complete passes seen (:meth:`end_pass`).
+        self.pass_index = 0
+
+    @property
+    def per_batch(self) -> bool:
+        """Whether each batch's statistic is normalised by its own ``ν_b`` (``"batch"``)."""
+        return self.normalise == "batch"
+
+    def add(self, stats: LayerStats, old_weight: float = 1.0, new_weight: float = 1.0) -> None:
+        """``S ← old_weight·S + new_weight·x(stats)`` for every statistic kept (class docstring).
+
+        Args:
+            stats: The batch's ``A``, ``G`` and ``ν_b`` (e.g. :meth:`LayerStats.of` a capture).
+            old_weight: ``α ≥ 0``; ``0`` forgets the state.
+            new_weight: ``β ≥ 0``.
+        """
+        old, new = check_weights(old_weight, new_weight)
+        self._add(stats, old, new)
 
     @abstractmethod
-    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
-        """Accumulate a batch's ``A [N_b, T, D]`` and ``G [R, N_b, T, d_out]``."""
+    def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
+        """The update, with checked weights."""
 
-    def end_pass(self, pass_index: int, normaliser: float) -> None:  # noqa: B027
-        """Called after each complete pass with ``ν`` of the data.
+    def end_pass(self, normaliser: float | None = None) -> None:
+        """Called after each complete pass over a data set, with the data's ``ν``.
 
         E.g. EKFAC fixes its basis after the first pass.
         """
+        self.pass_index += 1
 
     @abstractmethod
+    def block(self, normaliser: float | None = None) -> CurvatureBlock:
+        """The block of the state as it is now (the state is left unchanged).
+
+        Args:
+            normaliser: With ``normalise="data"``, ``ν`` of the data the sums ran over
+                (required); with ``"batch"``, nothing (the mass of the weights is used).
+        """
+
     def finish(self, normaliser: float, num_samples: int) -> CurvatureBlock:
-        """The block of the whole data (sums all-reduced over ranks, divided by ``ν``)."""
+        """The engine's last call: the block of the whole data (may release the state)."""
+        return self.block(normaliser)
+
+    def batch_scale(self, stats: LayerStats) -> float:
+        """The factor of a batch's loss-normalised statistics: ``1/ν_b`` (``"batch"``) or 1."""
+        return 1.0 / float(stats.normaliser) if self.per_batch else 1.0
+
+    def divisor(self, normaliser: float | None, mass: float) -> float:
+        """What the state's loss-normalised sums are divided by: ``ν`` or the mass ``W``."""
+        if self.per_batch:
+            if normaliser is not None and normaliser != 1:
+                raise FisherlabError(
+                    f"the builder of layer {self.layer.name!r} normalises each batch "
+                    f"(normalise='batch'): its block takes no normaliser, got {normaliser!r}"
+                )
+            return mass
+        if normaliser is None:
+            raise FisherlabError(
+                f"the builder of layer {self.layer.name!r} holds sums over a data set "
+                "(normalise='data'): pass the data's ν, block(normaliser=ν)"
+            )
+        return normaliser
+
+    def _require(self, ready: bool) -> None:
+        if not ready:
+            raise FisherlabError(
+                f"the {type(self).__name__} of layer {self.layer.name!r} has no statistics yet: "
+                "add() a batch before asking for its block"
+            )
+
+    # ------------------------------------------------------------------ state
+    #: The tensors of :meth:`state_dict` (besides ``pass_index`` and ``per_batch``).
+    state_names: ClassVar[tuple[str, ...]] = ()
+
+    def _state(self) -> dict[str, Tensor | None]:
+        return {}
+
+    def _load(self, state: Mapping[str, Tensor | None]) -> None:  # noqa: B027
+        """Restore the tensors of :meth:`_state` (absent ones are ``None``)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The state as ``{name: Tensor}`` (tensors only; ``torch.save`` works)."""
+        out = {
+            "pass_index": torch.tensor(self.pass_index),
+            "per_batch": torch.tensor(self.per_batch),
+        }
+        out.update({k: v for k, v in self._state().items() if v is not None})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict` of a builder of the same method, layer and mode.
+
+        Raises:
+            FisherlabError: for unknown entries, non-tensors or another ``normalise`` mode.
+        """
+        names = {"pass_index", "per_batch", *self.state_names}
+        unknown = sorted(set(state) - names)
+        if unknown or not all(isinstance(v, Tensor) for v in state.values()):
+            raise FisherlabError(
+                f"not a state of {type(self).__name__} (layer {self.layer.name!r}): "
+                + (f"unknown entries {unknown}" if unknown else "entries must be tensors")
+                + f"; expected some of {sorted(names)}"
+            )
+        if "per_batch" in state and bool(state["per_batch"]) != self.per_batch:
+            raise FisherlabError(
+                f"the state of layer {self.layer.name!r} was saved with normalise="
+                f"{'batch' if bool(state['per_batch']) else 'data'!r}, this builder has "
+                f"normalise={self.normalise!r}"
+            )
+        self.pass_index = int(state.get("pass_index", 0))
+        self._load({name: state.get(name) for name in self.state_names})
+
+    def _check_shape(self, name: str, tensor: Tensor | None, shape: tuple[int, ...]) -> None:
+        """Refuse a loaded tensor whose shape does not fit the layer."""
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise FisherlabError(
+                f"the saved {name!r} of layer {self.layer.name!r} has shape "
+                f"{tuple(tensor.shape)}, the layer needs {shape}"
+            )
 
     def _check_rows_memory(
         self,
@@ -404,12 +629,16 @@ def tensor_bytes(*tensors: Tensor | None) -> int:
 
 
 __all__ = [
+    "NORMALISATIONS",
     "REGISTRY",
     "BlockBuilder",
     "BuildContext",
     "CurvatureBlock",
+    "LayerStats",
     "NoOptions",
     "Options",
+    "WeightedSum",
     "check_damping",
+    "check_weights",
     "tensor_bytes",
 ]

@@ -1,6 +1,7 @@
 r"""The diagonal of the Fisher block, :math:`\mathrm{diag}(F) = \frac1ν \sum_{n,r} j_{n,r}^2`.
 
-Over a data set the squares are summed batch by batch (memory ``P``). At-scale Frobenius terms:
+Over a data set the squares are summed batch by batch (memory ``P``); a running average averages
+the batches' own diagonals. At-scale Frobenius terms:
 ``‖diag F‖²`` and ``Σ_rows jᵀ D j = ⟨d, Σ_rows j²⟩``.
 """
 
@@ -8,7 +9,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, tensor_bytes
+from fisherlab.blocks.base import (
+    BlockBuilder,
+    CurvatureBlock,
+    LayerStats,
+    WeightedSum,
+    tensor_bytes,
+)
 from fisherlab.blocks.factors import gradient_rows
 from fisherlab.layers import Layer
 from fisherlab.linalg import sample_chunks
@@ -30,19 +37,36 @@ def squared_rows_sum(A: Tensor, G: Tensor, layer: Layer | None = None) -> Tensor
 
 
 class DiagBuilder(BlockBuilder):
-    """Sums of squared rows over the data set."""
+    """Weighted sums of squared rows (``Σ j²``, or ``Σ j²/ν_b`` per batch)."""
 
-    def __init__(self, layer, options, context):
-        super().__init__(layer, options, context)
-        self.sum: Tensor | None = None
+    state_names = ("sum", "sum_mass")
 
-    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
-        part = squared_rows_sum(A, G, self.layer)
-        self.sum = part if self.sum is None else self.sum.add_(part)
+    def __init__(self, layer, options, context, normalise: str = "data"):
+        super().__init__(layer, options, context, normalise)
+        self.sum = WeightedSum()
 
-    def finish(self, normaliser: float, num_samples: int) -> DiagBlock:
-        diagonal = self.context.all_reduce(self.sum) / normaliser
+    def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
+        part = squared_rows_sum(stats.A, stats.G, self.layer)
+        if self.per_batch:
+            part = part / stats.normaliser
+        self.sum.add(part, old_weight, new_weight)
+
+    def block(self, normaliser: float | None = None) -> DiagBlock:
+        self._require(self.sum.value is not None)
+        if self.per_batch:
+            diagonal = self.sum.value / self.divisor(normaliser, self.sum.mass)
+        else:
+            diagonal = self.context.all_reduce(self.sum.value) / self.divisor(normaliser, 0.0)
         return DiagBlock(self.layer, diagonal, self.context.fisher_type, self.options)
+
+    def _state(self) -> dict[str, Tensor | None]:
+        return self.sum.state("sum")
+
+    def _load(self, state) -> None:
+        self._check_shape(
+            "sum", state.get("sum"), (self.layer.d_out, self.layer.d_in + self.layer.has_bias)
+        )
+        self.sum.load(state, "sum")
 
 
 class DiagBlock(CurvatureBlock):

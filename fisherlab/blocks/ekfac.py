@@ -8,8 +8,10 @@ With the Kronecker-factored eigenbasis ``Q = U_Γ ⊗ U_Ω`` of the KFAC factors
 the best approximation of ``F`` (in Frobenius norm) among matrices diagonal in ``Q``; hence
 ``‖F − F̂_ekfac‖ ≤ ‖F − F̂_kfac‖`` and ``‖F − F̂_ekfac‖² = ‖F‖² − ‖s‖²``. Over a data set (its
 definition) the basis comes from the factors of the whole data (first pass) and the scalings from
-a second pass. The basis may instead be given (``basis=``: an earlier ``ekfac`` result or
-``{name: (U_Γ, U_Ω)}``), to study a stale basis with fresh scalings; then one pass suffices.
+a second pass; as a running average (an optimizer's) the factors and the scalings are weighted
+averages of the batches' own (:class:`EKFACBuilder`). The basis may instead be given
+(``basis=``: an earlier ``ekfac`` result or ``{name: (U_Γ, U_Ω)}``), to study a stale basis
+with fresh scalings; then one pass suffices.
 At-scale Frobenius terms: ``‖s‖²`` and ``Σ_rows jᵀF̂j = ⟨s, Σ_rows (Qᵀj)²⟩``.
 """
 
@@ -22,10 +24,20 @@ import torch
 from torch import Tensor
 
 from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
-from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
+from fisherlab.blocks.base import (
+    BlockBuilder,
+    CurvatureBlock,
+    LayerStats,
+    Options,
+    WeightedSum,
+    check_weights,
+    tensor_bytes,
+)
 from fisherlab.blocks.factors import KFAC_APPROX, KroneckerSums
+from fisherlab.blocks.kfac import KFACBuilder, KFACOptions
+from fisherlab.blocks.kronecker import KroneckerEigenbasis
 from fisherlab.conventions import FisherlabError
-from fisherlab.linalg import sample_chunks, symmetric_eigh
+from fisherlab.linalg import sample_chunks
 
 
 def kfe_squares(A: Tensor, G: Tensor, u_gamma: Tensor, u_omega: Tensor) -> Tensor:
@@ -90,41 +102,122 @@ class EKFACOptions(Options):
 
 
 class EKFACBuilder(BlockBuilder):
-    """First pass: the factors (unless a basis is given); second pass: the scalings."""
+    r"""KFAC's basis (a :class:`~fisherlab.blocks.kfac.KFACBuilder` inside) plus the scalings.
 
-    def __init__(self, layer, options: EKFACOptions, context):
-        super().__init__(layer, options, context)
+    Two weighted statistics: the KFAC factors (:meth:`add_factors`), whose eigenbasis is the
+    basis, and the scalings' squares ``Σ (Qᵀj)²`` in the current basis (:meth:`add_scalings`,
+    normalised as the factors: by the data's ``ν`` or per batch). :meth:`add` adds to the
+    factors while there is no basis and to the scalings once there is one, so that over a data
+    set (``passes = 2``) the first pass gives the factors, :meth:`end_pass` their basis
+    (:meth:`update_basis`), and the second pass the scalings in it; with a given basis
+    (``basis=``) one pass. An optimizer adds to both every step with its own weights and calls
+    :meth:`update_basis` when its schedule says (EKFAC-ra: the scalings' running average
+    restarts there).
+    """
+
+    state_names = (
+        *(f"factors.{n}" for n in KroneckerSums.STATE_NAMES),
+        "u_gamma",
+        "u_omega",
+        "squares",
+        "squares_mass",
+    )
+
+    def __init__(self, layer, options: EKFACOptions, context, normalise: str = "data"):
+        super().__init__(layer, options, context, normalise)
         self.basis: tuple[Tensor, Tensor] | None = None
         if options.basis is not None:
             self.basis = basis_entry(options.basis, layer)
         self.passes = 1 if self.basis is not None else 2
-        self.sums = KroneckerSums(options.kfac_approx)
-        self.squares: Tensor | None = None
+        kfac = KFACOptions(kfac_approx=options.kfac_approx)
+        self.factors = KFACBuilder(layer, kfac, context, normalise)
+        self.squares = WeightedSum()
 
-    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
-        A = self.layer.kron_inputs(A)
+    def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
         if self.basis is None:
-            self.sums.add(A, G)
-            return
+            self.factors._add(stats, old_weight, new_weight)
+        else:
+            self._add_scalings(stats, old_weight, new_weight)
+
+    def add_factors(
+        self, stats: LayerStats, old_weight: float = 1.0, new_weight: float = 1.0
+    ) -> None:
+        """Update the KFAC factors the basis comes from (:meth:`BlockBuilder.add`)."""
+        self.factors.add(stats, old_weight, new_weight)
+
+    def add_scalings(
+        self, stats: LayerStats, old_weight: float = 1.0, new_weight: float = 1.0
+    ) -> None:
+        """Update the scalings' squares ``Σ (Qᵀj)²`` in the current basis (one is needed)."""
+        old, new = check_weights(old_weight, new_weight)
+        if self.basis is None:
+            raise FisherlabError(
+                f"the EKFAC builder of layer {self.layer.name!r} has no basis yet: add factors "
+                "and call update_basis() (or pass basis=) before adding scalings"
+            )
+        self._add_scalings(stats, old, new)
+
+    def _add_scalings(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
+        A = self.layer.kron_inputs(stats.A)
         u_gamma, u_omega = (u.to(A) for u in self.basis)
-        part = kfe_squares(A, G, u_gamma, u_omega)
-        self.squares = part if self.squares is None else self.squares.add_(part)
+        part = kfe_squares(A, stats.G, u_gamma, u_omega)
+        if self.per_batch:
+            part = part / stats.normaliser
+        self.squares.add(part, old_weight, new_weight)
 
-    def end_pass(self, pass_index: int, normaliser: float) -> None:
+    def update_basis(self, normaliser: float | None = None) -> None:
+        """Basis ← the eigenbasis of the current factors' KFAC block; the scalings restart.
+
+        ``normaliser``: as :meth:`block` (the data's ``ν`` for sums over a data set).
+        """
+        basis = self.factors.block(normaliser).eigenbasis()
+        self.basis = (basis.u_gamma, basis.u_omega)
+        self.squares = WeightedSum()
+
+    def end_pass(self, normaliser: float | None = None) -> None:
         if self.basis is None:
-            gamma, omega = self.sums.factors(normaliser, self.context.all_reduce)
-            self.basis = (symmetric_eigh(gamma)[1], symmetric_eigh(omega)[1])
+            self.update_basis(normaliser)
+        super().end_pass(normaliser)
 
-    def finish(self, normaliser: float, num_samples: int) -> EKFACBlock:
-        scalings = self.context.all_reduce(self.squares) / normaliser
+    def scalings(self, normaliser: float | None = None) -> Tensor:
+        """``s`` ``[d_out, D]`` of the state: the squares over ``ν`` or over their mass."""
+        self._require(self.squares.value is not None)
+        if self.per_batch:
+            return self.squares.value / self.divisor(normaliser, self.squares.mass)
+        return self.context.all_reduce(self.squares.value) / self.divisor(normaliser, 0.0)
+
+    def block(self, normaliser: float | None = None) -> EKFACBlock:
+        scalings = self.scalings(normaliser)
         u_gamma, u_omega = (u.to(scalings) for u in self.basis)
         return EKFACBlock(
             self.layer, u_gamma, u_omega, scalings, self.context.fisher_type, self.options
         )
 
+    def _state(self) -> dict[str, Tensor | None]:
+        u_gamma, u_omega = self.basis if self.basis is not None else (None, None)
+        factors = {f"factors.{k}": v for k, v in self.factors._state().items()}
+        return {**factors, "u_gamma": u_gamma, "u_omega": u_omega, **self.squares.state("squares")}
+
+    def _load(self, state) -> None:
+        d_out, d = self.layer.d_out, self.layer.d_in + self.layer.has_bias
+        self._check_shape("u_gamma", state.get("u_gamma"), (d_out, d_out))
+        self._check_shape("u_omega", state.get("u_omega"), (d, d))
+        self._check_shape("squares", state.get("squares"), (d_out, d))
+        prefix = len("factors.")
+        self.factors._load({k[prefix:]: v for k, v in state.items() if k.startswith("factors.")})
+        if state.get("u_gamma") is not None and state.get("u_omega") is not None:
+            self.basis = (state["u_gamma"], state["u_omega"])
+        elif self.options.basis is None:
+            self.basis = None
+        self.squares.load(state, "squares")
+
 
 class EKFACBlock(CurvatureBlock):
-    """``Q diag(s) Qᵀ`` with ``Q = U_Γ ⊗ U_Ω``; damping ``1/(s + λ)`` in that basis."""
+    """``Q diag(s) Qᵀ`` with ``Q = U_Γ ⊗ U_Ω`` (KFAC's eigenbasis); damping ``1/(s + λ)`` in it.
+
+    Products and solves go through the Kronecker-eigenbasis kernel
+    (:class:`~fisherlab.blocks.kronecker.KroneckerEigenbasis`), as KFAC's.
+    """
 
     method = "ekfac"
     Options: ClassVar = EKFACOptions
@@ -144,24 +237,36 @@ class EKFACBlock(CurvatureBlock):
                 f"EKFAC basis of shapes {tuple(u_gamma.shape)} and {tuple(u_omega.shape)} does not "
                 f"fit layer {layer.name!r} with [W | b] of shape {expected}"
             )
-        self.u_gamma, self.u_omega, self.scalings = u_gamma, u_omega, scalings
+        self.scalings = scalings
+        self._eigenbasis = KroneckerEigenbasis(u_gamma, u_omega)
+
+    @property
+    def u_gamma(self) -> Tensor:
+        """``U_Γ``."""
+        return self._eigenbasis.u_gamma
+
+    @property
+    def u_omega(self) -> Tensor:
+        """``U_Ω``."""
+        return self._eigenbasis.u_omega
 
     @property
     def basis(self) -> tuple[Tensor, Tensor]:
         """``(U_Γ, U_Ω)``, to pass as ``basis=`` to a later ``"ekfac"`` call."""
         return self.u_gamma, self.u_omega
 
+    def eigenbasis(self) -> KroneckerEigenbasis:
+        """``Q = U_Γ ⊗ U_Ω`` (its eigenvalues on ``Q`` are :attr:`scalings`)."""
+        return self._eigenbasis
+
     def _reference(self) -> Tensor:
         return self.scalings
 
-    def _rotate(self, V: Tensor, weights: Tensor) -> Tensor:
-        return self.u_gamma @ ((self.u_gamma.T @ V @ self.u_omega) * weights) @ self.u_omega.T
-
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._rotate(V, self.scalings)
+        return self._eigenbasis.apply(V, self.scalings)
 
     def _solve(self, V: Tensor, damping: float) -> Tensor:
-        return self._rotate(V, 1.0 / (self.scalings.clamp_min(0) + damping))
+        return self._eigenbasis.apply(V, 1.0 / (self.scalings.clamp_min(0) + damping))
 
     def _eigvalsh(self, max_bytes: int) -> Tensor:
         return torch.sort(self.scalings.flatten()).values

@@ -1,7 +1,8 @@
 r"""The exact dense block ``F = (1/ν) JᵀJ``, from the captured rows ``j = vec_r(G_nᵀÃ_n)``.
 
 Over a data set the sum ``Σ j jᵀ`` is accumulated batch by batch (memory ``P²``, independent of
-``N``). Two routes give the same sum, chosen by counting:
+``N``); a running average averages the batches' own ``(1/ν_b) Σ j jᵀ``. Two routes give the
+same sum, chosen by counting:
 
 * rows: per-sample gradient rows ``[R·N_b, P]`` and their Gram, ``R·N_b·P²/2`` multiply-adds;
 * Kronecker sum, for one position per sample (``T = 1``): ``Σ_{n,r} j jᵀ = Σ_n Γ_n ⊗ ã_nã_nᵀ``
@@ -19,7 +20,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, tensor_bytes
+from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, LayerStats, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows
 from fisherlab.conventions import check_memory
 from fisherlab.layers import Layer
@@ -38,6 +39,7 @@ class DenseSum:
 
     The Kronecker-sum route accumulates ``Σ_n vec(Γ_n) vec(ã_nã_nᵀ)ᵀ`` as ``[d_out², D²]``; the
     rows route the upper block triangle of ``[P, P]``; :meth:`result` combines them once.
+    :meth:`scale_` and the ``weight`` of :meth:`add` give weighted sums ``S ← α S + β Σ j jᵀ``.
     ``layer`` gives the rows (``None``: ``A`` is ``Ã`` of a Kronecker layer).
     """
 
@@ -46,8 +48,22 @@ class DenseSum:
         self.kron: Tensor | None = None
         self.rows: Tensor | None = None
 
-    def add(self, A: Tensor, G: Tensor) -> None:
-        """Add a batch's ``A [N, T, D]`` and ``G [R, N, T, d_out]``."""
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is held."""
+        return self.kron is None and self.rows is None
+
+    def scale_(self, factor: float) -> None:
+        """``S ← factor·S`` (``0`` releases the accumulators)."""
+        if factor == 0:
+            self.kron = self.rows = None
+        elif factor != 1:
+            for acc in (self.kron, self.rows):
+                if acc is not None:
+                    acc.mul_(factor)
+
+    def add(self, A: Tensor, G: Tensor, weight: float = 1.0) -> None:
+        """Add ``weight`` times a batch's ``Σ j jᵀ`` (``A [N, T, D]``, ``G [R, N, T, d_out]``)."""
         r, n, t, _ = G.shape
         d_out, d = self.d_out, self.d
         layer = self.layer
@@ -60,27 +76,40 @@ class DenseSum:
                 gg = torch.einsum("rni,rnj->nij", g, g).reshape(-1, d_out * d_out)
                 a = A[chunk, 0] if layer is None else layer.kron_inputs(A[chunk])[:, 0]
                 aa = (a.unsqueeze(2) * a.unsqueeze(1)).reshape(-1, d * d)
-                self.kron.addmm_(gg.T, aa)
+                if weight == 1:
+                    self.kron.addmm_(gg.T, aa)
+                else:
+                    self.kron.addmm_(gg.T, aa, alpha=weight)
             return
         p = d_out * d
         if self.rows is None:
             self.rows = G.new_zeros(p, p)
         rows_of = gradient_rows if layer is None else layer.gradient_rows
         for chunk in sample_chunks(n, r * p):
-            gram_accumulate(rows_of(A[chunk], G[:, chunk]).reshape(-1, p), self.rows)
+            rows = rows_of(A[chunk], G[:, chunk]).reshape(-1, p)
+            gram_accumulate(rows, self.rows, alpha=weight)
 
-    def result(self) -> Tensor:
-        """``Σ j jᵀ`` in Kronecker order, ``[P, P]`` (the accumulators are consumed)."""
+    def result(self, keep: bool = False) -> Tensor:
+        """``Σ j jᵀ`` in Kronecker order, ``[P, P]``.
+
+        The accumulators are consumed (one reordering copy at most), unless ``keep``: then the
+        result is a new tensor and more batches may be added after.
+        """
         d_out, d = self.d_out, self.d
         p = d_out * d
-        kron, rows, self.kron, self.rows = self.kron, self.rows, None, None
+        kron, rows = self.kron, self.rows
+        if not keep:
+            self.kron, self.rows = None, None
         out = None
         if kron is not None:  # one reordering copy; the accumulator is released with it
             out = kron.reshape(d_out, d_out, d, d).permute(0, 2, 1, 3).reshape(p, p)
             del kron
         if rows is not None:
-            rows = mirror_upper(rows)
-            out = rows if out is None else out.add_(rows)
+            rows = mirror_upper(rows)  # the upper triangle, which accumulates, is unchanged
+            if out is None:
+                out = rows.clone() if keep else rows
+            else:
+                out.add_(rows)
         return out if out is not None else self.like.new_zeros(p, p)
 
 
@@ -98,14 +127,21 @@ def dense_sum(A: Tensor, G: Tensor, layer: Layer | None = None) -> Tensor:
 
 
 class ExactBuilder(BlockBuilder):
-    """Accumulates ``Σ j jᵀ`` (checked against the budget before it is allocated)."""
+    """Weighted sums ``Σ j jᵀ`` (checked against the budget before they are allocated)."""
 
-    def __init__(self, layer, options, context):
-        super().__init__(layer, options, context)
+    state_names = ("kron", "rows", "mass")
+
+    def __init__(self, layer, options, context, normalise: str = "data"):
+        super().__init__(layer, options, context, normalise)
         self.sum: DenseSum | None = None
+        self.mass = 0.0
 
-    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+    def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
+        A, G = stats.A, stats.G
         if self.sum is None:
+            d = self.layer.d_in + self.layer.has_bias
+            self.sum = DenseSum(self.layer.d_out, d, G, self.layer)
+        if self.sum.empty:
             size = self.layer.num_params
             check_memory(
                 f"the exact block of layer {self.layer.name!r} ({size}×{size}), twice at its peak",
@@ -113,14 +149,38 @@ class ExactBuilder(BlockBuilder):
                 self.context.max_bytes,
                 "use method 'woodbury' (the same matrix, never formed) or raise max_bytes=",
             )
-            self.sum = DenseSum(
-                self.layer.d_out, self.layer.d_in + self.layer.has_bias, G, self.layer
-            )
-        self.sum.add(A, G)
+        self.sum.scale_(old_weight)
+        self.sum.add(A, G, new_weight * self.batch_scale(stats))
+        self.mass = old_weight * self.mass + new_weight
+
+    def _matrix(self, normaliser: float | None, keep: bool) -> Tensor:
+        self._require(self.sum is not None and not self.sum.empty)
+        if self.per_batch:
+            return self.sum.result(keep).div_(self.divisor(normaliser, self.mass))
+        return self.context.all_reduce(self.sum.result(keep)).div_(self.divisor(normaliser, 0.0))
+
+    def block(self, normaliser: float | None = None) -> ExactBlock:
+        matrix = self._matrix(normaliser, keep=True)
+        return ExactBlock(self.layer, matrix, self.context.fisher_type, self.options)
 
     def finish(self, normaliser: float, num_samples: int) -> ExactBlock:
-        matrix = self.context.all_reduce(self.sum.result()).div_(normaliser)
+        matrix = self._matrix(normaliser, keep=False)  # no copy: the sums become the block
         return ExactBlock(self.layer, matrix, self.context.fisher_type, self.options)
+
+    def _state(self) -> dict[str, Tensor | None]:
+        kron, rows = (None, None) if self.sum is None else (self.sum.kron, self.sum.rows)
+        return {"kron": kron, "rows": rows, "mass": torch.tensor(self.mass, dtype=torch.float64)}
+
+    def _load(self, state) -> None:
+        d_out, d = self.layer.d_out, self.layer.d_in + self.layer.has_bias
+        self._check_shape("kron", state.get("kron"), (d_out * d_out, d * d))
+        self._check_shape("rows", state.get("rows"), (d_out * d, d_out * d))
+        like = next((t for t in (state.get("kron"), state.get("rows")) if t is not None), None)
+        self.sum = None
+        if like is not None:
+            self.sum = DenseSum(d_out, d, like, self.layer)
+            self.sum.kron, self.sum.rows = state.get("kron"), state.get("rows")
+        self.mass = 0.0 if state.get("mass") is None else float(state["mass"])
 
 
 class ExactBlock(CurvatureBlock):

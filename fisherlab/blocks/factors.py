@@ -9,7 +9,8 @@ the optimizers). With ``A: [N, T, D]`` and ``G: [R, N, T, d_out]``:
   :math:`Γ = \frac1ν\sum_{r,n} ḡ ḡ^\top` with the position sum ``ḡ``.
 
 For ``T = 1`` both are the KFAC factors, and ``Γ ⊗ Ω`` is exact for a single sample. Over a data
-set the sums run over all batches (:class:`KroneckerSums`): ``N`` and ``ν`` are those of the data.
+set the sums run over all batches (:class:`KroneckerSums`): ``N`` and ``ν`` are those of the data;
+in a running average each batch's own factors are averaged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from fisherlab.blocks.base import WeightedSum
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -50,32 +53,80 @@ def gradient_factor(G: Tensor, normaliser: float, approx: str = "expand") -> Ten
 
 
 class KroneckerSums:
-    """Unnormalised sums of KFAC's factors over batches: ``Σ ããᵀ`` (and its count), ``Σ ggᵀ``.
+    r"""Weighted sums of KFAC's factors over batches: ``Σ ããᵀ`` (with its row count), ``Σ ggᵀ``.
+
+    ``add(A, G, old_weight, new_weight)`` updates each sum by ``S ← α S + β x_b``
+    (:class:`~fisherlab.blocks.base.WeightedSum`). Unnormalised (``per_batch=False``):
+    ``x_b`` is the batch's ``Σ ggᵀ``, ``Σ ããᵀ`` and its row count ``c_b``, and :meth:`factors`
+    gives ``Γ = S_gg/ν``, ``Ω = S_aa/S_c``. Per batch (``per_batch=True``): ``x_b`` is the
+    batch's own ``Γ_b = Σ ggᵀ/ν_b`` and ``Ω_b = Σ ããᵀ/c_b`` (as :func:`gradient_factor` and
+    :func:`input_factor`), and :meth:`factors` divides both by the mass ``W = Σ_k w_k``.
 
     Args:
         approx: ``"expand"`` or ``"reduce"``.
+        per_batch: Normalise each batch by its own ``ν_b`` and row count.
     """
 
-    def __init__(self, approx: str):
-        self.approx = approx
-        self.aa: Tensor | None = None
-        self.gg: Tensor | None = None
-        self.count = 0
+    def __init__(self, approx: str, per_batch: bool = False):
+        self.approx, self.per_batch = approx, per_batch
+        self.aa, self.gg = WeightedSum(), WeightedSum()
+        #: ``S_c = Σ_k w_k c_k`` (unnormalised) or the mass ``W`` (per batch).
+        self.count = 0.0
 
-    def add(self, A: Tensor, G: Tensor) -> None:
-        """Add a batch's ``A [N_b, T, D]`` and ``G [R, N_b, T, d_out]``."""
+    @property
+    def empty(self) -> bool:
+        """Whether nothing has been added (or everything was forgotten)."""
+        return self.gg.value is None
+
+    def add(
+        self,
+        A: Tensor,
+        G: Tensor,
+        old_weight: float = 1.0,
+        new_weight: float = 1.0,
+        normaliser: float = 1.0,
+    ) -> None:
+        """Add a batch's ``A [N_b, T, D]`` and ``G [R, N_b, T, d_out]`` (``ν_b = normaliser``)."""
         a, g = _factor_rows(A, G, self.approx)
         aa, gg = a.T @ a, g.T @ g
-        self.aa = aa if self.aa is None else self.aa.add_(aa)
-        self.gg = gg if self.gg is None else self.gg.add_(gg)
-        self.count += a.shape[0]
+        count = a.shape[0]
+        if self.per_batch:
+            aa, gg, count = aa / count, gg / normaliser, 1
+        self.aa.add(aa, old_weight, new_weight)
+        self.gg.add(gg, old_weight, new_weight)
+        self.count = (0.0 if old_weight == 0 else old_weight * self.count) + new_weight * count
 
     def factors(
-        self, normaliser: float, all_reduce: Callable[[Tensor], Tensor] = lambda t: t
+        self,
+        normaliser: float | None = None,
+        all_reduce: Callable[[Tensor], Tensor] = lambda t: t,
     ) -> tuple[Tensor, Tensor]:
-        """``(Γ, Ω)`` of everything added (on every rank), ``Γ = Σggᵀ/ν`` and ``Ω = Σããᵀ/count``."""
+        """``(Γ, Ω)`` of the state (sums all-reduced over ranks unless per batch).
+
+        Unnormalised: ``Γ = S_gg/ν`` (``ν = normaliser``, the data's) and ``Ω = S_aa/S_c``;
+        per batch: ``Γ = S_gg/W`` and ``Ω = S_aa/W``. The sums are left as they are.
+        """
+        if self.per_batch:
+            return self.gg.value / self.count, self.aa.value / self.count
         count = all_reduce(torch.tensor([float(self.count)], dtype=torch.float64)).item()
-        return all_reduce(self.gg) / normaliser, all_reduce(self.aa) / count
+        return all_reduce(self.gg.value) / normaliser, all_reduce(self.aa.value) / count
+
+    def state(self) -> dict[str, Tensor | None]:
+        """The sums as tensors (for a builder's ``state_dict``)."""
+        return {
+            **self.gg.state("gg"),
+            **self.aa.state("aa"),
+            "count": torch.tensor(self.count, dtype=torch.float64),
+        }
+
+    def load(self, state) -> None:
+        """Restore from :meth:`state`."""
+        self.gg.load(state, "gg")
+        self.aa.load(state, "aa")
+        self.count = 0.0 if state.get("count") is None else float(state["count"])
+
+    #: The names of :meth:`state`.
+    STATE_NAMES = ("gg", "gg_mass", "aa", "aa_mass", "count")
 
 
 def gradient_rows(A: Tensor, G: Tensor) -> Tensor:

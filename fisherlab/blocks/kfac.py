@@ -7,47 +7,48 @@ with ``damping_mode="factored"``, as factored Tikhonov damping
 :math:`π = \sqrt{(\operatorname{tr}Ω / D) / (\operatorname{tr}Γ / d_{out})}`.
 
 Over a data set the factors are those of all its samples (:class:`KroneckerSums`): one pass,
-memory ``d_out² + D²``. At-scale Frobenius terms: ``‖Γ⊗Ω‖² = ‖Γ‖²‖Ω‖²`` and
+memory ``d_out² + D²``; a running average keeps the weighted average of batches' factors
+(:class:`KFACBuilder`). The eigenbasis and the solve are the shared kernel of
+:mod:`fisherlab.blocks.kronecker`. At-scale Frobenius terms: ``‖Γ⊗Ω‖² = ‖Γ‖²‖Ω‖²`` and
 ``Σ_rows jᵀ(Γ⊗Ω)j = Σ_{n,r} ⟨G_{rn}ΓG_{rn}ᵀ, Ã_nΩÃ_nᵀ⟩`` (``T×T`` per sample).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
-from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
+from fisherlab.blocks.base import (
+    BlockBuilder,
+    CurvatureBlock,
+    LayerStats,
+    Options,
+    check_damping,
+    tensor_bytes,
+)
 from fisherlab.blocks.factors import KFAC_APPROX, KroneckerSums
-from fisherlab.linalg import damped_inverse, sample_chunks, symmetric_eigh
+from fisherlab.blocks.kronecker import KroneckerEigenbasis, factored_pi, factored_shifts
+from fisherlab.linalg import damped_inverse, sample_chunks
 
 DAMPING_MODES = ("eigen", "factored")
-
-
-def factored_pi(gamma_mean_eig: Tensor | float, omega_mean_eig: Tensor | float) -> Tensor:
-    """π of factored Tikhonov damping, ``√(mean eig Ω / mean eig Γ)`` (1 if undefined).
-
-    A 0-dim tensor on the inputs' device, computed without a host synchronisation.
-    """
-    gamma = torch.as_tensor(gamma_mean_eig, dtype=torch.float64)
-    omega = torch.as_tensor(omega_mean_eig, dtype=torch.float64, device=gamma.device)
-    ratio = omega / gamma
-    ok = (gamma > 0) & torch.isfinite(ratio) & (ratio > 0)
-    return torch.where(ok, ratio, torch.ones_like(ratio)).sqrt()
 
 
 def factored_inverses(
     gamma: Tensor, omega: Tensor, damping: float, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``(Γ + √λ/π I)⁻¹`` and ``(Ω + π√λ I)⁻¹``, factored damping's two inverses (Cholesky)."""
-    pi = factored_pi(gamma.diagonal().mean(), omega.diagonal().mean())
-    root = math.sqrt(damping)
-    return damped_inverse(gamma, root / pi, dtype), damped_inverse(omega, pi * root, dtype)
+    """``(Γ + √λ/π I)⁻¹`` and ``(Ω + π√λ I)⁻¹``, factored damping's two inverses (Cholesky).
+
+    The shifts are :func:`~fisherlab.blocks.kronecker.factored_shifts` of the factors' mean
+    eigenvalues (their traces over their sizes).
+    """
+    shift_gamma, shift_omega = factored_shifts(
+        gamma.diagonal().mean(), omega.diagonal().mean(), damping
+    )
+    return damped_inverse(gamma, shift_gamma, dtype), damped_inverse(omega, shift_omega, dtype)
 
 
 def kron_inner_with_rows(A: Tensor, G: Tensor, gamma: Tensor, omega: Tensor) -> float:
@@ -83,22 +84,64 @@ class KFACOptions(Options):
 
 
 class KFACBuilder(BlockBuilder):
-    """Sums of the factors over the data set."""
+    """Weighted sums of the factors (:class:`~fisherlab.blocks.factors.KroneckerSums`).
 
-    def __init__(self, layer, options: KFACOptions, context):
-        super().__init__(layer, options, context)
-        self.sums = KroneckerSums(options.kfac_approx)
+    The block is ``Γ ⊗ Ω`` of the state: over a data set (``normalise="data"``, weights
+    ``(1, 1)``) the factors of all its samples; as a running average (``"batch"``) the
+    weighted average of the batches' own factors (see
+    :class:`~fisherlab.blocks.base.BlockBuilder`).
+    """
 
-    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
-        self.sums.add(self.layer.kron_inputs(A), G)
+    state_names = KroneckerSums.STATE_NAMES
 
-    def finish(self, normaliser: float, num_samples: int) -> KronBlock:
-        gamma, omega = self.sums.factors(normaliser, self.context.all_reduce)
+    def __init__(self, layer, options: KFACOptions, context, normalise: str = "data"):
+        super().__init__(layer, options, context, normalise)
+        self.sums = KroneckerSums(options.kfac_approx, self.per_batch)
+
+    def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
+        A = self.layer.kron_inputs(stats.A)
+        self.sums.add(A, stats.G, old_weight, new_weight, stats.normaliser)
+
+    def factors(self, normaliser: float | None = None) -> tuple[Tensor, Tensor]:
+        """``(Γ, Ω)`` of the state (``normaliser``: as :meth:`block`)."""
+        self._require(not self.sums.empty)
+        if self.per_batch:
+            self.divisor(normaliser, self.sums.count)  # refuses a normaliser
+            return self.sums.factors()
+        return self.sums.factors(self.divisor(normaliser, 0.0), self.context.all_reduce)
+
+    def block(self, normaliser: float | None = None) -> KronBlock:
+        gamma, omega = self.factors(normaliser)
         return KronBlock(self.layer, gamma, omega, self.context.fisher_type, self.options)
+
+    def _state(self) -> dict[str, Tensor | None]:
+        return self.sums.state()
+
+    def _load(self, state) -> None:
+        d_out, d = self.layer.d_out, self.layer.d_in + self.layer.has_bias
+        self._check_shape("gg", state.get("gg"), (d_out, d_out))
+        self._check_shape("aa", state.get("aa"), (d, d))
+        self.sums.load(state)
 
 
 class KronBlock(CurvatureBlock):
-    """``Γ ⊗ Ω`` given the factors (the ``kfac`` block; the optimizers' KFAC uses it too)."""
+    r"""``Γ ⊗ Ω`` given the factors (the ``kfac`` block; the optimizers' KFAC uses it too).
+
+    Its eigenbasis (:meth:`eigenbasis`) and factored damping's inverses
+    (:meth:`inverse_factors`) are computed once and kept; an optimizer may compute them
+    elsewhere (e.g. one rank each) and pass them in.
+
+    Args:
+        layer: The layer.
+        gamma: ``Γ``, ``[d_out, d_out]``.
+        omega: ``Ω``, ``[D, D]``.
+        fisher_type: The Fisher type of the statistics.
+        options: :class:`KFACOptions` (or a mapping of them).
+        eigenbasis: The factors' eigenbasis, if computed already.
+        inverse_factors: ``(λ, (Γ + √λ/π I)⁻¹, (Ω + π√λ I)⁻¹)``, if computed already.
+        eigen_dtype: The dtype of the factors' eigen-decompositions and inverses (default:
+            float64 for float32 factors).
+    """
 
     method = "kfac"
     Options: ClassVar = KFACOptions
@@ -111,61 +154,67 @@ class KronBlock(CurvatureBlock):
         omega: Tensor,
         fisher_type: str,
         options,
-        eig_gamma: tuple[Tensor, Tensor] | None = None,
-        eig_omega: tuple[Tensor, Tensor] | None = None,
-        inverses: tuple[float, Tensor, Tensor] | None = None,
+        eigenbasis: KroneckerEigenbasis | None = None,
+        inverse_factors: tuple[float, Tensor, Tensor] | None = None,
+        eigen_dtype: torch.dtype | None = None,
     ):
         super().__init__(layer, fisher_type, options)
         self.gamma, self.omega = gamma, omega
-        # computed earlier (e.g. by an optimizer's inverse update)
-        if eig_gamma is not None:
-            self.__dict__["eig_gamma"] = eig_gamma
-        if eig_omega is not None:
-            self.__dict__["eig_omega"] = eig_omega
-        self._inverses = inverses
+        self.eigen_dtype = eigen_dtype
+        self._eigenbasis = eigenbasis
+        self._inverse_factors = inverse_factors
 
     def _reference(self) -> Tensor:
         return self.gamma
 
-    @cached_property
+    def eigenbasis(self) -> KroneckerEigenbasis:
+        """The eigenbasis ``U_Γ ⊗ U_Ω`` with the factors' eigenvalues (computed once)."""
+        if self._eigenbasis is None:
+            self._eigenbasis = KroneckerEigenbasis.of_factors(
+                self.gamma, self.omega, self.eigen_dtype
+            )
+        return self._eigenbasis
+
+    @property
     def eig_gamma(self) -> tuple[Tensor, Tensor]:
         """Eigenvalues and eigenvectors of ``Γ``."""
-        return symmetric_eigh(self.gamma)
+        return self.eigenbasis().eig_gamma
 
-    @cached_property
+    @property
     def eig_omega(self) -> tuple[Tensor, Tensor]:
         """Eigenvalues and eigenvectors of ``Ω``."""
-        return symmetric_eigh(self.omega)
+        return self.eigenbasis().eig_omega
+
+    def inverse_factors(self, damping: float) -> tuple[Tensor, Tensor]:
+        """``(Γ + √λ/π I)⁻¹`` and ``(Ω + π√λ I)⁻¹`` (:func:`factored_inverses`), kept per ``λ``.
+
+        A factored solve is then two products, ``Γ⁻¹ V Ω⁻¹``.
+        """
+        damping = check_damping(damping)
+        if self._inverse_factors is None or self._inverse_factors[0] != damping:
+            inverses = factored_inverses(self.gamma, self.omega, damping, self.eigen_dtype)
+            self._inverse_factors = (damping, *inverses)
+        return self._inverse_factors[1], self._inverse_factors[2]
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.gamma @ V @ self.omega
 
-    def factored_inverses(self, damping: float) -> tuple[Tensor, Tensor]:
-        """Factored damping's two inverses (:func:`factored_inverses`), kept per ``λ``.
-
-        A solve is then two products, ``Γ⁻¹ V Ω⁻¹``.
-        """
-        if self._inverses is None or self._inverses[0] != damping:
-            self._inverses = (damping, *factored_inverses(self.gamma, self.omega, damping))
-        return self._inverses[1], self._inverses[2]
-
     def _solve(self, V: Tensor, damping: float) -> Tensor:
         if self.options.damping_mode == "factored":
-            inverse_gamma, inverse_omega = self.factored_inverses(damping)
+            inverse_gamma, inverse_omega = self.inverse_factors(damping)
             return inverse_gamma @ V @ inverse_omega
-        (lg, ug), (lo, uo) = self.eig_gamma, self.eig_omega
-        return ug @ ((ug.T @ V @ uo) / (torch.outer(lg, lo) + damping)) @ uo.T
+        return self.eigenbasis().damped_solve(V, damping)
 
     def _eigvalsh(self, max_bytes: int) -> Tensor:
-        return torch.sort(torch.outer(self.eig_gamma[0], self.eig_omega[0]).flatten()).values
+        return self.eigenbasis().eigvalsh()
 
     def _nbytes(self) -> int:
         held = [self.gamma, self.omega]
-        for name in ("eig_gamma", "eig_omega"):
-            if name in self.__dict__:
-                held += list(self.__dict__[name])
-        if self._inverses is not None:
-            held += list(self._inverses[1:])
+        if self._eigenbasis is not None:
+            basis = self._eigenbasis
+            held += [basis.u_gamma, basis.u_omega, basis.values_gamma, basis.values_omega]
+        if self._inverse_factors is not None:
+            held += list(self._inverse_factors[1:])
         return tensor_bytes(*held)
 
     def _dense_kron(self) -> Tensor:
@@ -176,3 +225,14 @@ class KronBlock(CurvatureBlock):
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:
         return kron_inner_with_rows(self.layer.kron_inputs(A), G, self.gamma, self.omega)
+
+
+__all__ = [
+    "DAMPING_MODES",
+    "KFACBuilder",
+    "KFACOptions",
+    "KronBlock",
+    "factored_inverses",
+    "factored_pi",
+    "kron_inner_with_rows",
+]

@@ -32,36 +32,51 @@ def _method_of(options: Options) -> str:
     return next((m for m, cls in REGISTRY.items() if type(options) is cls.Options), "")
 
 
-class ScaleShiftBuilder(BlockBuilder):
-    """Sums of squared rows (diagonal) or of their outer products (full), over the data set."""
+def _as_scale_shift(block: CurvatureBlock, options: Options) -> CurvatureBlock:
+    """The ``diag``/``exact`` block a builder made, as the scale-and-shift block it is."""
+    if isinstance(block, ExactBlock):
+        out = ScaleAndShiftFull(block.layer, block.matrix, block.fisher_type, options)
+    else:
+        out = ScaleAndShiftDiagonal(block.layer, block.diagonal, block.fisher_type, options)
+    out.method = _method_of(options) or out.method
+    return out
 
-    def __init__(self, layer: Layer, options: Options, context: BuildContext):
-        super().__init__(layer, options, context)
-        self.full = getattr(options, "scale_shift", "diagonal") == "full"
-        self.inner = (ExactBuilder if self.full else DiagBuilder)(layer, options, context)
 
-    def add(self, A, G, pass_index: int) -> None:
-        self.inner.add(A, G, pass_index)
+class ScaleShiftDiagonalBuilder(DiagBuilder):
+    """Weighted sums of squared rows; builds :class:`ScaleAndShiftDiagonal`."""
+
+    def block(self, normaliser: float | None = None) -> CurvatureBlock:
+        return _as_scale_shift(super().block(normaliser), self.options)
+
+
+class ScaleShiftFullBuilder(ExactBuilder):
+    """Weighted sums of the rows' outer products; builds :class:`ScaleAndShiftFull`."""
+
+    def block(self, normaliser: float | None = None) -> CurvatureBlock:
+        return _as_scale_shift(super().block(normaliser), self.options)
 
     def finish(self, normaliser: float, num_samples: int) -> CurvatureBlock:
-        built = self.inner.finish(normaliser, num_samples)
-        fisher_type = self.context.fisher_type
-        if self.full:
-            block = ScaleAndShiftFull(self.layer, built.matrix, fisher_type, self.options)
-        else:
-            block = ScaleAndShiftDiagonal(self.layer, built.diagonal, fisher_type, self.options)
-        block.method = _method_of(self.options) or block.method
-        return block
+        return _as_scale_shift(super().finish(normaliser, num_samples), self.options)
+
+
+def scale_shift_builder(
+    layer: Layer, options: Options, context: BuildContext, normalise: str = "data"
+) -> BlockBuilder:
+    """The builder of the method's ``scale_shift`` option (``"diagonal"`` by default)."""
+    full = getattr(options, "scale_shift", "diagonal") == "full"
+    kind = ScaleShiftFullBuilder if full else ScaleShiftDiagonalBuilder
+    return kind(layer, options, context, normalise)
 
 
 class ScaleShiftBlock(CurvatureBlock):
     """The block class the table names for scale-and-shift layers under ``kfac|ekfac|skfac``.
 
-    Its builder makes a :class:`ScaleAndShiftDiagonal` or a :class:`ScaleAndShiftFull` by the
-    method's ``scale_shift`` option. Defines no ``method``: it is not a method of its own.
+    Its builder (:func:`scale_shift_builder`) makes a :class:`ScaleAndShiftDiagonal` or a
+    :class:`ScaleAndShiftFull` by the method's ``scale_shift`` option. Defines no ``method``: it
+    is not a method of its own.
     """
 
-    Builder = ScaleShiftBuilder
+    Builder = staticmethod(scale_shift_builder)
 
 
 class ScaleAndShiftDiagonal(ScaleShiftBlock, DiagBlock):
@@ -80,5 +95,7 @@ __all__ = [
     "ScaleAndShiftDiagonal",
     "ScaleAndShiftFull",
     "ScaleShiftBlock",
-    "ScaleShiftBuilder",
+    "ScaleShiftDiagonalBuilder",
+    "ScaleShiftFullBuilder",
+    "scale_shift_builder",
 ]

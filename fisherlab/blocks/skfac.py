@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 
 from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
-from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
-from fisherlab.blocks.kfac import DAMPING_MODES, factored_pi, kron_inner_with_rows
+from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, LayerStats, Options, tensor_bytes
+from fisherlab.blocks.kfac import DAMPING_MODES, kron_inner_with_rows
+from fisherlab.blocks.kronecker import KroneckerEigenbasis, damped_factor_solve, factored_shifts
 from fisherlab.conventions import FisherlabError, check_int, check_positive_int
 from fisherlab.linalg import symmetric_eigh
 
@@ -127,19 +128,37 @@ class SKFACOptions(Options):
 
 
 class SKFACBuilder(BlockBuilder):
-    """Holds the factor rows of every sample (memory checked before each batch is kept)."""
+    r"""Holds the factor rows of every batch (memory checked before each batch is kept).
 
-    def __init__(self, layer, options: SKFACOptions, context):
-        super().__init__(layer, options, context)
+    The weights act on the rows: after ``S ← α S + β x_b`` the rows of batch ``k`` are held
+    times ``√w_k``, so that ``Γ = Σ_k w_k Y_kᵀY_k / ν`` and ``Ω = Σ_k w_k X_kᵀX_k / Σ_k w_k S_k``
+    (``S_k`` rows of ``X_k``); per batch (``normalise="batch"``) the rows are first divided by
+    ``√ν_b`` and ``√S_b`` and both factors by the mass ``Σ_k w_k``. ``old_weight = 0`` drops the
+    rows held. (The paper's optimizer averages the rows themselves instead; its step is
+    :class:`fisherlab.optim.SKFAC`.)
+    """
+
+    state_names = ("X", "Y", "input_count", "mass", "held", "generator")
+
+    def __init__(self, layer, options: SKFACOptions, context, normalise: str = "data"):
+        super().__init__(layer, options, context, normalise)
         self.generator = torch.Generator().manual_seed(options.seed)
         self.parts: list[tuple[Tensor, Tensor]] = []
         self.held = 0
+        #: ``Σ_k w_k S_k`` (or the mass per batch) and ``Σ_k w_k``; ``None`` while unweighted.
+        self.input_count: float | None = None
+        self.mass = 0.0
 
-    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+    def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
         o = self.options
-        A = self.layer.kron_inputs(A)
+        A, G = self.layer.kron_inputs(stats.A), stats.G
         X, Y = skfac_rows(A, G, o.conv_reduction, o.spatial_samples, self.generator)
         n = A.shape[0]
+        if old_weight == 0:
+            self.parts, self.held, self.input_count, self.mass = [], 0, 0.0, 0.0
+        weighted = self.per_batch or old_weight != 1 or new_weight != 1
+        if weighted and self.input_count is None:  # the count of the unweighted rows so far
+            self.input_count = float(sum(x.shape[0] for x, _ in self.parts))
         self._check_rows_memory(
             f"the SKFAC factor rows of layer {self.layer.name!r} ({{n}} samples)",
             self.held + n,
@@ -149,73 +168,158 @@ class SKFACBuilder(BlockBuilder):
             "use method 'kfac' (the same matrix from d×d factors), fewer spatial_samples, or a "
             "sample of the data; or raise max_bytes=",
         )
+        if weighted:
+            count = X.shape[0]
+            if self.per_batch:
+                X, Y, count = X / math.sqrt(count), Y / math.sqrt(stats.normaliser), 1
+            if old_weight != 1:
+                self.parts = [(x * math.sqrt(old_weight), y * math.sqrt(old_weight))
+                              for x, y in self.parts]  # fmt: skip
+            if new_weight != 1:
+                X, Y = X * math.sqrt(new_weight), Y * math.sqrt(new_weight)
+            self.input_count = old_weight * self.input_count + new_weight * count
+        self.mass = old_weight * self.mass + new_weight
         self.parts.append((X, Y))
         self.held += n
 
-    def finish(self, normaliser: float, num_samples: int) -> SKFACBlock:
-        X = torch.cat([x for x, _ in self.parts]) if len(self.parts) > 1 else self.parts[0][0]
-        Y = torch.cat([y for _, y in self.parts]) if len(self.parts) > 1 else self.parts[0][1]
-        self.parts = []
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        self._require(bool(self.parts))
+        if len(self.parts) > 1:  # kept as one part from now on
+            self.parts = [
+                (torch.cat([x for x, _ in self.parts]), torch.cat([y for _, y in self.parts]))
+            ]
+        return self.parts[0]
+
+    def block(self, normaliser: float | None = None) -> SKFACBlock:
+        X, Y = self._rows()
         X, Y = self.context.all_gather(X, 0), self.context.all_gather(Y, 0)
-        return SKFACBlock(self.layer, X, Y, normaliser, self.context.fisher_type, self.options)
+        count = self.input_count
+        if count is not None and not self.per_batch:
+            count = self.context.all_reduce(torch.tensor([count], dtype=torch.float64)).item()
+        return SKFACBlock(
+            self.layer,
+            X,
+            Y,
+            self.divisor(normaliser, self.mass),
+            self.context.fisher_type,
+            self.options,
+            input_count=count,
+        )
+
+    def finish(self, normaliser: float, num_samples: int) -> SKFACBlock:
+        block = self.block(normaliser)
+        self.parts = []
+        return block
+
+    def _state(self) -> dict[str, Tensor | None]:
+        X, Y = self._rows() if self.parts else (None, None)
+        count = (
+            None
+            if self.input_count is None
+            else torch.tensor(self.input_count, dtype=torch.float64)
+        )
+        return {
+            "X": X,
+            "Y": Y,
+            "input_count": count,
+            "mass": torch.tensor(self.mass, dtype=torch.float64),
+            "held": torch.tensor(self.held),
+            "generator": self.generator.get_state(),
+        }
+
+    def _load(self, state) -> None:
+        self.parts = [(state["X"], state["Y"])] if state.get("X") is not None else []
+        count = state.get("input_count")
+        self.input_count = None if count is None else float(count)
+        self.mass = 0.0 if state.get("mass") is None else float(state["mass"])
+        self.held = 0 if state.get("held") is None else int(state["held"])
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
 
 
 class SKFACBlock(CurvatureBlock):
-    """``Γ ⊗ Ω`` from factor rows; solves by SMW without any ``d×d`` factorisation."""
+    """``Γ ⊗ Ω`` from factor rows; solves by SMW without any ``d×d`` factorisation.
+
+    ``Γ = YᵀY/ν`` and ``Ω = XᵀX/c`` (``c = input_count``, by default the rows of ``X``). The
+    non-zero eigenpairs of each factor (:meth:`eigenbasis`, from the ``S×S`` Gram when it is
+    smaller) go through the Kronecker-eigenbasis kernel with the complement's ``v/λ``.
+    """
 
     method = "skfac"
     Options: ClassVar = SKFACOptions
     Builder = SKFACBuilder
 
-    def __init__(self, layer, X: Tensor, Y: Tensor, normaliser: float, fisher_type, options=None):
+    def __init__(
+        self,
+        layer,
+        X: Tensor,
+        Y: Tensor,
+        normaliser: float,
+        fisher_type,
+        options=None,
+        input_count: float | None = None,
+    ):
         super().__init__(layer, fisher_type, options or {})
         self.X, self.Y, self.normaliser = X, Y, normaliser
+        self.input_count = X.shape[0] if input_count is None else input_count
 
     def _reference(self) -> Tensor:
         return self.X
 
     @cached_property
+    def _eigenbasis(self) -> KroneckerEigenbasis:
+        (lg, ug), (lo, uo) = (
+            low_rank_eigh(self.Y, self.normaliser),
+            low_rank_eigh(self.X, self.input_count),
+        )
+        return KroneckerEigenbasis(ug, uo, lg, lo)
+
+    def eigenbasis(self) -> KroneckerEigenbasis:
+        """The non-zero eigenpairs of ``Γ`` and ``Ω`` (orthonormal ``[d, k]``, computed once)."""
+        return self._eigenbasis
+
+    @property
     def eig_gamma(self) -> tuple[Tensor, Tensor]:
         """Non-zero eigenpairs of ``Γ``."""
-        return low_rank_eigh(self.Y, self.normaliser)
+        return self._eigenbasis.eig_gamma
 
-    @cached_property
+    @property
     def eig_omega(self) -> tuple[Tensor, Tensor]:
         """Non-zero eigenpairs of ``Ω``."""
-        return low_rank_eigh(self.X, self.X.shape[0])
+        return self._eigenbasis.eig_omega
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """The dense ``(Γ, Ω)`` (``d_out²`` and ``D²``)."""
-        return self.Y.T @ self.Y / self.normaliser, self.X.T @ self.X / self.X.shape[0]
+        return self.Y.T @ self.Y / self.normaliser, self.X.T @ self.X / self.input_count
 
     def _matmat(self, V: Tensor) -> Tensor:
         gv = self.Y.T @ (self.Y @ V) / self.normaliser
-        return (gv @ self.X.T) @ self.X / self.X.shape[0]
+        return (gv @ self.X.T) @ self.X / self.input_count
 
     def _solve(self, V: Tensor, damping: float) -> Tensor:
-        (lg, ug), (lo, uo) = self.eig_gamma, self.eig_omega
+        basis = self._eigenbasis
         if self.options.damping_mode == "factored":
-            pi = factored_pi(
-                (self.Y**2).sum() / (self.normaliser * self.Y.shape[1]),
-                (self.X**2).sum() / (self.X.shape[0] * self.X.shape[1]),
-            ).to(lg.dtype)
-            cg, co = math.sqrt(damping) / pi, pi * math.sqrt(damping)
-            left = V / cg + ug @ ((ug.T @ V) * (1 / (lg + cg) - 1 / cg).unsqueeze(-1))
-            return left / co + ((left @ uo) * (1 / (lo + co) - 1 / co)) @ uo.T
-        scale = 1.0 / (torch.outer(lg, lo) + damping) - 1.0 / damping
-        return V / damping + ug @ ((ug.T @ V @ uo) * scale) @ uo.T
+            (lg, ug), (lo, uo) = basis.eig_gamma, basis.eig_omega
+            shift_gamma, shift_omega = (
+                s.to(lg.dtype)
+                for s in factored_shifts(
+                    (self.Y**2).sum() / (self.normaliser * self.Y.shape[1]),
+                    (self.X**2).sum() / (self.input_count * self.X.shape[1]),
+                    damping,
+                )
+            )
+            left = damped_factor_solve(lg, ug, shift_gamma, V)
+            return damped_factor_solve(lo, uo, shift_omega, left.mT).mT
+        return basis.damped_solve(V, damping)
 
     def _eigvalsh(self, max_bytes: int) -> Tensor:
-        d_out, d = self.kron_shape
-        lg, lo = self.eig_gamma[0], self.eig_omega[0]
-        lg = torch.cat([lg.new_zeros(d_out - len(lg)), lg])
-        lo = torch.cat([lo.new_zeros(d - len(lo)), lo])
-        return torch.sort(torch.outer(lg, lo).flatten()).values
+        return self._eigenbasis.eigvalsh()
 
     def _nbytes(self) -> int:
         held = [self.X, self.Y]
-        for name in ("eig_gamma", "eig_omega"):
-            held += list(self.__dict__.get(name, ()))
+        if "_eigenbasis" in self.__dict__:
+            b = self._eigenbasis
+            held += [b.u_gamma, b.u_omega, b.values_gamma, b.values_omega]
         return tensor_bytes(*held)
 
     def _dense_kron(self) -> Tensor:
@@ -223,7 +327,7 @@ class SKFACBlock(CurvatureBlock):
 
     def norm_sq(self) -> float:
         gamma_sq = float((_gram_of_rows(self.Y) ** 2).sum()) / self.normaliser**2
-        omega_sq = float((_gram_of_rows(self.X) ** 2).sum()) / self.X.shape[0] ** 2
+        omega_sq = float((_gram_of_rows(self.X) ** 2).sum()) / self.input_count**2
         return gamma_sq * omega_sq
 
     def inner_with_rows(self, A: Tensor, G: Tensor) -> float:

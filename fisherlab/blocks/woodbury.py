@@ -33,6 +33,7 @@ token indices) are expanded to ``Ã`` (:meth:`fisherlab.layers.Layer.kron_inputs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,7 +42,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, Options, tensor_bytes
+from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, LayerStats, Options, tensor_bytes
 from fisherlab.blocks.factors import gradient_rows, reduce_positions
 from fisherlab.conventions import check_damping, check_memory
 from fisherlab.layers import Layer
@@ -169,17 +170,29 @@ _HINT = (
 
 
 class WoodburyBuilder(BlockBuilder):
-    """Holds the rows of every sample (memory checked before each batch is kept)."""
+    """Holds the rows of every batch (memory checked before each batch is kept).
 
-    def __init__(self, layer, options: WoodburyOptions, context):
-        super().__init__(layer, options, context)
+    The weights act on the rows: batch ``k``'s ``G`` is held times ``√w_k`` (times ``1/√ν_b``
+    per batch), so that the block is ``Σ_k w_k J_kᵀJ_k / ν`` (or over the mass ``Σ_k w_k``);
+    ``old_weight = 0`` drops the rows held. The block's natural-gradient shortcut
+    (:meth:`WoodburyBlock.coefficients`, ``g = Jᵀ1/ν``) needs the rows as captured: for it,
+    keep ``normalise="data"``, add one batch with ``(0, 1)`` and take ``block(ν_b)``.
+    """
+
+    state_names = ("A", "G", "held", "positions", "mass")
+
+    def __init__(self, layer, options: WoodburyOptions, context, normalise: str = "data"):
+        super().__init__(layer, options, context, normalise)
         self.parts: list[tuple[Tensor, Tensor]] = []
         self.held = 0
         self.positions = 1
+        self.mass = 0.0
 
-    def add(self, A: Tensor, G: Tensor, pass_index: int) -> None:
+    def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
+        A, G = layer_statistics(self.layer, stats.A), stats.G
         self.positions = A.shape[1]
-        A = layer_statistics(self.layer, A)
+        if old_weight == 0:
+            self.parts, self.held = [], 0
         if self.options.conv_gram == "reduce_sum":
             A, G = reduce_positions(A, G)
         self._check_rows_memory(
@@ -191,16 +204,25 @@ class WoodburyBuilder(BlockBuilder):
             G.element_size(),
             _HINT,
         )
+        if old_weight not in (0, 1):
+            self.parts = [(a, g * math.sqrt(old_weight)) for a, g in self.parts]
+        weight = new_weight * self.batch_scale(stats)
+        if weight != 1:
+            G = G * math.sqrt(weight)
+        self.mass = old_weight * self.mass + new_weight
         self.parts.append((A, G))
         self.held += A.shape[0]
 
-    def finish(self, normaliser: float, num_samples: int) -> WoodburyBlock:
-        if len(self.parts) == 1:
-            A, G = self.parts[0]
-        else:
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        self._require(bool(self.parts))
+        if len(self.parts) > 1:  # kept as one part from now on
             A = torch.cat([a for a, _ in self.parts], dim=0)
             G = torch.cat([g for _, g in self.parts], dim=1)
-        self.parts = []
+            self.parts = [(A, G)]
+        return self.parts[0]
+
+    def block(self, normaliser: float | None = None) -> WoodburyBlock:
+        A, G = self._rows()
         A, G = self.context.all_gather(A, 0), self.context.all_gather(G, 1)
         rows = G.shape[0] * G.shape[1]
         route = layer_route(self.layer, A, G, self.options.gram_route)
@@ -214,9 +236,31 @@ class WoodburyBuilder(BlockBuilder):
             _HINT,
         )
         options = WoodburyOptions(self.options.conv_gram, route)
+        normaliser = self.divisor(normaliser, self.mass)
         block = WoodburyBlock(self.layer, A, G, normaliser, self.context.fisher_type, options)
         block.source_positions = self.positions
         return block
+
+    def finish(self, normaliser: float, num_samples: int) -> WoodburyBlock:
+        block = self.block(normaliser)
+        self.parts = []
+        return block
+
+    def _state(self) -> dict[str, Tensor | None]:
+        A, G = self._rows() if self.parts else (None, None)
+        return {
+            "A": A,
+            "G": G,
+            "held": torch.tensor(self.held),
+            "positions": torch.tensor(self.positions),
+            "mass": torch.tensor(self.mass, dtype=torch.float64),
+        }
+
+    def _load(self, state) -> None:
+        self.parts = [(state["A"], state["G"])] if state.get("A") is not None else []
+        self.held = 0 if state.get("held") is None else int(state["held"])
+        self.positions = 1 if state.get("positions") is None else int(state["positions"])
+        self.mass = 0.0 if state.get("mass") is None else float(state["mass"])
 
 
 class WoodburyBlock(CurvatureBlock):

@@ -66,7 +66,10 @@ def _claimed_sublayers(name: str, module: nn.Module) -> dict[str, tuple[str, Lay
 
 
 def find_layers(
-    model: nn.Module, skip_unsupported: bool = False, for_optimizer: bool = False
+    model: nn.Module,
+    skip_unsupported: bool = False,
+    for_optimizer: bool = False,
+    require_any: bool = True,
 ) -> dict[str, Layer]:
     """The supported layers of a model, keyed by their names in ``model.named_modules()``.
 
@@ -82,6 +85,7 @@ def find_layers(
             mode are accepted (optimizers approximate anyway), unsupported modules are always
             skipped with a warning, and a layer sharing a parameter with a skipped module is
             left out (plain gradient) instead of refused.
+        require_any: Refuse a model without any supported layer.
 
     Raises:
         UnsupportedLayerError: naming the module and its type, when a module with parameters
@@ -159,7 +163,7 @@ def find_layers(
         warnings.warn(
             "skipping unsupported layers: " + "; ".join(skipped), UserWarning, stacklevel=3
         )
-    if not layers:
+    if not layers and require_any:
         raise FisherlabError(
             f"model {type(model).__name__} has no supported layer "
             f"({', '.join(sorted(t.__name__ for t in ADAPTERS))})"

@@ -38,9 +38,11 @@ layers.
 
 Shared behaviour:
 
-* Layers fisherlab does not precondition (BatchNorm, LayerNorm, Embedding, …) get the plain
-  gradient step, with a one-time warning naming them. A layer whose bias is frozen is
-  preconditioned on its weight alone.
+* Trainable parameters the optimizer has no block for (today: outside ``Linear`` and
+  ``Conv2d`` layers, e.g. BatchNorm, LayerNorm, Embedding, attention) are refused at
+  construction, naming the modules; with ``unsupported="sgd"`` they get the plain gradient
+  step (with the group's lr, momentum and weight decay), and a one-time warning names them.
+  A layer whose bias is frozen is preconditioned on its weight alone.
 * Weight decay is decoupled (``θ ← θ − lr·wd·θ``); momentum is heavy-ball on the update.
 * A step whose gradients or statistics hold NaN/Inf, or whose curvature overflows or cannot be
   inverted, is skipped for all parameters, with a warning naming the layers; nothing is
@@ -69,15 +71,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisherlab.blocks.assemble import DEFAULT_KINDS
 from fisherlab.capture import OutputSelector, Recorder
-from fisherlab.conventions import FisherlabError, check_range
+from fisherlab.conventions import FisherlabError, check_choice, check_range
 from fisherlab.layers import Layer, find_layers
 from fisherlab.linalg import deferred_checks
 from fisherlab.losses import LossSpec
 from fisherlab.optim.distributed import distributed, gather_samples
 
 OPTIM_FISHER_TYPES = ("empirical", "mc")
+#: What an optimizer does with parameters it has no block for.
+UNSUPPORTED_CHOICES = ("raise", "sgd")
 
 
 def _finite(t: Tensor) -> Tensor:
@@ -128,6 +131,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ``scaler.unscale_(opt)`` before ``scaler.step(opt)``.
         sync_free: Steps without a host synchronisation once every statistic has a previous
             value (see the module docstring); default: when the parameters are on CUDA.
+        unsupported: What to do with trainable parameters the optimizer has no block for:
+            ``"raise"`` (default: refused at construction, by module name) or ``"sgd"``
+            (the plain gradient step, named in a one-time warning).
         **defaults: Further per-optimizer hyper-parameters (per group).
 
     Attributes:
@@ -136,6 +142,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """
 
     gather_samples: bool = True
+    #: Layer kinds (:attr:`fisherlab.layers.LayerAdapter.kind`) the optimizer preconditions.
+    layer_kinds: tuple[str, ...] = ("linear", "conv2d")
     #: The method's own per-group hyper-parameters (anything else is refused by name).
     hyper_parameters: tuple[str, ...] = ()
     #: ``GradScaler.step`` passes ``grad_scale`` and ``found_inf`` instead of unscaling itself.
@@ -154,6 +162,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         output: OutputSelector = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         sync_free: bool | None = None,
+        unsupported: str = "raise",
         **defaults: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -161,6 +170,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "fisherlab optimizers take the model (its modules are needed), got "
                 f"{type(model).__name__}; pass parameters or param groups as params="
             )
+        self.unsupported = check_choice("unsupported", unsupported, UNSUPPORTED_CHOICES)
         if fisher_type not in OPTIM_FISHER_TYPES:
             raise FisherlabError(
                 f"fisher_type {fisher_type!r} is not available in optimizers; choose one of "
@@ -170,7 +180,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if unknown:
             known = (
                 "lr, damping, momentum, weight_decay, fisher_type, loss_fn, params, output, "
-                f"grad_scaler, sync_free{''.join(', ' + h for h in self.hyper_parameters)}"
+                "grad_scaler, sync_free, unsupported"
+                f"{''.join(', ' + h for h in self.hyper_parameters)}"
             )
             raise FisherlabError(
                 f"{type(self).__name__} has no argument(s) {unknown}; its arguments: {known}"
@@ -186,16 +197,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self._model_layers = find_layers(model, for_optimizer=True)
+            found = find_layers(model, for_optimizer=True, require_any=False)
         self._unsupported = [
             str(w.message).removeprefix("skipping unsupported layers: ") for w in caught
         ]
-        for name, layer in list(self._model_layers.items()):  # norm layers, Embedding: not yet
-            if layer.layer_kind not in DEFAULT_KINDS:
-                del self._model_layers[name]
+        self._model_layers = {}
+        for name, layer in found.items():
+            if layer.layer_kind in self.layer_kinds:
+                self._model_layers[name] = layer
+            else:
                 self._unsupported.append(
-                    f"module {name!r} ({layer.kind}): the optimizers precondition "
-                    "Linear and Conv2d layers only"
+                    f"module {name!r} ({layer.kind}): {type(self).__name__} has no block for "
+                    f"{layer.layer_kind} layers"
                 )
         self.model, self.fisher_type, self.loss = model, fisher_type, loss
         self.grad_scaler = grad_scaler
@@ -250,7 +263,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _assign_layers(self) -> None:
         """Which layers are preconditioned, with which group; warn about the rest once."""
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        plain = list(self._unsupported)
+        plain = list(self._unsupported) if self._plain_parameters(group_of) else []
         self._group_index: dict[str, int] = {}
         layers = {}
         for name, layer in self._model_layers.items():
@@ -271,6 +284,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             # a bias this optimizer does not hold (frozen, or another optimizer's): weight only
             layers[name] = layer if bias is None or b is not None else layer.without_bias()
             self._group_index[name] = w
+        if plain and self.unsupported == "raise":
+            raise FisherlabError(
+                f"{type(self).__name__} has no block for these trained parameters: "
+                + "; ".join(plain)
+                + ". Pass unsupported='sgd' to give them the plain gradient step, or leave "
+                "them out of params="
+            )
+        if not layers and not plain:
+            raise FisherlabError(
+                f"{type(self).__name__} preconditions none of the given parameters: the model "
+                f"{type(self.model).__name__} has no supported layer among them"
+            )
         self.layers = layers
         for name, layer in layers.items():
             self.layer_state.setdefault(name, {})
@@ -283,6 +308,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=4,
             )
+
+    def _plain_parameters(self, group_of: dict[int, int]) -> bool:
+        """Whether some optimized parameter belongs to no layer the optimizer preconditions."""
+        covered = {id(p) for layer in self._model_layers.values() for p in layer.parameters()}
+        return any(key not in covered for key in group_of)
 
     def _trained(self, name: str) -> tuple[Layer, list[nn.Parameter]] | None:
         """The layer as trained this step (bias left out when it has no gradient)."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
 from torch import Tensor
 
 from fisherlab.blocks.factors import gradient_factor, input_factor
-from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock, factored_pi
+from fisherlab.blocks.kfac import DAMPING_MODES, KronBlock
+from fisherlab.blocks.kronecker import KroneckerEigenbasis, factored_shifts
 from fisherlab.conventions import FisherlabError, check_choice, check_positive_int, check_range
 from fisherlab.layers import Layer
 from fisherlab.linalg import damped_inverse, symmetric_eigh
@@ -137,9 +137,14 @@ class KFAC(CurvatureOptimizer):
                 continue
             due[name] = group["damping"] if factored else None
             if factored:  # π from both traces, on every rank; then one inverse per factor
-                pi = factored_pi(gamma.diagonal().mean(), omega.diagonal().mean())
-                root = math.sqrt(group["damping"])
-                shifts = {"gamma": root / pi, "omega": pi * root}
+                shifts = dict(
+                    zip(
+                        ("gamma", "omega"),
+                        factored_shifts(
+                            gamma.diagonal().mean(), omega.diagonal().mean(), group["damping"]
+                        ),
+                    )
+                )
             for which, factor in (("gamma", gamma), ("omega", omega)):
                 if factored:
                     work[name, which] = partial(_inverse, factor, shifts[which], self.eigen_dtype)
@@ -162,15 +167,18 @@ class KFAC(CurvatureOptimizer):
         group: dict,
     ) -> Tensor:  # fmt: skip
         state = self.layer_state[name]
+        basis = None
+        if "eig_gamma" in state and "eig_omega" in state:
+            (lg, ug), (lo, uo) = state["eig_gamma"], state["eig_omega"]
+            basis = KroneckerEigenbasis(ug, uo, lg, lo)
         block = KronBlock(
             layer, state["gamma"], state["omega"], self.fisher_type,
             {"damping_mode": group["damping_mode"]},
-            eig_gamma=state.get("eig_gamma"), eig_omega=state.get("eig_omega"),
-            inverses=state.get("inverses"),
+            eigenbasis=basis, inverse_factors=state.get("inverses"),
         )  # fmt: skip
         direction = block.solve(grad, group["damping"])
         if group["damping_mode"] == "factored":  # kept until the next eigen-decomposition
-            state["inverses"] = block._inverses
+            state["inverses"] = (group["damping"], *block.inverse_factors(group["damping"]))
         return direction
 
     def _scale(
