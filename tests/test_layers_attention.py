@@ -524,3 +524,19 @@ def test_transformer_passes_verify():
     report = fl.verify(model, loss_fn, x[:3], y[:3], fisher_types=["true"], progress=False)
     assert report.ok, report.violations
     assert {c.layer for c in report.checks} == set(find_layers(model))
+
+
+def test_the_built_in_transformer_has_every_parameter_as_a_layer_and_passes_verify():
+    """``--model transformer``: image rows as tokens (what ``fisherlab compare`` runs)."""
+    torch.manual_seed(0)
+    model = fl.models.create("transformer", (1, 8, 8), 10).double()
+    x, y = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 3, 9])
+    layers = find_layers(model)
+    assert {id(p) for layer in layers.values() for p in layer.parameters()} == {
+        id(p) for p in model.parameters()
+    }
+    exact = fl.exact_blocks(model, nn.CrossEntropyLoss(), x, y)
+    recorded = fl.curvature("exact", model, nn.CrossEntropyLoss(), x, y)
+    for name in layers:
+        assert rel_err(recorded[name].to_dense(), exact[name]) <= EXACT, name
+    assert fl.verify(model, nn.CrossEntropyLoss(), x, y, fisher_types=["true"], progress=False).ok
