@@ -236,6 +236,7 @@ class Recorder:
         self.select = _selector(output)
         self.layers: dict[str, Layer] = {}
         self._names: dict[int, str] = {}
+        self._forwards: dict[int, Callable[..., Any]] = {}
         for name, layer in layers.items():
             self.add_layer(name, layer)
         #: Keep the gradients w.r.t. the network output (see :meth:`output_gradients`).
@@ -246,7 +247,7 @@ class Recorder:
         self._precision: torch.dtype | None = None
         self._handles = [
             register_module_forward_pre_hook(self._pre_hook),
-            register_module_forward_hook(self._hook),
+            register_module_forward_hook(self._hook, with_kwargs=True),
         ]
 
     # ---------------------------------------------------------------- lifecycle
@@ -257,9 +258,20 @@ class Recorder:
         self.remove()
 
     def add_layer(self, name: str, layer: Layer) -> None:
-        """Record ``layer`` too (its module must belong to the model)."""
+        """Record ``layer`` too (its module must belong to the model).
+
+        A layer whose adapter gives ``recording_module(module) = (owner, record_forward)`` is
+        recorded by ``owner``'s forward hook instead: ``record_forward(owner, args, kwargs,
+        record)`` computes ``owner``'s output again, handing every use of a layer's parameters
+        to ``record`` (a module that uses several layers' parameters functionally, as
+        ``nn.MultiheadAttention`` does; :mod:`fisherlab.layers.attention`).
+        """
         self.layers[name] = layer
         self._names[id(layer.module)] = name
+        recording = layer.adapter.recording_module(layer.module)
+        if recording is not None:
+            owner, record_forward = recording
+            self._forwards[id(owner)] = record_forward
 
     def remove(self) -> None:
         """Remove the hooks and forget everything recorded (the model is then as before)."""
@@ -332,11 +344,16 @@ class Recorder:
         self._open = _Pass()
         self._passes.append(self._open)
 
-    def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        name = self._names.get(id(module))
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         replaced = None
-        if name is not None:
-            replaced = self._record_call(name, module, args, output)
+        record_forward = self._forwards.get(id(module))
+        if record_forward is not None:
+            if self._recording():
+                replaced = record_forward(module, args, kwargs, self._record_use)
+        else:
+            name = self._names.get(id(module))
+            if name is not None:
+                replaced = self._record_call(name, module, args, output)
         if module is self.model:
             self._close_pass(output if replaced is None else replaced)
         return replaced
@@ -374,37 +391,58 @@ class Recorder:
 
             selected.register_hook(watch)
 
+    def _recording(self) -> bool:
+        """Whether a layer call now is recorded (an open pass, grad enabled, not paused)."""
+        return self._open is not None and torch.is_grad_enabled() and not self._ignoring()
+
     def _record_call(self, name: str, module: nn.Module, args: tuple, output: Any) -> Any:
-        current = self._open
-        if (
-            current is None
-            or not isinstance(output, Tensor)
-            or not torch.is_grad_enabled()
-            or self._ignoring()
-        ):
+        if not isinstance(output, Tensor) or not self._recording():
             return None
-        replaced = None
+        adapter = self.layers[name].adapter
+        A = adapter.inputs(module, args[0].detach())
+        replaced = self._store(name, A, output, lambda g: adapter.output_rows(module, g))
+        return replaced if replaced is not output else None
+
+    def _record_use(
+        self, module: nn.Module, A: Tensor, output: Tensor, rows: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """One use of the parameters of ``module`` inside a recorded forward.
+
+        See :meth:`add_layer`. ``A [N, T, D]``, the use's ``output`` and ``rows`` mapping
+        ``∂/∂output`` to ``G [N, T, d_out]``. Returns the tensor to compute on with.
+        """
+        name = self._names.get(id(module))
+        if name is None or not self._recording():
+            return output
+        return self._store(name, A, output, rows)
+
+    def _store(
+        self, name: str, A: Tensor, output: Tensor, rows: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """Store a call of layer ``name`` and hook its output.
+
+        Returns the output to compute on with (a leaf replacing it where it does not require
+        grad and :attr:`force_grad`).
+        """
         if not output.requires_grad:
             if not self.force_grad:
-                return None
-            output = replaced = output.detach().requires_grad_(True)
-        layer = self.layers[name]
-        A = layer.adapter.inputs(module, args[0].detach())
+                return output
+            output = output.detach().requires_grad_(True)
         self._note_precision(A.dtype)
         keep = self.dtype is None or not A.is_floating_point()  # token indices stay integers
         call = _Call(A if keep else A.to(self.dtype), output)
-        current.calls.setdefault(name, []).append(call)
+        self._open.calls.setdefault(name, []).append(call)
 
         def grad_hook(g: Tensor) -> None:
             if self._ignoring():
                 return
-            rows = layer.adapter.output_rows(module, g.detach())
-            self._note_precision(rows.dtype)
-            rows = rows if self.dtype is None else rows.to(self.dtype)
-            call.grads.setdefault(self.channel, []).append(rows)
+            G = rows(g.detach())
+            self._note_precision(G.dtype)
+            G = G if self.dtype is None else G.to(self.dtype)
+            call.grads.setdefault(self.channel, []).append(G)
 
         output.register_hook(grad_hook)
-        return replaced
+        return output
 
     def _note_precision(self, dtype: torch.dtype) -> None:
         if dtype.is_floating_point and (

@@ -156,20 +156,36 @@ def _leaf_problem(name: str, module: nn.Module) -> str:
 
 def _chain_problem(net: nn.Module) -> str:
     """Why BackPACK cannot take ``net`` as a chain of known modules (empty if it can)."""
+    seen: dict[int, str] = {}
     if isinstance(net, torch.fx.GraphModule):
         for node in net.graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
             if node.op != "call_module":
                 return f"graph node {node.name!r} ({node.op} {node.target}) is not a module"
-            reason = _leaf_problem(node.target, net.get_submodule(node.target))
+            module = net.get_submodule(node.target)
+            reason = _leaf_problem(node.target, module) or _reuse_problem(
+                f"{node.target}@{node.name}", module, seen
+            )
             if reason:
                 return reason
         return ""
-    for name, module in net.named_modules():
-        reason = "" if isinstance(module, nn.Sequential) else _leaf_problem(name, module)
+    for name, module in net.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Sequential):
+            continue
+        reason = _leaf_problem(name, module) or _reuse_problem(name, module, seen)
         if reason:
             return reason
+    return ""
+
+
+def _reuse_problem(name: str, module: nn.Module, seen: dict[int, str]) -> str:
+    """Why BackPACK cannot take a module called a second time (it keeps one call's input)."""
+    first = seen.setdefault(id(module), name)
+    if first != name and any(True for _ in module.parameters(recurse=False)):
+        first, again = first.split("@")[0], name.split("@")[0]
+        where = "" if again == first else f" (again as {again!r})"
+        return f"module {first!r} is used more than once{where}; BackPACK keeps one call per module"
     return ""
 
 
@@ -292,7 +308,9 @@ def _rows_torch_func(problem: Problem, batch: Batch) -> dict[str, Tensor]:
         _, pullback = vjp(f, wanted)
         return vmap(pullback)(s)[0]
 
-    rows = vmap(per_sample, in_dims=(0, 1))(batch.inputs, out_rows)  # name -> [N, R, ...]
+    with warnings.catch_warnings():  # e.g. attention: no batching rule, a loop (correct)
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        rows = vmap(per_sample, in_dims=(0, 1))(batch.inputs, out_rows)  # name -> [N, R, ...]
     return {name: r.flatten(start_dim=2).flatten(end_dim=1) for name, r in rows.items()}
 
 

@@ -172,6 +172,48 @@ def resnet(
     return nn.Sequential(*layers)
 
 
+class TransformerClassifier(nn.Module):
+    """A one-block transformer encoder over an image's rows (each row one token).
+
+    ``[N, C, H, W]`` → tokens ``[N, H, C·W]`` → Linear token embedding plus an ``nn.Embedding``
+    of the row position → ``x + MultiheadAttention(x)``, ``LayerNorm`` → ``x + ff(x)`` (two
+    Linear layers, ReLU), ``LayerNorm`` → mean over tokens → Linear head. Dropout-free, so its
+    curvature is defined in training mode too.
+
+    Example:
+        >>> TransformerClassifier(8, 8, 10)(__import__("torch").zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        token_features: int = 8,
+        tokens: int = 8,
+        num_classes: int = 10,
+        width: int = 16,
+        heads: int = 2,
+    ):
+        super().__init__()
+        self.embed = nn.Linear(token_features, width)
+        self.position = nn.Embedding(tokens, width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(width)
+        self.ff1 = nn.Linear(width, 2 * width)
+        self.ff2 = nn.Linear(2 * width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        import torch
+
+        tokens = x.transpose(1, 2).flatten(start_dim=2)  # [N, H, C·W]
+        positions = torch.arange(tokens.shape[1], device=x.device).expand(tokens.shape[:2])
+        h = self.embed(tokens) + self.position(positions)
+        h = self.norm1(h + self.attn(h, h, h, need_weights=False)[0])
+        h = self.norm2(h + self.ff2(torch.relu(self.ff1(h))))
+        return self.head(h.mean(dim=1))
+
+
 def _square_images(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) != 3 or shape[1] != shape[2]:
         raise FisherlabError(f"model {name!r} needs square images [C, H, H], got {shape}")
@@ -208,6 +250,12 @@ MODELS: dict[str, ModelEntry] = {
         three_conv_one_fc,
         lambda shape, classes: three_conv_one_fc(*_square_images("3c1f", shape), classes),
         "three 3×3 convolutions with 2×2 max-pooling, one linear layer (TENGraD's 3C1F)",
+    ),
+    "transformer": ModelEntry(
+        TransformerClassifier,
+        lambda shape, classes: TransformerClassifier(shape[0] * shape[2], shape[1], classes),
+        "one transformer encoder block over image rows as tokens: Linear token embedding, "
+        "position Embedding, MultiheadAttention, LayerNorm, feed-forward Linear layers",
     ),
     "resnet": ModelEntry(
         resnet,

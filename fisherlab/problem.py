@@ -333,7 +333,12 @@ class Problem:
             )
 
     def _probe(self, batch: Batch) -> None:
-        """Check once that every layer runs exactly once and that the forward is deterministic."""
+        """Check once that every layer runs and that the forward is deterministic.
+
+        A layer recorded through another module's forward (``nn.MultiheadAttention``'s
+        projections) counts that module's calls. A module called several times is one layer
+        used several times (its calls are more positions of the same samples).
+        """
         calls = dict.fromkeys(self.layers, 0)
 
         def counter(name: str):
@@ -342,8 +347,13 @@ class Problem:
 
             return hook
 
+        def recorded_by(layer: Layer) -> nn.Module:
+            recording = layer.adapter.recording_module(layer.module)
+            return layer.module if recording is None else recording[0]
+
         handles = [
-            layer.module.register_forward_hook(counter(name)) for name, layer in self.layers.items()
+            recorded_by(layer).register_forward_hook(counter(name))
+            for name, layer in self.layers.items()
         ]
         try:
             with torch.no_grad(), self._forked_rng(1):
@@ -360,12 +370,6 @@ class Problem:
             raise FisherlabError(
                 f"the model returns {type(first).__name__}; fisherlab needs a tensor of network "
                 "outputs [N, ...]"
-            )
-        twice = [name for name, n in calls.items() if n > 1]
-        if twice:
-            raise FisherlabError(
-                f"modules {twice} were called more than once in one forward pass (shared "
-                "weights); their Fisher blocks are not defined per call"
             )
         missing = [name for name, n in calls.items() if n == 0]
         if missing:

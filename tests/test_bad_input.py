@@ -101,31 +101,6 @@ def test_batchnorm_in_training_mode_is_refused(entry):
         entry(model, nn.CrossEntropyLoss(), x, y, skip_unsupported=True)
 
 
-def test_module_called_twice_is_refused(entry):
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(4, 5)
-            self.shared = nn.Linear(5, 5)
-            self.head = nn.Linear(5, 3)
-
-        def forward(self, x):
-            return self.head(self.shared(torch.tanh(self.shared(self.inp(x)))))
-
-    model = Twice().double()
-    x, y = _batch()
-    before = model_snapshot(model)
-    with pytest.raises(fl.FisherlabError, match=r"'shared'.*more than once"):
-        entry(
-            model,
-            nn.CrossEntropyLoss(),
-            x,
-            y,
-            **({"backend": "torch.func"} if entry is fl.exact_fisher else {}),
-        )
-    assert_unchanged(model, before)
-
-
 def test_tied_parameters_are_refused(entry):
     model = _mlp()
     model.add_module("3", nn.Linear(3, 3))

@@ -54,6 +54,15 @@ BLOCK_TABLE.update(
 #: modules): ``"scale_shift"`` → :class:`~fisherlab.blocks.scale_shift.ScaleShiftBlock`.
 KIND_BLOCKS: dict[str, type[CurvatureBlock]] = {}
 
+# nn.MultiheadAttention's input projection (fisherlab.layers.attention): a Linear layer over
+# the tokens (its output projection is an ordinary "linear" layer).
+BLOCK_TABLE.update(
+    {
+        (method, "mha_in_proj"): method
+        for method in ("exact", "kfac", "ekfac", "woodbury", "skfac", "diag")
+    }
+)
+
 #: Why a method has no block for a layer kind, where there is more to say than "none".
 NO_BLOCK_REASONS: dict[tuple[str, str], str] = {}
 

@@ -25,7 +25,7 @@ with ``module_types`` (defining it registers it in :data:`ADAPTERS`), plus entri
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,6 +106,30 @@ class LayerAdapter:
         this outer-product sum is written.
         """
         return torch.einsum("...ntd,nte->...nde", G, self.kron_inputs(module, A))
+
+    # ------------------------------------------- modules that use parameters functionally
+    # (``nn.MultiheadAttention``: :mod:`fisherlab.layers.attention`)
+    def training_problem(self, module: nn.Module) -> str | None:
+        """Why the module's training mode makes its curvature undefined (``None``: it does not)."""
+        return None
+
+    def sublayers(self, module: nn.Module) -> dict[str, LayerAdapter]:
+        """Submodules whose parameters this module uses functionally, with their adapters.
+
+        Keyed by their names within the module; their own ``forward`` is not called.
+        """
+        return {}
+
+    def recording_module(self, module: nn.Module) -> tuple[nn.Module, Callable[..., Any]] | None:
+        """Where a layer is recorded when not by its own module's forward hook.
+
+        ``None`` (the default): by ``module``'s hook (:meth:`inputs`, :meth:`output_rows`).
+        Otherwise ``(owner, record_forward)``: the recorder replaces ``owner``'s output by
+        ``record_forward(owner, args, kwargs, record)``, a re-run of its forward that hands
+        every use of a layer's parameters to ``record(param_module, A, z, rows) → z'``
+        (:class:`fisherlab.capture.Recorder`).
+        """
+        return None
 
 
 def append_ones(a: Tensor, bias: bool) -> Tensor:

@@ -11,7 +11,7 @@ import warnings
 from torch import nn
 
 from fisherlab.conventions import FisherlabError, UnsupportedLayerError
-from fisherlab.layers.base import ADAPTERS, Layer, adapter_for
+from fisherlab.layers.base import ADAPTERS, Layer, LayerAdapter, adapter_for
 
 #: Modules that draw random numbers in training mode (their Fisher would be one random draw).
 RANDOM_MODULES: tuple[type[nn.Module], ...] = (
@@ -38,7 +38,31 @@ def _training_mode_problem(name: str, module: nn.Module) -> str | None:
             f"module {name!r} ({type(module).__name__}) is in training mode: the curvature would "
             "be that of one random mask; call model.eval()"
         )
-    return None
+    return _adapter_training_problem(name, module)
+
+
+def _adapter_training_problem(name: str, module: nn.Module) -> str | None:
+    """The adapter's own reason why the module's training mode is not supported."""
+    adapter = adapter_for(module)
+    problem = adapter.training_problem(module) if adapter is not None else None
+    return None if problem is None else f"module {name!r} ({type(module).__name__}) {problem}"
+
+
+def _claimed_sublayers(name: str, module: nn.Module) -> dict[str, tuple[str, LayerAdapter]]:
+    """Submodules whose parameters ``module`` uses functionally: ``{full name: (parent, adapter)}``.
+
+    E.g. ``nn.MultiheadAttention``'s ``out_proj``.
+
+    Asked of the adapter of the module's type even when the module overrides ``forward`` (a
+    parent that is not supported takes its claimed submodules with it).
+    """
+    for base in type(module).__mro__:
+        if base in ADAPTERS:
+            return {
+                f"{name}.{sub}" if name else sub: (name, adapter)
+                for sub, adapter in ADAPTERS[base].sublayers(module).items()
+            }
+    return {}
 
 
 def find_layers(
@@ -48,6 +72,10 @@ def find_layers(
     require_any: bool = True,
 ) -> dict[str, Layer]:
     """The supported layers of a model, keyed by their names in ``model.named_modules()``.
+
+    A submodule whose parameters its parent uses functionally (``nn.MultiheadAttention``'s
+    ``out_proj``; :meth:`~fisherlab.layers.LayerAdapter.sublayers`) is read with the parent's
+    adapter for it, and left out with the parent when the parent is not supported.
 
     Args:
         model: Any ``nn.Module`` graph.
@@ -72,15 +100,22 @@ def find_layers(
     skipped: list[str] = []
     skipped_owner: dict[int, str] = {}
     owner: dict[int, str] = {}
+    claimed: dict[str, tuple[str, LayerAdapter]] = {}
     for name, module in model.named_modules():
         problem = _training_mode_problem(name, module)
         if problem is not None and not for_optimizer:
             raise FisherlabError(problem)
+        claimed.update(_claimed_sublayers(name, module))
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
         adapter = adapter_for(module)
-        if adapter is None:
+        parent, claim = claimed.get(name, (None, None))
+        if claim is not None:  # used functionally by its parent: its layer is the parent's
+            adapter = claim if parent in layers else None
+        if adapter is None and parent is not None:
+            reason = f"it is used by its parent {parent!r}, which is not supported"
+        elif adapter is None:
             reason = (
                 "this layer type is not supported (supported: "
                 + ", ".join(sorted(t.__name__ for t in ADAPTERS))
@@ -88,6 +123,8 @@ def find_layers(
             )
         else:
             reason = adapter.unsupported_reason(module)
+            if reason is None and for_optimizer:  # the mode an optimizer trains in
+                reason = adapter.training_problem(module)
             extra = {n for n, _ in own} - set(adapter.parameter_names(module))
             if reason is None and extra:
                 reason = f"unexpected parameters {sorted(extra)}"
