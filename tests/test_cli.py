@@ -61,3 +61,12 @@ def test_largest_eigenvalue_by_lobpcg_matches_dense():
     assert exact_cmd._largest_eigenvalue(block, dense_limit=100) == pytest.approx(
         float(torch.linalg.eigvalsh(block)[-1]), rel=1e-8
     )
+
+
+def test_verify_on_a_model_states_its_sample_count(tmp_path, capsys):
+    code = cli.main(
+        ["verify", "--model", "mlp", "--samples", "8", "--batch-size", "4", "--fisher-types",
+         "empirical", "--out", str(tmp_path), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    assert "verify on mlp on digits: 8 training samples in batches of 4" in capsys.readouterr().out

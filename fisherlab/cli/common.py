@@ -192,8 +192,9 @@ def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) 
 
 def where(args: argparse.Namespace, problem: Problem) -> str:
     """One line saying which model, data and samples a reference problem holds."""
+    samples = problem.num_samples if problem.num_samples is not None else problem.num_samples_hint
     return (
-        f"{args.model} on {args.data}: {problem.num_samples} training samples in batches of "
+        f"{args.model} on {args.data}: {samples} training samples in batches of "
         f"{args.batch_size}, {args.dtype}"
     )
 
