@@ -12,8 +12,6 @@ from torch.func import functional_call, grad, vmap
 EXACT = 1e-10
 #: Every device present: device-parametrised tests run on each (CPU always, CUDA when there).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-#: BackPACK draws MSE labels with the scale sqrt(1/2) rounded to float32 (relative 1.7e-8).
-BACKPACK_MSE_MC = 1e-6
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:

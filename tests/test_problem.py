@@ -79,7 +79,7 @@ def test_exact_backends_over_batches_equal_the_concatenated_batch(case, fisher_t
             assert rel_err(full.matrix[s, s], streamed[name]) <= DATASET, (backend, name)
 
 
-def test_mc_labels_are_drawn_per_batch_with_the_problem_seed():
+def test_mc_labels_are_keyed_by_the_problem_seed_on_every_path():
     """Every pass, method and backend sees the same labels; the caller's RNG is untouched."""
     case = CASES[0]
     model, loss_fn, x, y = case.build(12)
