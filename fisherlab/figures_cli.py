@@ -161,7 +161,7 @@ def _batch_size(p: _Problems, name: str) -> FigureData:
     prob = p.get(name)
     sizes = (8, 32, 256) if p.settings.quick else (16, 32, 64, 128, 256, 512, 10**9)
     x, y = prob.split.x_train, prob.split.y_train
-    repeats = 2 if p.settings.quick else 3
+    repeats = 2 if p.settings.quick else 20
     return an.batch_size_sweep(prob.model, prob.loss_fn, x, y, sizes, repeats, seed=p.settings.seed)
 
 
@@ -257,7 +257,9 @@ def _fngd(p: _Problems, name: str) -> FigureData:
 
     def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
         x, y = prob.split.x_train, prob.split.y_train
-        return an.coefficient_sharing(run, prob.loss_fn, x, y, epochs, dampings, positions)
+        return an.coefficient_sharing(
+            run, prob.loss_fn, x, y, epochs, dampings, positions, seed=seed
+        )
 
     return _over_runs(p, name, "fngd", compute)
 
@@ -287,9 +289,9 @@ def _kfe_correlation(p: _Problems, name: str) -> FigureData:
 
 def _directions(p: _Problems, name: str) -> FigureData:
     methods = list(an.APPROXIMATIONS)  # as in _spectra
-    dampings = [10.0**e for e in torch.linspace(-6, 3, 19).tolist()]
+    relative = [10.0**e for e in torch.linspace(-7, 2, 19).tolist()]  # λ / λ_max of the layer
     return an.direction_quality_vs_damping(
-        p.reference(name, "true"), methods=methods, dampings=dampings
+        p.reference(name, "true"), methods=methods, relative_dampings=relative
     )
 
 

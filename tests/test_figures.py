@@ -21,6 +21,7 @@ from fisherlab import analysis as an
 from fisherlab import figures_cli, plots
 from fisherlab.blocks import build_block
 from fisherlab.capture import capture
+from fisherlab.comparison import batch_gradients
 from fisherlab.metrics import frobenius_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,10 +284,11 @@ def test_direction_data(figure_data, model):
     data = figure_data(model, "directions")
     rows = data.rows("directions")
     assert all(-1 - EXACT <= r["cosine"] <= 1 + EXACT for r in rows)
-    lams = sorted({r["damping"] for r in rows})
+    lams = sorted({r["relative_damping"] for r in rows})
     assert len(lams) == 19
     # with damping much larger than the curvature every direction is the gradient
-    assert all(r["cosine"] > 0.99 for r in rows if r["damping"] == lams[-1])
+    assert all(r["cosine"] > 0.99 for r in rows if r["relative_damping"] == lams[-1])
+    assert {"zero", "identity"} <= {r["method"] for r in rows}
 
 
 def test_direction_of_the_exact_block_is_exact():
@@ -295,7 +297,47 @@ def test_direction_of_the_exact_block_is_exact():
     rows = an.direction_quality_vs_damping(
         prob.model, prob.loss_fn, x, y, methods=["woodbury", "exact"], dampings=[1e-4, 1e-1]
     ).rows("directions")
-    assert all(abs(r["cosine"] - 1) < 1e-8 and r["relative_error"] < 1e-7 for r in rows)
+    exact = [r for r in rows if not r["baseline"]]
+    assert all(abs(r["cosine"] - 1) < 1e-8 and r["relative_error"] < 1e-7 for r in exact)
+
+
+def test_direction_baselines_and_relative_damping_match_dense():
+    prob = an.figure_problem("mlp", quick=True)
+    ((x, y),) = an.figure_batches(prob, 8)
+    data = an.direction_quality_vs_damping(
+        prob.model, prob.loss_fn, x, y, methods=["kfac"], relative_dampings=[1e-3, 1.0]
+    )
+    cap = fl.capture(prob.model, prob.loss_fn, x, y, fisher_type="true")
+    grads = batch_gradients(fl.capture(prob.model, prob.loss_fn, x, y, fisher_type="empirical"))
+    rows = data.rows("directions")
+
+    def row(name: str, method: str, rel: float) -> dict:
+        (found,) = [
+            r for r in rows
+            if (r["layer"], r["method"]) == (name, method)
+            and abs(r["relative_damping"] / rel - 1) < 1e-9
+        ]  # fmt: skip
+        return found
+
+    for name in cap:
+        f = build_block("exact", cap, name).to_dense()
+        top = float(torch.linalg.eigvalsh(f)[-1])
+        g = grads[name]
+        eye = torch.eye(len(f), dtype=f.dtype)
+        for rel in (1e-3, 1.0):
+            lam = rel * top
+            d = torch.linalg.solve(f + lam * eye, g)
+            r = row(name, "zero", rel)
+            assert r["damping"] == pytest.approx(lam, rel=1e-9)
+            cos = float(g @ d / (g.norm() * d.norm()))
+            assert r["cosine"] == pytest.approx(cos, rel=1e-9)
+            err = float((g / lam - d).norm() / d.norm())
+            assert r["relative_error"] == pytest.approx(err, rel=1e-8)
+            ident = row(name, "identity", rel)
+            d_id = g / (float(f.trace()) / len(f) + lam)
+            assert ident["relative_error"] == pytest.approx(
+                float((d_id - d).norm() / d.norm()), rel=1e-8
+            )
 
 
 # ------------------------------------------------------------------------- data round trip

@@ -26,6 +26,26 @@ from fisherlab.plots.base import (
 
 
 # ------------------------------------------------------------------------------- heatmaps
+def _summary_text(summary: list[dict]) -> str:
+    """The controls of the heatmaps as a small table, baselines first."""
+    if "whitened_error" not in summary[0]:
+        return "errors: relative Frobenius\n‖(F̂+λI)⁻¹ − (F+λI)⁻¹‖/‖(F+λI)⁻¹‖"
+    names = {"zero": "F̂=0 (I/λ)", "identity": "(trF/P)·I"}
+    lines = ["method      white.  cos   paper", "-" * 33]
+    for r in sorted(summary, key=lambda r: not r["baseline"]):
+        name = names.get(r["method"], label(r["method"]))[:11]
+        lines.append(
+            f"{name:<11} {r['whitened_error']:6.2g} {r['direction_cosine']:5.2f} "
+            f"{r['rel_frobenius_inverse']:5.2f}"
+        )
+    return (
+        "\n".join(lines)
+        + "\n\nwhite.: ‖E^-½(F̂+λI)⁻¹E^-½ − I‖/√P,\n  E the exact inverse (0 = exact)"
+        + "\ncos: to the layer's part of the\n  exact damped natural gradient"
+        + "\npaper: ‖(F̂+λI)⁻¹ − E‖/‖E‖, which\n  the I/λ baseline can win"
+    )
+
+
 def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
     """Damped inverse blocks ``(F̂+λI)⁻¹`` (top) and their differences to the exact one (bottom).
 
@@ -62,19 +82,23 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
             ax.set_title(title)
         for ax, name in zip(axes[1, 1:], names):
             diff_image = ax.imshow(diffs[name], cmap=cmap, norm=diff_norm)
-            err = summary[name]["rel_frobenius_inverse"]
-            ax.set_title(f"{label(name)} − exact\ninverse error {err:.2g}")
+            r = summary[name]
+            if "whitened_error" in r:
+                ax.set_title(f"{label(name)} − exact\nwhitened {r['whitened_error']:.2g}, "
+                             f"cos {r['direction_cosine']:.2f}")  # fmt: skip
+            else:
+                ax.set_title(
+                    f"{label(name)} − exact\ninverse error {r['rel_frobenius_inverse']:.2g}"
+                )
         axes[1, 0].set_axis_off()
         axes[1, 0].text(
-            0.0,
+            -0.1,
             0.5,
-            "top: the blocks' damped inverses,\none symmetric-log colour scale.\n\n"
-            "bottom: approximation − exact,\nanother symmetric-log scale.\n\n"
-            "errors: relative Frobenius\n‖F̂ − F‖/‖F‖ (block) and\n"
-            "‖(F̂+λI)⁻¹ − (F+λI)⁻¹‖/‖(F+λI)⁻¹‖",
+            _summary_text(data.rows("summary")),
             transform=axes[1, 0].transAxes,
             va="center",
-            fontsize=8,
+            fontsize=6.5,
+            family="monospace",
         )
         for ax in axes.ravel():
             ax.grid(False)
@@ -370,10 +394,16 @@ def plot_kfe_correlation(data: FigureData) -> Figure:
 
 # ----------------------------------------------------------------------------- directions
 def plot_directions(data: FigureData) -> Figure:
-    """Cosine of each method's damped natural gradient to the exact one vs damping, per layer."""
+    """Cosine of each method's damped natural gradient to the exact one vs damping, per layer.
+
+    x: ``λ/λ_max`` of the layer (absolute values in the table). Black dashed: the trivial
+    baseline ``F̂ = 0`` (``I/λ``: the plain gradient; the scaled identity gives the same
+    direction).
+    """
     rows = data.rows("directions")
     infos = data.meta["layers"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    x = "relative_damping" if "relative_damping" in rows[0] else "damping"
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "identity"]
     n_rows, n_cols = _grid(len(infos), 3)
     with style():
         fig = _figure(3.5 * n_cols + 1.6, 3.1 * n_rows + 0.6)
@@ -381,21 +411,21 @@ def plot_directions(data: FigureData) -> Figure:
         for ax, info in zip(axes, infos):
             for method in methods:
                 pts = [
-                    (r["damping"], r["cosine"])
+                    (r[x], r["cosine"])
                     for r in rows
                     if r["layer"] == info["layer"] and r["method"] == method
                 ]
-                ax.plot(
-                    *zip(*pts),
-                    ls=linestyle(method),
-                    marker=marker(method),
-                    ms=4,
-                    color=color(method),
-                    label=label(method),
-                )
+                if method == "zero":
+                    kw = {"ls": "--", "color": "k", "label": "plain gradient (F̂ = 0 or ∝ I)"}
+                else:
+                    kw = {"ls": linestyle(method), "marker": marker(method), "ms": 4,
+                          "color": color(method), "label": label(method)}  # fmt: skip
+                ax.plot(*zip(*pts), **kw)
             ax.set_xscale("log")
             ax.set_title(_layer_title(info))
-            ax.set_xlabel(f"damping λ [{FISHER_UNITS}]")
+            relative = x == "relative_damping"
+            unit = "λ / λ_max of the layer (dimensionless)" if relative else f"λ [{FISHER_UNITS}]"
+            ax.set_xlabel(f"damping {unit}")
             ax.set_ylabel("cos(F̂_λ⁻¹ g, F_λ⁻¹ g)")
         for ax in axes[len(infos) :]:
             ax.axis("off")
