@@ -46,15 +46,13 @@ class Settings:
     source: an.FigureSource = field(default_factory=an.FigureSource)
 
     def runs_of(self, family: str) -> int:
-        """Training runs (seeds ``seed``, ``seed+1``, …) of a trajectory family.
+        """Training runs (seeds ``seed``, ``seed+1``, …) of a family in :data:`OVER_RUNS`.
 
-        ``runs`` (``--seeds``) for the decomposition; at least 3 for the EKFAC-protocol, FNGD
-        and Fisher-type families (1 with ``quick``).
+        At least 3 (``runs``, ``--seeds``, can ask for more); ``runs`` as given with ``quick``.
         """
         if self.quick:
             return self.runs
-        cheap = ("ekfac_protocol", "fngd", "fisher_types")
-        return max(self.runs, 3) if family in cheap else self.runs
+        return max(self.runs, 3)
 
     @property
     def batch_size(self) -> int:
@@ -95,7 +93,7 @@ class Settings:
     @property
     def trajectory_epochs(self) -> tuple[float, ...]:
         """Epochs of the decomposition's checkpoints."""
-        return (0.5, 1, 3) if self.quick else (0.5, 1, 2, 4, 7, 10)
+        return (0.5, 1, 3) if self.quick else (0.5, 1, 3, 10)
 
     @property
     def protocol_epochs(self) -> tuple[float, ...]:
@@ -144,9 +142,9 @@ class _Problems:
     def trajectory(self, name: str, offset: int = 0) -> an.Trajectory:
         return self._build(name, offset)[1]
 
-    def reference(self, name: str, fisher_type: str) -> Problem:
-        """The Fisher of the training set at the final state."""
-        prob = self.get(name)
+    def reference(self, name: str, fisher_type: str, offset: int = 0) -> Problem:
+        """The Fisher of the training set at the final state of run ``offset``."""
+        prob = self.get(name, offset)
         x, y = prob.split.x_train, prob.split.y_train
         return an.reference_problem(prob.model, prob.loss_fn, x, y, fisher_type)
 
@@ -191,7 +189,10 @@ def _over_runs(
             {"run": i, **row} for i, part in enumerate(parts) for row in part.tables[key]
         ]
     data.meta["runs"] = count
-    data.meta["finals"] = [part.meta.get("final") for part in parts]
+    data.meta["finals"] = [
+        part.meta.get("final") or p.trajectory(name, i).checkpoints[-1].describe()
+        for i, part in enumerate(parts)
+    ]
     return data
 
 
@@ -207,20 +208,29 @@ def _fisher_types(p: _Problems, name: str) -> FigureData:
 
 
 def _heatmaps(p: _Problems, name: str) -> FigureData:
-    prob = p.get(name)
-    ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
-    data = an.block_heatmaps(
-        prob.model, prob.loss_fn, x, y, fisher_type="empirical", reference="network"
-    )
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
+        return an.block_heatmaps(
+            prob.model, prob.loss_fn, x, y, fisher_type="empirical", reference="network"
+        )
+
+    data = _over_runs(p, name, "heatmaps", compute)
+    data.tables["inverse"] = [r for r in data.tables["inverse"] if r.pop("run") == 0]
     data.meta["protocol"] = (
         "TENGraD Fig. 6: empirical Fisher of one batch; exact = the layer's block of the whole "
-        "network's (F+λI)⁻¹ (exact NGD)"
+        "network's (F+λI)⁻¹ (exact NGD); matrices of the first run, summary of every run"
     )
     return data
 
 
 def _block_diagonal(p: _Problems, name: str) -> FigureData:
-    return an.block_diagonal_error(p.reference(name, "empirical"))
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        x, y = prob.split.x_train, prob.split.y_train
+        return an.block_diagonal_error(
+            an.reference_problem(prob.model, prob.loss_fn, x, y, "empirical")
+        )
+
+    return _over_runs(p, name, "block_diagonal", compute)
 
 
 def _decomposition(p: _Problems, name: str) -> FigureData:
@@ -290,9 +300,13 @@ def _kfe_correlation(p: _Problems, name: str) -> FigureData:
 def _directions(p: _Problems, name: str) -> FigureData:
     methods = list(an.APPROXIMATIONS)  # as in _spectra
     relative = [10.0**e for e in torch.linspace(-7, 2, 19).tolist()]  # λ / λ_max of the layer
-    return an.direction_quality_vs_damping(
-        p.reference(name, "true"), methods=methods, relative_dampings=relative
-    )
+
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        x, y = prob.split.x_train, prob.split.y_train
+        ref = an.reference_problem(prob.model, prob.loss_fn, x, y, "true")
+        return an.direction_quality_vs_damping(ref, methods=methods, relative_dampings=relative)
+
+    return _over_runs(p, name, "directions", compute)
 
 
 def _stated(
@@ -327,6 +341,17 @@ _FAMILIES: dict[str, Callable[[_Problems, str], FigureData]] = {
     "directions": _directions,
 }
 FAMILIES = {name: _stated(f) for name, f in _FAMILIES.items()}
+OVER_RUNS = (
+    "decomposition",
+    "ekfac_protocol",
+    "fngd",
+    "fisher_types",
+    "heatmaps",
+    "block_diagonal",
+    "directions",
+)
+"""Families computed over ``≥ 3`` training runs by default (the others: one run's final state;
+the Frobenius family: 3 seeds × 3 batches; the batch-size sweep: up to 20 batches per size)."""
 ONLY_MODELS = {"spatial": ("cnn",)}
 """Families that apply to some models only (SKFAC's spatial sampling: convolutions)."""
 """Figure families, in the order of the README: name → data of one model (with its state)."""
@@ -385,9 +410,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         default=1,
-        help="training runs (seeds) of the trajectory figures, drawn as bands (default 1 for "
-        "the decomposition, at least 3 for the EKFAC-protocol, FNGD and Fisher-type figures); "
-        "each run adds about a minute to the decomposition",
+        help="training runs (seeds) of the families computed over runs (at least 3: each run "
+        "drawn thin, the median thick)",
     )
     p.add_argument(
         "--data",

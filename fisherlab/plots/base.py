@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib as mpl
+import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
@@ -148,6 +149,27 @@ def _metadata(fmt: str) -> dict[str, Any] | None:
     if fmt == "png":
         return {"Software": "fisherlab"}
     return None
+
+
+def _runs_and_median(ax, pts: Sequence[dict], key: str, x: str = "epoch", **kw) -> None:
+    """Every training run thin, the median over runs thick (never a mean, never a band).
+
+    Rows are grouped by ``x``; several rows of one run at one ``x`` (positions, batches) are
+    first reduced to their median, so that each run is one thin line.
+    """
+    xs = sorted({r[x] for r in pts})
+    runs = sorted({r.get("run", 0) for r in pts})
+    per_run = {
+        run: [float(np.median([r[key] for r in pts if r.get("run", 0) == run and r[x] == v]))
+              for v in xs]
+        for run in runs
+    }  # fmt: skip
+    thin = {k: v for k, v in kw.items() if k in ("color", "ls")}
+    if len(runs) > 1:
+        for values in per_run.values():
+            ax.plot(xs, values, lw=0.7, alpha=0.45, **thin)
+    median = np.median(np.array(list(per_run.values())), axis=0)
+    ax.plot(xs, median, lw=2.0, marker="o", ms=3, **kw)
 
 
 def _grid(n: int, columns: int) -> tuple[int, int]:

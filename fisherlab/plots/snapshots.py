@@ -16,6 +16,7 @@ from fisherlab.plots.base import (
     _figure,
     _grid,
     _layer_title,
+    _runs_and_median,
     _suptitle,
     color,
     label,
@@ -31,12 +32,19 @@ def _summary_text(summary: list[dict]) -> str:
     if "whitened_error" not in summary[0]:
         return "errors: relative Frobenius\n‖(F̂+λI)⁻¹ − (F+λI)⁻¹‖/‖(F+λI)⁻¹‖"
     names = {"zero": "F̂=0 (I/λ)", "identity": "(trF/P)·I"}
-    lines = ["method      white.  cos   paper", "-" * 33]
-    for r in sorted(summary, key=lambda r: not r["baseline"]):
-        name = names.get(r["method"], label(r["method"]))[:11]
+    runs = len({r.get("run", 0) for r in summary})
+    lines = [f"median of {runs} run(s)", "method      white.  cos   paper", "-" * 33]
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    for method in sorted(methods, key=lambda m: m not in names):
+        pts = [r for r in summary if r["method"] == method]
+
+        def med(key: str, pts: list[dict] = pts) -> float:
+            return float(np.median([r[key] for r in pts]))
+
+        name = names.get(method, label(method))[:11]
         lines.append(
-            f"{name:<11} {r['whitened_error']:6.2g} {r['direction_cosine']:5.2f} "
-            f"{r['rel_frobenius_inverse']:5.2f}"
+            f"{name:<11} {med('whitened_error'):6.2g} {med('direction_cosine'):5.2f} "
+            f"{med('rel_frobenius_inverse'):5.2f}"
         )
     return (
         "\n".join(lines)
@@ -56,7 +64,7 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
     then bias); colours are in ``param²/nats``.
     """
     matrices = rows_to_matrices(data.rows("inverse"))
-    summary = {r["method"]: r for r in data.rows("summary")}
+    summary = {r["method"]: r for r in data.rows("summary") if r.get("run", 0) == 0}
     exact = matrices.pop("exact").numpy()
     names = list(matrices)
     diffs = {n: matrices[n].numpy() - exact for n in names}
@@ -410,17 +418,12 @@ def plot_directions(data: FigureData) -> Figure:
         axes = fig.subplots(n_rows, n_cols, sharey=True, squeeze=False).ravel()
         for ax, info in zip(axes, infos):
             for method in methods:
-                pts = [
-                    (r[x], r["cosine"])
-                    for r in rows
-                    if r["layer"] == info["layer"] and r["method"] == method
-                ]
+                pts = [r for r in rows if r["layer"] == info["layer"] and r["method"] == method]
                 if method == "zero":
                     kw = {"ls": "--", "color": "k", "label": "plain gradient (F̂ = 0 or ∝ I)"}
                 else:
-                    kw = {"ls": linestyle(method), "marker": marker(method), "ms": 4,
-                          "color": color(method), "label": label(method)}  # fmt: skip
-                ax.plot(*zip(*pts), **kw)
+                    kw = {"ls": linestyle(method), "color": color(method), "label": label(method)}
+                _runs_and_median(ax, pts, "cosine", x=x, **kw)
             ax.set_xscale("log")
             ax.set_title(_layer_title(info))
             relative = x == "relative_damping"

@@ -9,7 +9,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fisherlab.analysis import FigureData
-from fisherlab.plots.base import _figure, _layer_title, _suptitle, color, label, style
+from fisherlab.plots.base import (
+    _figure,
+    _layer_title,
+    _runs_and_median,
+    _suptitle,
+    color,
+    label,
+    style,
+)
 
 TERM_COLORS = {"structural": "0.35", "estimation": "#e6a141", "staleness": "#5fa8d3"}
 """Colours of the error terms of the decomposition figure."""
@@ -32,27 +40,6 @@ def _state_line(data: FigureData) -> str:
     return (
         f"trained by {opt} (lr {m.get('lr')}{extra}, batch {m.get('batch_size')}){epochs}; {final}"
     )
-
-
-def _runs_and_median(ax, pts: Sequence[dict], key: str, x: str = "epoch", **kw) -> None:
-    """Every training run thin, the median over runs thick (never a mean, never a band).
-
-    Rows are grouped by ``x``; several rows of one run at one ``x`` (positions, batches) are
-    first reduced to their median, so that each run is one thin line.
-    """
-    xs = sorted({r[x] for r in pts})
-    runs = sorted({r.get("run", 0) for r in pts})
-    per_run = {
-        run: [float(np.median([r[key] for r in pts if r.get("run", 0) == run and r[x] == v]))
-              for v in xs]
-        for run in runs
-    }  # fmt: skip
-    thin = {k: v for k, v in kw.items() if k in ("color", "ls")}
-    if len(runs) > 1:
-        for values in per_run.values():
-            ax.plot(xs, values, lw=0.7, alpha=0.45, **thin)
-    median = np.median(np.array(list(per_run.values())), axis=0)
-    ax.plot(xs, median, lw=2.0, marker="o", ms=3, **kw)
 
 
 def _neff_text(data: FigureData, table: str) -> str:
