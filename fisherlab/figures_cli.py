@@ -7,10 +7,12 @@ trajectory families evaluate its checkpoints against the Fisher of the training 
 snapshot families its final state. Each family computes the data (:mod:`fisherlab.analysis`),
 draws the figure (:mod:`fisherlab.plots`) and writes
 ``{out}/{model}-{family}.png`` and ``.pdf``, the data as ``{model}-{family}-{table}.csv`` and
-the settings as ``{model}-{family}.json``. ``--from-data`` redraws from those files without
-recomputing. Other data (local files, a sample of them, mean-pooled) and the larger model size
-are chosen by :class:`fisherlab.analysis.FigureSource` (``--data``, ``--samples``, ``--pool``,
-``--size``), whose label then prefixes the file names. The scripts in ``analyses/`` run one
+the settings as ``{model}-{family}.json``, and the claims read off the figures as ``claims.md``
+(:mod:`fisherlab.analysis.claims`: each claim, its numbers and in how many runs it holds,
+computed from those tables). ``--from-data`` redraws from those files without recomputing.
+Other data (local files, a sample of them, mean-pooled) and the larger model size are chosen
+by :class:`fisherlab.analysis.FigureSource` (``--data``, ``--samples``, ``--pool``, ``--size``),
+whose label then prefixes the file names. The scripts in ``analyses/`` run one
 family each through :func:`script_main`.
 """
 
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from fisherlab import analysis as an
 from fisherlab import plots
-from fisherlab.analysis import FigureData
+from fisherlab.analysis import FigureData, claims
 from fisherlab.cli.common import positive_int
 from fisherlab.data import DATASETS
 from fisherlab.problem import Problem
@@ -399,7 +401,18 @@ def run(
         paths += plots.save_figure(fig, out / stem)
         if timings is not None:
             timings[stem] = time.perf_counter() - start
+    paths.append(write_claims(out, source.label))
     return paths
+
+
+def claim_stems(label: str = "") -> list[str]:
+    """Every ``{label}{model}-{family}`` whose tables a claim can be read from."""
+    return [f"{label}{m}-{f}" for m in MODELS for f in claims.CLAIMS]
+
+
+def write_claims(out: str | Path, label: str = "") -> Path:
+    """``{out}/{label}claims.md`` from the tables in ``out`` (:mod:`fisherlab.analysis.claims`)."""
+    return claims.write_claims(out, claim_stems(label), f"{label}claims.md")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

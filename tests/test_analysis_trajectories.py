@@ -498,3 +498,111 @@ def test_train_trajectory_with_a_fisherlab_optimizer_replays_exactly(tiny):
     assert float(moved.abs().max()) > 1e-4
     with pytest.raises(an.setup.FisherlabError, match="unknown optimizer"):
         an.train_trajectory(model, loss_fn, x, y, epochs=1, batch_size=8, optimizer="adamw")
+
+
+# ------------------------------------------------------------ a user's model and checkpoints
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+def factory():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def wider():
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def not_a_module():
+    return 42
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A model factory in a temporary module, and checkpoints of it saved as files."""
+    (tmp_path / "my_user_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_user_models
+
+    model = my_user_models.factory()
+    states = {}
+    for step in (0, 3, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * step)
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(states[0], tmp_path / "ckpt-0.pt")
+    torch.save(states[3], tmp_path / "ckpt-3.pt")
+    torch.save({"state_dict": states[10], "step": 10, "epoch": 2.5}, tmp_path / "last.pt")
+    return tmp_path, states
+
+
+def test_a_user_model_and_checkpoint_files_make_a_trajectory(user_module):
+    folder, states = user_module
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    files = [folder / "ckpt-0.pt", folder / "ckpt-3.pt", folder / "last.pt"]
+    run = an.load_trajectory("my_user_models:factory", files, loss_fn, x, y, steps_per_epoch=4)
+    assert run.steps == [0, 3, 10]
+    assert [c.epoch for c in run.checkpoints] == [0.0, 0.75, 2.5]
+    for step in (0, 3, 10):
+        model = run.model_at(step)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, states[step][k])
+        with torch.no_grad():
+            assert run.at(step).loss == pytest.approx(float(loss_fn(model(x), y)), rel=1e-12)
+    # a glob pattern, sorted by step; and a family runs on it
+    globbed = an.load_trajectory("my_user_models:factory", str(folder / "ckpt-*.pt"), loss_fn, x, y)
+    assert globbed.steps == [0, 3]
+    data = an.fisher_type_comparison(globbed, loss_fn, x, y, steps=[0, 3])
+    assert {r["step"] for r in data.rows("types")} == {0, 3}
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("my_user_models:wider", r"'0\.weight' has shape \(4, 5\), the model's is \(6, 5\)"),
+        ("no_such_module_xyz:factory", "does not import"),
+        ("my_user_models:missing", "has no callable 'missing'"),
+        ("my_user_models:not_a_module", "returned int, not a torch.nn.Module"),
+        ("my_user_models", "package.module:factory"),
+    ],
+    ids=["shapes", "import", "attribute", "not-module", "no-colon"],
+)
+def test_user_models_that_do_not_fit_are_refused_in_one_line(user_module, factory, message):
+    folder, _ = user_module
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(fl.FisherlabError, match=message) as err:
+        an.load_trajectory(factory, [folder / "ckpt-0.pt"], nn.CrossEntropyLoss(), x, y)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["ckpt-3.pt", "ckpt-0.pt"], "not increasing: 3 before 0"),
+        (["ckpt-3.pt", "ckpt-3.pt"], "step 3 appears twice"),
+        (["nothing-here.pt"], "does not exist"),
+    ],
+    ids=["unordered", "repeated", "missing"],
+)
+def test_checkpoint_lists_with_bad_steps_are_refused(user_module, names, message):
+    folder, _ = user_module
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    files = [folder / n for n in names]
+    with pytest.raises(fl.FisherlabError, match=message):
+        an.load_trajectory("my_user_models:factory", files, nn.CrossEntropyLoss(), x, y)
+
+
+def test_a_checkpoint_with_an_extra_entry_is_refused(user_module):
+    folder, states = user_module
+    torch.save({**states[0], "extra.weight": torch.zeros(2)}, folder / "odd-1.pt")
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(fl.FisherlabError, match="unexpected entry 'extra.weight'"):
+        an.load_trajectory(
+            "my_user_models:factory", [folder / "odd-1.pt"], nn.CrossEntropyLoss(), x, y
+        )
