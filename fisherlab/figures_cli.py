@@ -31,6 +31,7 @@ from fisherlab import analysis as an
 from fisherlab import plots
 from fisherlab.analysis import FigureData, claims
 from fisherlab.cli.common import positive_int
+from fisherlab.conventions import FisherlabError
 from fisherlab.data import DATASETS
 from fisherlab.problem import Problem
 
@@ -415,8 +416,98 @@ def write_claims(out: str | Path, label: str = "") -> Path:
     return claims.write_claims(out, claim_stems(label), f"{label}claims.md")
 
 
+USER_FAMILIES = ("fisher_types", "directions", "spectra", "block_diagonal", "heatmaps")
+"""Families that run on a user's model and checkpoints (``--model module:factory
+--checkpoints``): the Fisher-type comparison at every checkpoint, the others at the last."""
+
+
+def _user_family(
+    family: str, run: an.Trajectory, loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> FigureData:
+    """One family of :data:`USER_FAMILIES` on a user's trajectory (reference: ``(x, y)``)."""
+    last = run.steps[-1]
+    model = run.model_at(last)
+    if family == "fisher_types":
+        return an.fisher_type_comparison(run, loss_fn, x, y, run.steps)
+    if family == "heatmaps":
+        return an.block_heatmaps(model, loss_fn, x, y, fisher_type="empirical", reference="network")
+    reference = an.reference_problem(model, loss_fn, x, y, "true")
+    if family == "directions":
+        relative = [10.0**e for e in torch.linspace(-7, 2, 19).tolist()]
+        return an.direction_quality_vs_damping(
+            reference, methods=list(an.APPROXIMATIONS), relative_dampings=relative
+        )
+    if family == "spectra":
+        return an.spectra(reference, methods=list(an.APPROXIMATIONS))
+    return an.block_diagonal_error(reference.with_fisher_type("empirical"))
+
+
+def run_user(
+    factory: str,
+    checkpoints: str,
+    families: Sequence[str] = USER_FAMILIES,
+    out: str | Path = "figures",
+    source: an.FigureSource | None = None,
+) -> list[Path]:
+    """The families of :data:`USER_FAMILIES` on a user's model and checkpoint files.
+
+    Every family is computed before anything is written (a family that cannot treat a layer
+    fails with nothing half-written). Files are ``{out}/{module-factory}-{family}.*``.
+    """
+    unknown = [f for f in families if f not in USER_FAMILIES]
+    if unknown:
+        raise FisherlabError(
+            f"families {unknown} need a built-in training run; with --checkpoints choose from "
+            f"{list(USER_FAMILIES)}"
+        )
+    source = source or an.FigureSource()
+    split = source.load()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = split.x_train, split.y_train
+    run = an.load_trajectory(factory, checkpoints, loss_fn, x, y)
+    name = factory.replace("/", "_").replace(":", "-").removesuffix(".py")
+    results = {}
+    for family in families:
+        data = _user_family(family, run, loss_fn, x, y)
+        data.meta.update(
+            {
+                "model": f"{factory} at checkpoints {run.steps}",
+                "state": run.checkpoints[-1].describe(),
+                "checkpoints": checkpoints,
+            }
+        )
+        results[family] = data
+    out = Path(out)
+    paths: list[Path] = []
+    for family, data in results.items():
+        stem = f"{source.label}{name}-{family}"
+        paths += data.save(out, stem)
+        paths += plots.save_figure(plots.plot(data), out / stem)
+    return paths
+
+
+def model_choice(text: str) -> str:
+    """``--model``: ``mlp``, ``cnn``, ``all``, or a user's ``package.module:factory``."""
+    if text in (*MODELS, "all") or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice {text!r}: choose from {[*MODELS, 'all']} or give package.module:factory"
+    )
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    p.add_argument(
+        "--model",
+        type=model_choice,
+        default="all",
+        help="mlp, cnn, all (default), or your own model: package.module:factory (with "
+        "--checkpoints)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        help="checkpoint files of a --model package.module:factory, as a glob pattern "
+        "('run/ckpt-*.pt'); steps from the files or their names",
+    )
     p.add_argument("--out", default="figures", help="folder for PNG, PDF, CSV and JSON files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -473,6 +564,20 @@ def _source(args: argparse.Namespace) -> an.FigureSource:
 def cmd_figures(args: argparse.Namespace) -> int:
     """Run the ``figures`` subcommand."""
     start = time.perf_counter()
+    user = ":" in args.model
+    if user != bool(getattr(args, "checkpoints", None)):
+        raise FisherlabError(
+            "--checkpoints goes with --model package.module:factory, and a user's model needs "
+            "--checkpoints"
+        )
+    if user:
+        paths = run_user(
+            args.model, args.checkpoints, getattr(args, "only", None) or USER_FAMILIES,
+            args.out, _source(args),
+        )  # fmt: skip
+        pngs = sorted(str(p) for p in paths if p.suffix == ".png")
+        print(f"{len(pngs)} figures in {time.perf_counter() - start:.1f} s: " + ", ".join(pngs))
+        return 0
     models = MODELS if args.model == "all" else (args.model,)
     families = getattr(args, "only", None) or tuple(FAMILIES)
     previous = torch.get_num_threads()
@@ -509,4 +614,14 @@ def script_main(family: str, argv: Sequence[str] | None = None) -> int:
     return cmd_figures(args)
 
 
-__all__ = ["FAMILIES", "MODELS", "Settings", "add_parser", "cmd_figures", "run", "script_main"]
+__all__ = [
+    "FAMILIES",
+    "MODELS",
+    "USER_FAMILIES",
+    "Settings",
+    "add_parser",
+    "cmd_figures",
+    "run",
+    "run_user",
+    "script_main",
+]

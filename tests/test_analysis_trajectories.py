@@ -602,7 +602,7 @@ def test_a_checkpoint_with_an_extra_entry_is_refused(user_module):
     folder, states = user_module
     torch.save({**states[0], "extra.weight": torch.zeros(2)}, folder / "odd-1.pt")
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
-    with pytest.raises(fl.FisherlabError, match="unexpected entry 'extra.weight'"):
+    with pytest.raises(fl.FisherlabError, match=r"unexpected entry 'extra\.weight'"):
         an.load_trajectory(
             "my_user_models:factory", [folder / "odd-1.pt"], nn.CrossEntropyLoss(), x, y
         )

@@ -544,3 +544,96 @@ def test_command_refuses_bad_source_arguments(bad, capsys):
     with pytest.raises(SystemExit) as exit_:
         _parser().parse_args(["figures", *bad])
     assert exit_.value.code == 2
+
+
+# -------------------------------------------------------------- a user's model from the CLI
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+def digits_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10)).double()
+
+
+def other_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10)).double()
+"""
+
+
+@pytest.fixture
+def user_checkpoints(tmp_path, monkeypatch):
+    """A model factory in a temporary module, and two checkpoint files of it (steps 0, 20)."""
+    (tmp_path / "fl_test_user_net.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fl_test_user_net
+
+    model = fl_test_user_net.digits_net()
+    torch.save(model.state_dict(), tmp_path / "ckpt-0.pt")
+    split = fl.data.load_digits(dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(20):
+        opt.zero_grad()
+        x, y = split.x_train[16 * i : 16 * (i + 1)], split.y_train[16 * i : 16 * (i + 1)]
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save({"state_dict": model.state_dict(), "step": 20}, tmp_path / "ckpt-20.pt")
+    return tmp_path
+
+
+def test_figures_and_compare_run_on_a_user_model_and_its_checkpoints(user_checkpoints, capsys):
+    from fisherlab.cli import main
+
+    folder = user_checkpoints
+    out = folder / "figs"
+    argv = [
+        "figures", "--model", "fl_test_user_net:digits_net", "--checkpoints",
+        str(folder / "ckpt-*.pt"), "--only", "fisher_types", "block_diagonal", "--out", str(out),
+        "--samples", "200", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    for family in ("fisher_types", "block_diagonal"):
+        stem = f"digits-n200-fl_test_user_net-digits_net-{family}"
+        _check_png(out / f"{stem}.png")
+        assert (out / f"{stem}.json").exists()
+    data = an.FigureData.load(out, "digits-n200-fl_test_user_net-digits_net-fisher_types")
+    assert {r["step"] for r in data.rows("types")} == {0, 20}
+    argv = [
+        "compare", "--model", "fl_test_user_net:digits_net", "--checkpoint",
+        str(folder / "ckpt-20.pt"), "--samples", "64", "--out", str(out), "--quiet",
+        "--methods", "kfac", "ekfac",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "at checkpoint" in printed and "ckpt-20.pt" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "fl_test_user_net:other_net"], "'1.weight' has shape (6, 64)"),
+        (["--model", "fl_test_user_net_missing:f"], "does not import"),
+        (["--model", "fl_test_user_net:digits_net", "--only", "fngd"], "need a built-in"),
+    ],
+    ids=["mismatch", "import", "family"],
+)
+def test_figures_refuse_a_user_model_that_does_not_fit(user_checkpoints, capsys, argv, message):
+    from fisherlab.cli import main
+
+    folder = user_checkpoints
+    code = main(["figures", *argv, "--checkpoints", str(folder / "ckpt-*.pt"), "--quiet",
+                 "--out", str(folder / "bad")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (folder / "bad").exists()  # nothing half-written
+
+
+def test_compare_refuses_a_checkpoint_that_does_not_fit(user_checkpoints, capsys):
+    from fisherlab.cli import main
+
+    folder = user_checkpoints
+    code = main(["compare", "--model", "fl_test_user_net:other_net", "--checkpoint",
+                 str(folder / "ckpt-0.pt"), "--samples", "16", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the model" in err and err.count("\n") == 1

@@ -65,9 +65,20 @@ def load_factory(path: str) -> Callable[[], nn.Module]:
 
 
 def build_model(model: nn.Module | Callable[[], nn.Module] | str) -> nn.Module:
-    """An ``nn.Module`` from an instance, a factory, or a factory path (:func:`load_factory`)."""
+    """An ``nn.Module`` from an instance, a factory, or a factory path.
+
+    A path is ``package.module:factory`` (:func:`load_factory`) or ``path/to/file.py:factory``
+    (:func:`fisherlab.models.load_factory`); the factory is called without arguments.
+    """
     name = model if isinstance(model, str) else getattr(model, "__name__", type(model).__name__)
-    if isinstance(model, str):
+    if isinstance(model, str) and model.partition(":")[0].endswith(".py"):
+        from fisherlab import models
+
+        try:
+            model = models.load_factory(model)
+        except ValueError as err:
+            raise FisherlabError(str(err)) from None
+    elif isinstance(model, str):
         model = load_factory(model)
     if not isinstance(model, nn.Module):
         model = model()

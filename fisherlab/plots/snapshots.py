@@ -23,6 +23,7 @@ from fisherlab.plots.base import (
     linestyle,
     marker,
     style,
+    symlog_ticks,
 )
 
 
@@ -31,7 +32,7 @@ def _summary_text(summary: list[dict]) -> str:
     """The controls of the heatmaps as a small table, baselines first."""
     if "whitened_error" not in summary[0]:
         return "errors: relative Frobenius\n‖(F̂+λI)⁻¹ − (F+λI)⁻¹‖/‖(F+λI)⁻¹‖"
-    names = {"zero": "F̂=0 (I/λ)", "identity": "(trF/P)·I"}
+    names = {"zero": "F̂=0 (I/λ)", "identity": "(trF/P)·I", "woodbury": "TENGraD"}
     runs = len({r.get("run", 0) for r in summary})
     lines = [f"median of {runs} run(s)", "method      white.  cos   paper", "-" * 33]
     methods = list(dict.fromkeys(r["method"] for r in summary))
@@ -116,8 +117,14 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
             ax.set_xlabel("parameter index")
         axes[0, 0].set_xlabel("parameter index")
         axes[0, 0].xaxis.set_tick_params(labelbottom=True)
-        fig.colorbar(image, ax=axes[0], shrink=0.9, label="entry [param²/nats], symlog")
-        fig.colorbar(diff_image, ax=axes[1], shrink=0.9, label="difference [param²/nats], symlog")
+        fig.colorbar(
+            image, ax=axes[0], shrink=0.9, label="entry [param²/nats], symlog",
+            ticks=symlog_ticks(vlin, vmax),
+        )  # fmt: skip
+        fig.colorbar(
+            diff_image, ax=axes[1], shrink=0.9, label="difference [param²/nats], symlog",
+            ticks=symlog_ticks(dlin, dmax),
+        )  # fmt: skip
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f", leading {shown}×{shown} sub-block"
         _suptitle(
@@ -185,7 +192,8 @@ def plot_frobenius(data: FigureData) -> Figure:
         _suptitle(
             fig,
             data,
-            f"Relative Frobenius error of each block approximation ({m['fisher_type']} Fisher)\n"
+            f"Relative Frobenius error of each block approximation ({m['fisher_type']} Fisher; "
+            "reference: exact block of the same batch)\n"
             f"bars: mean ± sd over {m['models']} seeds × {m['batches']} batches of "
             f"{m['batch_size']}; dots: each",
         )
@@ -292,8 +300,10 @@ def plot_sample_correlations(data: FigureData) -> Figure:
             for b in bounds:
                 ax.axhline(b, color="0.3", lw=0.3)
                 ax.axvline(b, color="0.3", lw=0.3)
-            ax.set_xlabel("sample, grouped by digit label")
-            ax.set_ylabel("sample, grouped by digit label")
+            source = data.meta.get("source") or {}
+            what = "digit" if source.get("data", "digits") == "digits" else "class"
+            ax.set_xlabel(f"sample, grouped by {what}")
+            ax.set_ylabel(f"sample, grouped by {what}")
         fig.colorbar(
             image,
             ax=axes[:n],
@@ -385,10 +395,10 @@ def plot_kfe_correlation(data: FigureData) -> Figure:
             )
         ax.set_xticks(range(len(layers)), layers)
         ax.set_xlabel("layer")
-        ax.set_ylabel("decorrelation (dimensionless)")
+        ax.set_ylabel("off-diagonal share (dimensionless)")
         ax.set_title("all layers: mean |corr| and energy off the diagonal")
-        ax.set_ylim(0, 1.45)
-        ax.legend(frameon=False, fontsize=7, ncols=2, loc="upper center")
+        ax.set_ylim(0, 1.05)
+        ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f" (first {shown} coordinates)"
         _suptitle(
