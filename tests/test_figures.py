@@ -637,3 +637,31 @@ def test_compare_refuses_a_checkpoint_that_does_not_fit(user_checkpoints, capsys
                  str(folder / "ckpt-0.pt"), "--samples", "16", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "does not fit the model" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------ claims as code
+def test_committed_claims_match_committed_tables():
+    """figures/claims.md is what the committed tables give; edit one number and this fails."""
+    committed = (ROOT / "figures" / "claims.md").read_text()
+    assert an.claims.render_claims(ROOT / "figures", figures_cli.claim_stems()) == committed
+    assert committed.count("\n- ") >= 20  # every family's claims, not an empty file
+
+
+def test_readme_includes_the_committed_claims():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(an.claims.BEGIN)
+    end = readme.index(an.claims.END) + len(an.claims.END)
+    assert readme[start:end] + "\n" == (ROOT / "figures" / "claims.md").read_text()
+
+
+def test_a_claim_follows_its_table(tmp_path):
+    """Changing one number of a committed table changes the claim read from it."""
+    stem = "mlp-block_diagonal"
+    data = an.FigureData.load(ROOT / "figures", stem)
+    before = an.claims.render_claims(ROOT / "figures", [stem])
+    for row in data.rows("errors"):
+        if row["layer"] == "network":  # every run's: the claims quote medians
+            row["cosine"] = 0.123456
+    data.save(tmp_path, stem)
+    after = an.claims.render_claims(tmp_path, [stem])
+    assert "0.12" in after and after != before

@@ -375,6 +375,38 @@ def batch_size_claims(data: FigureData, stem: str) -> list[Claim]:
     return out
 
 
+# ------------------------------------------------------------------------------ Fisher types
+def fisher_types_claims(data: FigureData, stem: str) -> list[Claim]:
+    """MC and empirical Fisher against the true one, first and last checkpoint; KFAC under each."""
+    rows = data.rows("types")
+    layers = _layers(rows)
+    out = []
+    for step in (min(r["step"] for r in rows), max(r["step"] for r in rows)):
+        pts = _one(rows, step=step)
+
+        def med(kind: str, key: str, pts: list = pts) -> str:
+            return _slash(
+                _med(r[key] for r in _one(pts, fisher_type=kind, layer=la)) for la in layers
+            )
+
+        true = {(r.get("run", 0), r["layer"]): r for r in _one(pts, fisher_type="true")}
+        emp = _one(pts, fisher_type="empirical")
+        out.append(
+            Claim(
+                stem,
+                f"Epoch {_n(pts[0]['epoch'])} (layers {', '.join(layers)}): distance to the true "
+                f"Fisher of the MC Fisher {med('mc', 'to_true')}, of the empirical Fisher "
+                f"{med('empirical', 'to_true')}; KFAC's structural error under the true Fisher "
+                f"{med('true', 'kfac')}, under the empirical {med('empirical', 'kfac')}; larger "
+                "under the empirical",
+                sum(r["kfac"] > true[r.get("run", 0), r["layer"]]["kfac"] for r in emp),
+                len(emp),
+                "(run, layer) pairs",
+            )
+        )
+    return out
+
+
 CLAIMS: dict[str, Callable[[FigureData, str], list[Claim]]] = {
     "ekfac_protocol": ekfac_protocol_claims,
     "heatmaps": heatmaps_claims,
@@ -383,6 +415,7 @@ CLAIMS: dict[str, Callable[[FigureData, str], list[Claim]]] = {
     "decomposition": decomposition_claims,
     "directions": directions_claims,
     "batch_size": batch_size_claims,
+    "fisher_types": fisher_types_claims,
 }
 """Claim functions per figure family, in the order of the claims file."""
 
@@ -418,6 +451,7 @@ TITLES = {
     "decomposition": "Error decomposition at the end of training",
     "directions": "Direction quality against the plain gradient",
     "batch_size": "Batch size: the exact batch block vs EKFAC",
+    "fisher_types": "True vs Monte-Carlo vs empirical Fisher, same checkpoints",
 }
 """Headings of the claim groups."""
 

@@ -141,7 +141,7 @@ def _log_ticks(ax: Any) -> None:
         if low <= 0:
             continue
         decades = math.log10(high) - math.log10(low)
-        if decades < 2.2:  # fewer than three powers of ten inside: label 1, 2, 5 × 10^k
+        if decades < 3:  # few powers of ten inside: label 1, 2, 5 × 10^k
             subs = (1.0, 2.0, 5.0) if decades > 0.8 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
             axis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=subs))
             axis.set_major_formatter(mpl.ticker.LogFormatterSciNotation(labelOnlyBase=False))

@@ -145,7 +145,7 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
 
 # ------------------------------------------------------------------------------ Frobenius
 def plot_frobenius(data: FigureData) -> Figure:
-    """Relative Frobenius error per layer (x) and method (colour): mean, ± sd and every point."""
+    """Relative Frobenius error per layer (x) and method (colour): the median and every point."""
     rows = data.rows("errors")
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -159,14 +159,7 @@ def plot_frobenius(data: FigureData) -> Figure:
         fig = _figure(1.6 + 1.5 * len(layers), 3.6)
         ax = fig.add_subplot()
         common = dict(x=x, y=y, hue=hue, order=order, hue_order=list(palette), ax=ax)
-        sns.barplot(
-            **common,
-            palette=palette,
-            errorbar="sd",
-            alpha=0.75,
-            capsize=0.1,
-            err_kws={"linewidth": 1},
-        )
+        sns.barplot(**common, palette=palette, estimator="median", errorbar=None, alpha=0.75)
         # seaborn jitters with numpy's legacy global generator: seed it, so that redrawing from
         # saved data gives the same picture, and restore the user's state afterwards
         state = np.random.get_state()  # noqa: NPY002
@@ -194,7 +187,7 @@ def plot_frobenius(data: FigureData) -> Figure:
             data,
             f"Relative Frobenius error of each block approximation ({m['fisher_type']} Fisher; "
             "reference: exact block of the same batch)\n"
-            f"bars: mean ± sd over {m['models']} seeds × {m['batches']} batches of "
+            f"bars: median over {m['models']} seeds × {m['batches']} batches of "
             f"{m['batch_size']}; dots: each",
         )
     return fig
