@@ -135,7 +135,7 @@ def _log_ticks(ax: Any) -> None:
         (ax.xaxis, ax.get_xscale(), ax.get_xlim()),
         (ax.yaxis, ax.get_yscale(), ax.get_ylim()),
     ):
-        if scale != "log":
+        if scale != "log" or getattr(axis.get_transform(), "base", 10) != 10:
             continue
         low, high = sorted(limits)
         if low <= 0:
