@@ -407,6 +407,74 @@ def fisher_types_claims(data: FigureData, stem: str) -> list[Claim]:
     return out
 
 
+# ------------------------------------------------------------------ one-state figures (one run)
+def spectra_claims(data: FigureData, stem: str) -> list[Claim]:
+    """KFAC's and EKFAC's spectrum distance per layer (the final state of one run)."""
+    rows = data.rows("distance")
+    layers = _layers(rows)
+
+    def of(method: str) -> list[float]:
+        return [r["spectrum_distance"] for r in rows if r["method"] == method]
+
+    kfac, ekfac = of("kfac"), of("ekfac")
+    return [
+        Claim(
+            stem,
+            f"Spectrum distance (layers {', '.join(layers)}; one run): KFAC {_slash(kfac)}, "
+            f"EKFAC {_slash(ekfac)}, diagonal {_slash(of('diag'))}; KFAC's spectrum closer than "
+            "EKFAC's",
+            sum(a < b for a, b in zip(kfac, ekfac, strict=True)),
+            len(kfac),
+            "layers",
+        )
+    ]
+
+
+def sample_correlation_claims(data: FigureData, stem: str) -> list[Claim]:
+    """Pearson similarity of adjacent layers' sample correlations against first–last."""
+    every = data.rows("similarity")
+    layers = list(dict.fromkeys(r["layer_a"] for r in every))
+    rows = [r for r in every if layers.index(r["layer_a"]) < layers.index(r["layer_b"])]
+    pairs = {(r["layer_a"], r["layer_b"]): r["pearson"] for r in rows}
+    adjacent = [r["pearson"] for r in rows if r["adjacent"]]
+    ends = pairs[layers[0], layers[-1]]
+    return [
+        Claim(
+            stem,
+            f"Sample correlations (one run, 64 samples): adjacent layers' matrices correlate "
+            f"{_slash(adjacent)}, the first and the last {_n(ends)}; adjacent more alike",
+            sum(a > ends for a in adjacent),
+            len(adjacent),
+            "adjacent pairs",
+        )
+    ]
+
+
+def kfe_correlation_claims(data: FigureData, stem: str) -> list[Claim]:
+    """Off-diagonal energy in the parameter basis and in the KFE, per layer."""
+    rows = data.rows("summary")
+    layers = _layers(rows)
+
+    def of(basis: str, key: str) -> list[float]:
+        return [
+            next(r[key] for r in rows if r["layer"] == la and r["basis"] == basis) for la in layers
+        ]
+
+    before, after = of("parameter", "offdiag_energy"), of("kfe", "offdiag_energy")
+    return [
+        Claim(
+            stem,
+            f"Energy off the diagonal ‖offdiag‖²/‖F‖² (layers {', '.join(layers)}; one run): "
+            f"parameter basis {_slash(before)}, KFE {_slash(after)}; mean |correlation| "
+            f"{_slash(of('parameter', 'mean_abs_offdiag'))} → "
+            f"{_slash(of('kfe', 'mean_abs_offdiag'))}; the KFE lowers the energy",
+            sum(b < a for a, b in zip(before, after, strict=True)),
+            len(layers),
+            "layers",
+        )
+    ]
+
+
 CLAIMS: dict[str, Callable[[FigureData, str], list[Claim]]] = {
     "ekfac_protocol": ekfac_protocol_claims,
     "heatmaps": heatmaps_claims,
@@ -416,6 +484,9 @@ CLAIMS: dict[str, Callable[[FigureData, str], list[Claim]]] = {
     "directions": directions_claims,
     "batch_size": batch_size_claims,
     "fisher_types": fisher_types_claims,
+    "spectra": spectra_claims,
+    "sample_correlation": sample_correlation_claims,
+    "kfe_correlation": kfe_correlation_claims,
 }
 """Claim functions per figure family, in the order of the claims file."""
 
@@ -452,6 +523,9 @@ TITLES = {
     "directions": "Direction quality against the plain gradient",
     "batch_size": "Batch size: the exact batch block vs EKFAC",
     "fisher_types": "True vs Monte-Carlo vs empirical Fisher, same checkpoints",
+    "spectra": "Eigenspectra (one run)",
+    "sample_correlation": "Sample correlations, FNGD Fig. 3 (one run)",
+    "kfe_correlation": "Decorrelation in the KFE, EKFAC Fig. 3 left (one run)",
 }
 """Headings of the claim groups."""
 
