@@ -416,9 +416,17 @@ def write_claims(out: str | Path, label: str = "") -> Path:
     return claims.write_claims(out, claim_stems(label), f"{label}claims.md")
 
 
-USER_FAMILIES = ("fisher_types", "directions", "spectra", "block_diagonal", "heatmaps")
+USER_FAMILIES = (
+    "ekfac_protocol",
+    "fisher_types",
+    "directions",
+    "spectra",
+    "block_diagonal",
+    "heatmaps",
+)
 """Families that run on a user's model and checkpoints (``--model module:factory
---checkpoints``): the Fisher-type comparison at every checkpoint, the others at the last."""
+--checkpoints``): the EKFAC protocol (basis fixed at the first checkpoint, no EKFAC-ra) and the
+Fisher-type comparison at every checkpoint, the others at the last."""
 
 
 def _user_family(
@@ -429,6 +437,8 @@ def _user_family(
     model = run.model_at(last)
     if family == "fisher_types":
         return an.fisher_type_comparison(run, loss_fn, x, y, run.steps)
+    if family == "ekfac_protocol":
+        return an.ekfac_protocol(run, loss_fn, x, y, run.steps)
     if family == "heatmaps":
         return an.block_heatmaps(model, loss_fn, x, y, fisher_type="empirical", reference="network")
     reference = an.reference_problem(model, loss_fn, x, y, "true")

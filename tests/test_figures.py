@@ -589,16 +589,20 @@ def test_figures_and_compare_run_on_a_user_model_and_its_checkpoints(user_checkp
     out = folder / "figs"
     argv = [
         "figures", "--model", "fl_test_user_net:digits_net", "--checkpoints",
-        str(folder / "ckpt-*.pt"), "--only", "fisher_types", "block_diagonal", "--out", str(out),
+        str(folder / "ckpt-*.pt"), "--only", "fisher_types", "ekfac_protocol", "block_diagonal",
+        "--out", str(out),
         "--samples", "200", "--quiet",
     ]  # fmt: skip
     assert main(argv) == 0
-    for family in ("fisher_types", "block_diagonal"):
+    for family in ("fisher_types", "ekfac_protocol", "block_diagonal"):
         stem = f"digits-n200-fl_test_user_net-digits_net-{family}"
         _check_png(out / f"{stem}.png")
         assert (out / f"{stem}.json").exists()
     data = an.FigureData.load(out, "digits-n200-fl_test_user_net-digits_net-fisher_types")
     assert {r["step"] for r in data.rows("types")} == {0, 20}
+    data = an.FigureData.load(out, "digits-n200-fl_test_user_net-digits_net-ekfac_protocol")
+    assert {r["step"] for r in data.rows("curves")} == {0, 20}
+    assert "ekfac-ra" not in {r["method"] for r in data.rows("curves")}  # no batches to replay
     argv = [
         "compare", "--model", "fl_test_user_net:digits_net", "--checkpoint",
         str(folder / "ckpt-20.pt"), "--samples", "64", "--out", str(out), "--quiet",

@@ -60,7 +60,9 @@ def ekfac_protocol(
     Args:
         trajectory: A trajectory with a checkpoint at every step up to ``max(steps)`` (for the
             running average; :func:`~fisherlab.analysis.trajectory.train_trajectory` with
-            ``checkpoints=None``).
+            ``checkpoints=None``), or one without recorded batches (a user's checkpoint files,
+            :func:`~fisherlab.analysis.load_trajectory`): then the basis is that of the first
+            of ``steps`` and EKFAC-ra, which replays the batches, is left out.
         loss_fn: The loss.
         x_ref: Reference set (the training set).
         y_ref: Reference targets.
@@ -83,9 +85,12 @@ def ekfac_protocol(
     layers: list[dict[str, Any]] = []
     first_norm: dict[str, float] = {}
     basis_step = 0
-    for step in range(last + 1):
+    # the running average replays every update's batch; a trajectory of checkpoint files has none
+    replay = len(trajectory.batches) >= last
+    order = list(range(last + 1)) if replay else sorted(wanted)
+    for step in order:
         model = trajectory.model_at(step)
-        refresh = step == 0 or (basis_every is not None and step % basis_every == 0)
+        refresh = step == order[0] or (basis_every is not None and step % basis_every == 0)
         ref = None
         if refresh:
             ref = reference_problem(model, loss_fn, x_ref, y_ref, fisher_type)
@@ -144,7 +149,7 @@ def ekfac_protocol(
                             "fisher_norm_ratio": norm / first_norm[name],
                         }
                     )
-        if step < last:  # the batch of update `step`, at the parameters it started from
+        if replay and step < last:  # the batch of update `step`, at the parameters it started from
             index = trajectory.batches[step]
             cap = capture(model, loss_fn, x_ref[index], y_ref[index], fisher_type=fisher_type)
             for name, lc in cap.items():
