@@ -7,10 +7,12 @@ trajectory families evaluate its checkpoints against the Fisher of the training 
 snapshot families its final state. Each family computes the data (:mod:`fisherlab.analysis`),
 draws the figure (:mod:`fisherlab.plots`) and writes
 ``{out}/{model}-{family}.png`` and ``.pdf``, the data as ``{model}-{family}-{table}.csv`` and
-the settings as ``{model}-{family}.json``. ``--from-data`` redraws from those files without
-recomputing. Other data (local files, a sample of them, mean-pooled) and the larger model size
-are chosen by :class:`fisherlab.analysis.FigureSource` (``--data``, ``--samples``, ``--pool``,
-``--size``), whose label then prefixes the file names. The scripts in ``analyses/`` run one
+the settings as ``{model}-{family}.json``, and the claims read off the figures as ``claims.md``
+(:mod:`fisherlab.analysis.claims`: each claim, its numbers and in how many runs it holds,
+computed from those tables). ``--from-data`` redraws from those files without recomputing.
+Other data (local files, a sample of them, mean-pooled) and the larger model size are chosen
+by :class:`fisherlab.analysis.FigureSource` (``--data``, ``--samples``, ``--pool``, ``--size``),
+whose label then prefixes the file names. The scripts in ``analyses/`` run one
 family each through :func:`script_main`.
 """
 
@@ -27,8 +29,9 @@ from tqdm.auto import tqdm
 
 from fisherlab import analysis as an
 from fisherlab import plots
-from fisherlab.analysis import FigureData
+from fisherlab.analysis import FigureData, claims
 from fisherlab.cli.common import OneLineParser, positive_int, run_reporting_errors, seed
+from fisherlab.conventions import FisherlabError
 from fisherlab.data import DATASETS, check_data_dir
 from fisherlab.files import check_output_folder
 from fisherlab.problem import Problem
@@ -47,15 +50,13 @@ class Settings:
     source: an.FigureSource = field(default_factory=an.FigureSource)
 
     def runs_of(self, family: str) -> int:
-        """Training runs (seeds ``seed``, ``seed+1``, …) of a trajectory family.
+        """Training runs (seeds ``seed``, ``seed+1``, …) of a family in :data:`OVER_RUNS`.
 
-        ``runs`` (``--seeds``) for the decomposition; at least 3 for the EKFAC-protocol, FNGD
-        and Fisher-type families (1 with ``quick``).
+        At least 3 (``runs``, ``--seeds``, can ask for more); ``runs`` as given with ``quick``.
         """
         if self.quick:
             return self.runs
-        cheap = ("ekfac_protocol", "fngd", "fisher_types")
-        return max(self.runs, 3) if family in cheap else self.runs
+        return max(self.runs, 3)
 
     @property
     def batch_size(self) -> int:
@@ -96,7 +97,7 @@ class Settings:
     @property
     def trajectory_epochs(self) -> tuple[float, ...]:
         """Epochs of the decomposition's checkpoints."""
-        return (0.5, 1, 3) if self.quick else (0.5, 1, 2, 4, 7, 10)
+        return (0.5, 1, 3) if self.quick else (0.5, 1, 3, 10)
 
     @property
     def protocol_epochs(self) -> tuple[float, ...]:
@@ -145,9 +146,9 @@ class _Problems:
     def trajectory(self, name: str, offset: int = 0) -> an.Trajectory:
         return self._build(name, offset)[1]
 
-    def reference(self, name: str, fisher_type: str) -> Problem:
-        """The Fisher of the training set at the final state."""
-        prob = self.get(name)
+    def reference(self, name: str, fisher_type: str, offset: int = 0) -> Problem:
+        """The Fisher of the training set at the final state of run ``offset``."""
+        prob = self.get(name, offset)
         x, y = prob.split.x_train, prob.split.y_train
         return an.reference_problem(prob.model, prob.loss_fn, x, y, fisher_type)
 
@@ -162,7 +163,7 @@ def _batch_size(p: _Problems, name: str) -> FigureData:
     prob = p.get(name)
     sizes = (8, 32, 256) if p.settings.quick else (16, 32, 64, 128, 256, 512, 10**9)
     x, y = prob.split.x_train, prob.split.y_train
-    repeats = 2 if p.settings.quick else 3
+    repeats = 2 if p.settings.quick else 20
     return an.batch_size_sweep(prob.model, prob.loss_fn, x, y, sizes, repeats, seed=p.settings.seed)
 
 
@@ -192,7 +193,10 @@ def _over_runs(
             {"run": i, **row} for i, part in enumerate(parts) for row in part.tables[key]
         ]
     data.meta["runs"] = count
-    data.meta["finals"] = [part.meta.get("final") for part in parts]
+    data.meta["finals"] = [
+        part.meta.get("final") or p.trajectory(name, i).checkpoints[-1].describe()
+        for i, part in enumerate(parts)
+    ]
     return data
 
 
@@ -208,20 +212,29 @@ def _fisher_types(p: _Problems, name: str) -> FigureData:
 
 
 def _heatmaps(p: _Problems, name: str) -> FigureData:
-    prob = p.get(name)
-    ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
-    data = an.block_heatmaps(
-        prob.model, prob.loss_fn, x, y, fisher_type="empirical", reference="network"
-    )
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        ((x, y),) = an.figure_batches(prob, p.settings.batch_size)
+        return an.block_heatmaps(
+            prob.model, prob.loss_fn, x, y, fisher_type="empirical", reference="network"
+        )
+
+    data = _over_runs(p, name, "heatmaps", compute)
+    data.tables["inverse"] = [r for r in data.tables["inverse"] if r.pop("run") == 0]
     data.meta["protocol"] = (
         "TENGraD Fig. 6: empirical Fisher of one batch; exact = the layer's block of the whole "
-        "network's (F+λI)⁻¹ (exact NGD)"
+        "network's (F+λI)⁻¹ (exact NGD); matrices of the first run, summary of every run"
     )
     return data
 
 
 def _block_diagonal(p: _Problems, name: str) -> FigureData:
-    return an.block_diagonal_error(p.reference(name, "empirical"))
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        x, y = prob.split.x_train, prob.split.y_train
+        return an.block_diagonal_error(
+            an.reference_problem(prob.model, prob.loss_fn, x, y, "empirical")
+        )
+
+    return _over_runs(p, name, "block_diagonal", compute)
 
 
 def _decomposition(p: _Problems, name: str) -> FigureData:
@@ -258,7 +271,9 @@ def _fngd(p: _Problems, name: str) -> FigureData:
 
     def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
         x, y = prob.split.x_train, prob.split.y_train
-        return an.coefficient_sharing(run, prob.loss_fn, x, y, epochs, dampings, positions)
+        return an.coefficient_sharing(
+            run, prob.loss_fn, x, y, epochs, dampings, positions, seed=seed
+        )
 
     return _over_runs(p, name, "fngd", compute)
 
@@ -288,10 +303,14 @@ def _kfe_correlation(p: _Problems, name: str) -> FigureData:
 
 def _directions(p: _Problems, name: str) -> FigureData:
     methods = list(an.APPROXIMATIONS)  # as in _spectra
-    dampings = [10.0**e for e in torch.linspace(-6, 3, 19).tolist()]
-    return an.direction_quality_vs_damping(
-        p.reference(name, "true"), methods=methods, dampings=dampings
-    )
+    relative = [10.0**e for e in torch.linspace(-7, 2, 19).tolist()]  # λ / λ_max of the layer
+
+    def compute(prob: an.FigureProblem, run: an.Trajectory, seed: int) -> FigureData:
+        x, y = prob.split.x_train, prob.split.y_train
+        ref = an.reference_problem(prob.model, prob.loss_fn, x, y, "true")
+        return an.direction_quality_vs_damping(ref, methods=methods, relative_dampings=relative)
+
+    return _over_runs(p, name, "directions", compute)
 
 
 def _stated(
@@ -326,6 +345,17 @@ _FAMILIES: dict[str, Callable[[_Problems, str], FigureData]] = {
     "directions": _directions,
 }
 FAMILIES = {name: _stated(f) for name, f in _FAMILIES.items()}
+OVER_RUNS = (
+    "decomposition",
+    "ekfac_protocol",
+    "fngd",
+    "fisher_types",
+    "heatmaps",
+    "block_diagonal",
+    "directions",
+)
+"""Families computed over ``≥ 3`` training runs by default (the others: one run's final state;
+the Frobenius family: 3 seeds × 3 batches; the batch-size sweep: up to 20 batches per size)."""
 ONLY_MODELS = {"spatial": ("cnn",)}
 """Families that apply to some models only (SKFAC's spatial sampling: convolutions)."""
 """Figure families, in the order of the README: name → data of one model (with its state)."""
@@ -373,20 +403,130 @@ def run(
         paths += plots.save_figure(fig, out / stem)
         if timings is not None:
             timings[stem] = time.perf_counter() - start
+    paths.append(write_claims(out, source.label))
     return paths
 
 
+def claim_stems(label: str = "") -> list[str]:
+    """Every ``{label}{model}-{family}`` whose tables a claim can be read from."""
+    return [f"{label}{m}-{f}" for m in MODELS for f in claims.CLAIMS]
+
+
+def write_claims(out: str | Path, label: str = "") -> Path:
+    """``{out}/{label}claims.md`` from the tables in ``out`` (:mod:`fisherlab.analysis.claims`)."""
+    return claims.write_claims(out, claim_stems(label), f"{label}claims.md")
+
+
+USER_FAMILIES = (
+    "ekfac_protocol",
+    "fisher_types",
+    "directions",
+    "spectra",
+    "block_diagonal",
+    "heatmaps",
+)
+"""Families that run on a user's model and checkpoints (``--model module:factory
+--checkpoints``): the EKFAC protocol (basis fixed at the first checkpoint, no EKFAC-ra) and the
+Fisher-type comparison at every checkpoint, the others at the last."""
+
+
+def _user_family(
+    family: str, run: an.Trajectory, loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> FigureData:
+    """One family of :data:`USER_FAMILIES` on a user's trajectory (reference: ``(x, y)``)."""
+    last = run.steps[-1]
+    model = run.model_at(last)
+    if family == "fisher_types":
+        return an.fisher_type_comparison(run, loss_fn, x, y, run.steps)
+    if family == "ekfac_protocol":
+        return an.ekfac_protocol(run, loss_fn, x, y, run.steps)
+    if family == "heatmaps":
+        return an.block_heatmaps(model, loss_fn, x, y, fisher_type="empirical", reference="network")
+    reference = an.reference_problem(model, loss_fn, x, y, "true")
+    if family == "directions":
+        relative = [10.0**e for e in torch.linspace(-7, 2, 19).tolist()]
+        return an.direction_quality_vs_damping(
+            reference, methods=list(an.APPROXIMATIONS), relative_dampings=relative
+        )
+    if family == "spectra":
+        return an.spectra(reference, methods=list(an.APPROXIMATIONS))
+    return an.block_diagonal_error(reference.with_fisher_type("empirical"))
+
+
+def run_user(
+    factory: str,
+    checkpoints: str,
+    families: Sequence[str] = USER_FAMILIES,
+    out: str | Path = "figures",
+    source: an.FigureSource | None = None,
+) -> list[Path]:
+    """The families of :data:`USER_FAMILIES` on a user's model and checkpoint files.
+
+    Every family is computed before anything is written (a family that cannot treat a layer
+    fails with nothing half-written). Files are ``{out}/{module-factory}-{family}.*``.
+    """
+    unknown = [f for f in families if f not in USER_FAMILIES]
+    if unknown:
+        raise FisherlabError(
+            f"families {unknown} need a built-in training run; with --checkpoints choose from "
+            f"{list(USER_FAMILIES)}"
+        )
+    source = source or an.FigureSource()
+    split = source.load()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = split.x_train, split.y_train
+    run = an.load_trajectory(factory, checkpoints, loss_fn, x, y)
+    name = factory.replace("/", "_").replace(":", "-").removesuffix(".py")
+    results = {}
+    for family in families:
+        data = _user_family(family, run, loss_fn, x, y)
+        data.meta.update(
+            {
+                "model": f"{factory} at checkpoints {run.steps}",
+                "state": run.checkpoints[-1].describe(),
+                "checkpoints": checkpoints,
+            }
+        )
+        results[family] = data
+    out = Path(out)
+    paths: list[Path] = []
+    for family, data in results.items():
+        stem = f"{source.label}{name}-{family}"
+        paths += data.save(out, stem)
+        paths += plots.save_figure(plots.plot(data), out / stem)
+    return paths
+
+
+def model_choice(text: str) -> str:
+    """``--model``: ``mlp``, ``cnn``, ``all``, or a user's ``package.module:factory``."""
+    if text in (*MODELS, "all") or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice {text!r}: choose from {[*MODELS, 'all']} or give package.module:factory"
+    )
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    p.add_argument(
+        "--model",
+        type=model_choice,
+        default="all",
+        help="mlp, cnn, all (default), or your own model: package.module:factory (with "
+        "--checkpoints)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        help="checkpoint files of a --model package.module:factory, as a glob pattern "
+        "('run/ckpt-*.pt'); steps from the files or their names",
+    )
     p.add_argument("--out", default="figures", help="folder for PNG, PDF, CSV and JSON files")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--seeds",
         type=positive_int,
         default=1,
-        help="training runs (seeds) of the trajectory figures, drawn as bands (default 1 for "
-        "the decomposition, at least 3 for the EKFAC-protocol, FNGD and Fisher-type figures); "
-        "each run adds about a minute to the decomposition",
+        help="training runs (seeds) of the families computed over runs (at least 3: each run "
+        "drawn thin, the median thick)",
     )
     p.add_argument(
         "--data",
@@ -437,6 +577,20 @@ def cmd_figures(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     check_data_dir(args.data, args.data_dir)
     start = time.perf_counter()
+    user = ":" in args.model
+    if user != bool(getattr(args, "checkpoints", None)):
+        raise FisherlabError(
+            "--checkpoints goes with --model package.module:factory, and a user's model needs "
+            "--checkpoints"
+        )
+    if user:
+        paths = run_user(
+            args.model, args.checkpoints, getattr(args, "only", None) or USER_FAMILIES,
+            args.out, _source(args),
+        )  # fmt: skip
+        pngs = sorted(str(p) for p in paths if p.suffix == ".png")
+        print(f"{len(pngs)} figures in {time.perf_counter() - start:.1f} s: " + ", ".join(pngs))
+        return 0
     models = MODELS if args.model == "all" else (args.model,)
     families = getattr(args, "only", None) or tuple(FAMILIES)
     previous = torch.get_num_threads()
@@ -473,4 +627,14 @@ def script_main(family: str, argv: Sequence[str] | None = None) -> int:
     return run_reporting_errors(cmd_figures, args)
 
 
-__all__ = ["FAMILIES", "MODELS", "Settings", "add_parser", "cmd_figures", "run", "script_main"]
+__all__ = [
+    "FAMILIES",
+    "MODELS",
+    "USER_FAMILIES",
+    "Settings",
+    "add_parser",
+    "cmd_figures",
+    "run",
+    "run_user",
+    "script_main",
+]

@@ -241,3 +241,109 @@ def frobenius_at_scale(
         inner = block.inner_with_rows(reference.A, reference.G)
     err_sq = f_sq - 2 * inner / nu + block.norm_sq()
     return math.sqrt(max(err_sq, 0.0)), math.sqrt(f_sq)
+
+
+# ------------------------------------------------------------------------------- controls
+@dataclass(frozen=True)
+class ScaleControls:
+    r"""An approximation's error before and after matching its scale to the exact block's.
+
+    With :math:`α^* = ⟨F, F̂⟩/\|F̂\|_F^2` (the scalar minimising :math:`\|F − αF̂\|_F`) and
+    :math:`τ = \operatorname{tr}F/\operatorname{tr}F̂` (a scalar an optimizer can track), all
+    relative to :math:`\|F\|_F`:
+
+    Attributes:
+        relative: :math:`\|F − F̂\|/\|F\|`.
+        optimal_scalar: :math:`α^*`.
+        scaled: :math:`\|F − α^*F̂\|/\|F\|` (shape error; at most 1, since ``α = 0`` gives 1).
+        trace_ratio: :math:`τ`.
+        trace_matched: :math:`\|F − τF̂\|/\|F\|`.
+    """
+
+    relative: float
+    optimal_scalar: float
+    scaled: float
+    trace_ratio: float
+    trace_matched: float
+
+    def columns(self, prefix: str = "rel_frobenius") -> dict[str, float]:
+        """Table columns ``{prefix}, {prefix}_scaled, {prefix}_trace, alpha, trace_ratio``."""
+        return {
+            prefix: self.relative,
+            f"{prefix}_scaled": self.scaled,
+            f"{prefix}_trace": self.trace_matched,
+            "alpha": self.optimal_scalar,
+            "trace_ratio": self.trace_ratio,
+        }
+
+
+def scale_controls_from_terms(
+    fisher_sq: float, inner: float, approx_sq: float, trace: float, approx_trace: float
+) -> ScaleControls:
+    r""":class:`ScaleControls` from :math:`\|F\|^2`, :math:`⟨F,F̂⟩`, :math:`\|F̂\|^2` and traces.
+
+    :math:`\|F − cF̂\|^2 = \|F\|^2 − 2c⟨F,F̂⟩ + c^2\|F̂\|^2` for any scalar ``c``; at ``c = α*``
+    it is :math:`\|F\|^2 − ⟨F,F̂⟩^2/\|F̂\|^2`. The at-scale route (:func:`frobenius_at_scale`)
+    supplies the same three terms without forming a matrix.
+    """
+    norm = math.sqrt(max(fisher_sq, 0.0))
+
+    def rel(c: float) -> float:
+        err_sq = fisher_sq - 2 * c * inner + c * c * approx_sq
+        err = math.sqrt(max(err_sq, 0.0))
+        return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
+
+    alpha = inner / approx_sq if approx_sq > 0 else 0.0
+    tau = trace / approx_trace if approx_trace != 0 else 0.0
+    return ScaleControls(rel(1.0), alpha, rel(alpha), tau, rel(tau))
+
+
+def scale_controls(exact: Tensor, approx: Tensor) -> ScaleControls:
+    """:class:`ScaleControls` of a dense approximation ``approx`` of a dense ``exact``."""
+    e, a = exact.double(), approx.double()
+    return scale_controls_from_terms(
+        float((e * e).sum()),
+        float((e * a).sum()),
+        float((a * a).sum()),
+        float(e.trace()),
+        float(a.trace()),
+    )
+
+
+def whitened_inverse_error(exact: Tensor, approx: Tensor, damping: float) -> float:
+    r"""Root-mean-square whitened error of a damped inverse, one the identity cannot win.
+
+    .. math::
+        e = \frac{1}{\sqrt P}\,\|(F+λI)^{1/2}(F̂+λI)^{-1}(F+λI)^{1/2} − I\|_F ,
+
+    zero exactly when ``F̂ = F``; for ``F̂ = 0`` it is ``‖F‖_F/(λ√P)`` (the identity is not
+    rewarded at small damping, unlike the relative error of the inverses). Its square is
+    :math:`\frac1P\operatorname{tr}[(M−I)^2]` with :math:`M = (F̂+λI)^{-1}(F+λI)`, i.e. the mean
+    squared error of the preconditioned curvature's eigenvalues from 1.
+
+    Args:
+        exact: ``F``, ``[P, P]`` symmetric PSD.
+        approx: ``F̂``, ``[P, P]`` symmetric PSD.
+        damping: ``λ > 0``.
+    """
+    if damping <= 0:
+        raise FisherlabError(f"the whitened error needs damping > 0, got {damping}")
+    e, a = exact.double(), approx.double()
+    eye = torch.eye(len(e), dtype=e.dtype, device=e.device)
+    values, vectors = torch.linalg.eigh(e + damping * eye)
+    root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    whitened = root @ torch.linalg.solve(a + damping * eye, root)
+    whitened = (whitened + whitened.T) / 2
+    return float(torch.linalg.matrix_norm(whitened - eye)) / math.sqrt(len(e))
+
+
+def effective_sample_count(squared_norms: Tensor) -> float:
+    r"""``n_eff = (Σ_n ‖j_n‖²)² / Σ_n ‖j_n‖⁴`` of per-sample squared gradient norms.
+
+    The number of samples that carry the trace of the empirical Fisher: ``N`` when every
+    per-sample gradient has the same norm, 1 when one sample carries it all.
+    """
+    s = squared_norms.double()
+    total = float(s.sum())
+    fourth = float((s * s).sum())
+    return total * total / fourth if fourth > 0 else 0.0

@@ -143,6 +143,15 @@ def test_error_decomposition_matches_brute_force(tiny):
             assert r["estimation_sd"] == pytest.approx(float(est.std()), rel=1e-6)
             assert r["staleness"] == pytest.approx(_rel(stale[method], a_ref, norm), rel=TOL)
             assert r["total"] == pytest.approx(float(tot.mean()), rel=TOL)
+
+            def scaled(a: Tensor, f: Tensor = f, norm: Tensor = norm) -> float:
+                return _rel(float((f * a).sum() / (a**2).sum()) * a, f, norm)
+
+            assert r["structural_scaled"] == pytest.approx(scaled(a_ref), rel=1e-7)
+            trace = float(f.trace() / a_ref.trace()) * a_ref
+            assert r["structural_trace"] == pytest.approx(_rel(trace, f, norm), rel=1e-7)
+            expected = float(torch.tensor([scaled(d) for d in deployed]).mean())
+            assert r["total_scaled"] == pytest.approx(expected, rel=1e-7)
         # EKFAC's theorem on the reference set: never worse than KFAC
         assert rows[name, "ekfac"]["structural"] <= rows[name, "kfac"]["structural"] + TOL
 
@@ -153,7 +162,12 @@ def test_ekfac_protocol_matches_brute_force(tiny):
     decay = 0.9
     data = an.ekfac_protocol(run, loss_fn, x, y, [0, 4], decay=decay)
     rows = {(r["step"], r["layer"], r["method"]): r for r in data.rows("curves")}
-    assert {k[2] for k in rows if k[0] == 0} == {"kfac", "ekfac", "kfac-fresh"}
+    assert {k[2] for k in rows if k[0] == 0} == {"kfac", "kfac-trace", "ekfac", "kfac-fresh"}
+    everything = torch.cat(
+        [per_sample_grads(run.model_at(4), loss_fn, x, y, name) for name in LAYERS], dim=1
+    ).detach()
+    sq = (everything**2).sum(1)
+    n_eff = float(sq.sum() ** 2 / (sq**2).sum())
     for name in LAYERS:
         first = Brute(run.model_at(0), loss_fn, x, y, name)
         q = first.basis()
@@ -171,6 +185,7 @@ def test_ekfac_protocol_matches_brute_force(tiny):
             "kfac-fresh": now.kfac(),
         }
         f = now.fisher
+        expected["kfac-trace"] = float(f.trace() / first.kfac().trace()) * first.kfac()
         exact_spec = torch.linalg.eigvalsh(f).flip(0).clamp_min(0)
         for method, approx in expected.items():
             r = rows[4, name, method]
@@ -180,6 +195,22 @@ def test_ekfac_protocol_matches_brute_force(tiny):
             assert r["spectrum_distance"] == pytest.approx(
                 spectrum_distance(exact_spec, spec), rel=1e-6, abs=1e-10
             )
+            alpha = float((f * approx).sum() / (approx**2).sum())
+            assert r["alpha"] == pytest.approx(alpha, rel=1e-8)
+            assert r["rel_frobenius_scaled"] == pytest.approx(
+                _rel(alpha * approx, f, norm), rel=1e-7
+            )
+            assert r["spectrum_distance_scaled"] == pytest.approx(
+                spectrum_distance(exact_spec, alpha * spec), rel=1e-6, abs=1e-10
+            )
+            assert r["fisher_norm_ratio"] == pytest.approx(
+                float(norm / torch.linalg.matrix_norm(first.fisher)), rel=1e-10
+            )
+            assert r["n_eff"] == pytest.approx(n_eff, rel=1e-10)
+        # trace matching is the frozen KFAC's trace-matched error, by construction
+        assert rows[4, name, "kfac-trace"]["rel_frobenius"] == pytest.approx(
+            rows[4, name, "kfac"]["rel_frobenius_trace"], rel=1e-8
+        )
         # at the basis step, the frozen and the fresh KFAC coincide and EKFAC is not worse
         r0 = {m: rows[0, name, m]["rel_frobenius"] for m in ("kfac", "ekfac", "kfac-fresh")}
         assert r0["kfac"] == pytest.approx(r0["kfac-fresh"], rel=TOL)
@@ -190,13 +221,17 @@ def test_ekfac_protocol_matches_brute_force(tiny):
 def test_coefficient_sharing_matches_brute_force(tiny):
     run, loss_fn, x, y = tiny
     delta = 1e-2
-    data = an.coefficient_sharing(run, loss_fn, x, y, epochs=[1], dampings=[delta], positions=[1])
+    data = an.coefficient_sharing(
+        run, loss_fn, x, y, epochs=[1], dampings=[delta], positions=[1], seed=3
+    )
     rows = {r["layer"]: r for r in data.rows("cosines")}
     assert set(rows) == {*LAYERS, "network"}
     i = run.batches[1]
     step = 3 + 1
     j = run.batches[step]
-    dirs = {"fresh": [], "shared": [], "gradient": []}
+    dirs = {"fresh": [], "shared": [], "gradient": [], "permuted": []}
+    shuffle = torch.randperm(len(j), generator=torch.Generator().manual_seed(3 + step))
+    assert not torch.equal(shuffle, torch.arange(len(j)))
     for name in LAYERS:
         then = per_sample_grads(run.model_at(1), loss_fn, x[i], y[i], name)
         now = per_sample_grads(run.model_at(step), loss_fn, x[j], y[j], name)
@@ -218,11 +253,15 @@ def test_coefficient_sharing_matches_brute_force(tiny):
         cos = torch.nn.functional.cosine_similarity
         assert rows[name]["shared"] == pytest.approx(float(cos(shared, fresh, dim=0)), rel=TOL)
         assert rows[name]["gradient"] == pytest.approx(float(cos(grad, fresh, dim=0)), rel=TOL)
-        for key, v in (("fresh", fresh), ("shared", shared), ("gradient", grad)):
+        permuted = now.T @ weights(then)[shuffle]
+        assert rows[name]["permuted"] == pytest.approx(float(cos(permuted, fresh, dim=0)), rel=TOL)
+        for key, v in (("fresh", fresh), ("shared", shared), ("gradient", grad),
+                       ("permuted", permuted)):  # fmt: skip
             dirs[key].append(v)
     cat = {k: torch.cat(v) for k, v in dirs.items()}
-    expected = torch.nn.functional.cosine_similarity(cat["shared"], cat["fresh"], dim=0)
-    assert rows["network"]["shared"] == pytest.approx(float(expected), rel=TOL)
+    for key in ("shared", "permuted"):
+        expected = torch.nn.functional.cosine_similarity(cat[key], cat["fresh"], dim=0)
+        assert rows["network"][key] == pytest.approx(float(expected), rel=TOL)
 
 
 # -------------------------------------------------------------------------- block diagonal
@@ -232,6 +271,7 @@ def test_block_diagonal_error_matches_brute_force(tiny):
     problem = an.reference_problem(model, loss_fn, x, y, "empirical")
     data = an.block_diagonal_error(problem, relative_dampings=[1e-2, 1.0])
     j = torch.cat([per_sample_grads(model, loss_fn, x, y, name) for name in LAYERS], dim=1)
+    j = j.detach()
     f = j.T @ j / len(x)
     g = j.mean(0)
     sizes = [model.get_submodule(n).weight.numel() + model.get_submodule(n).bias.numel()
@@ -244,8 +284,9 @@ def test_block_diagonal_error_matches_brute_force(tiny):
         float((f[~mask] ** 2).sum() / (f**2).sum()), rel=TOL
     )
     rows = {(r["relative_damping"], r["layer"]): r for r in data.rows("errors")}
+    top = float(torch.linalg.eigvalsh(f)[-1])
     for rel in (1e-2, 1.0):
-        lam = rel * float(f.trace()) / len(f)
+        lam = rel * top
         inverse = torch.linalg.inv(f + lam * torch.eye(len(f)))
         blockwise = torch.zeros_like(f)
         for s in slices:
@@ -260,8 +301,12 @@ def test_block_diagonal_error_matches_brute_force(tiny):
                 inverse[s] @ g, blockwise[s, s] @ g[s], dim=0
             )
             assert r["cosine"] == pytest.approx(float(cos), rel=1e-7)
+            cos = torch.nn.functional.cosine_similarity(inverse[s] @ g, g[s], dim=0)
+            assert r["gradient_cosine"] == pytest.approx(float(cos), rel=1e-7)
         cos = torch.nn.functional.cosine_similarity(inverse @ g, blockwise @ g, dim=0)
         assert rows[rel, "network"]["cosine"] == pytest.approx(float(cos), rel=1e-7)
+        cos = torch.nn.functional.cosine_similarity(inverse @ g, g, dim=0)
+        assert rows[rel, "network"]["gradient_cosine"] == pytest.approx(float(cos), rel=1e-7)
     # more damping, closer to the block-diagonal inverse (both tend to I/λ)
     assert rows[1.0, "network"]["inverse_error"] < rows[1e-2, "network"]["inverse_error"]
 
@@ -274,6 +319,7 @@ def test_heatmaps_with_the_network_reference_show_the_block_of_the_full_inverse(
         reference="network", methods=["woodbury"],
     )  # fmt: skip
     j = torch.cat([per_sample_grads(model, loss_fn, x, y, name) for name in LAYERS], dim=1)
+    j = j.detach()
     f = j.T @ j / len(x)
     p0 = 4 * 5 + 4
     inverse = torch.linalg.inv(f + 1e-2 * torch.eye(len(f)))[p0:, p0:]
@@ -281,10 +327,36 @@ def test_heatmaps_with_the_network_reference_show_the_block_of_the_full_inverse(
     assert _rel(shown["exact"], inverse, torch.linalg.matrix_norm(inverse)) < 1e-6  # κ ≈ 1e8
     block = torch.linalg.inv(f[p0:, p0:] + 1e-2 * torch.eye(len(f) - p0))
     assert _rel(shown["woodbury"], block, torch.linalg.matrix_norm(block)) < 1e-6
-    (summary,) = data.rows("summary")
+    summaries = {r["method"]: r for r in data.rows("summary")}
+    assert set(summaries) == {"zero", "identity", "woodbury"}
+    summary = summaries["woodbury"]
     expected = torch.linalg.matrix_norm(block - inverse) / torch.linalg.matrix_norm(inverse)
     assert summary["rel_frobenius_inverse"] == pytest.approx(float(expected), rel=1e-7)
     assert not math.isclose(summary["rel_frobenius_inverse"], 0.0)
+    # controls: the whitened error against E = [(F+λI)⁻¹]_ll by a dense matrix square root,
+    # and the cosine to the layer's part of the exact damped natural gradient (g: loss gradient)
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    root = torch.from_numpy(scipy_linalg.sqrtm(torch.linalg.inv(inverse).numpy()).real)
+    g = j.mean(0)
+    target = (torch.linalg.inv(f + 1e-2 * torch.eye(len(f))) @ g)[p0:]
+    cos = torch.nn.functional.cosine_similarity
+    eye = torch.eye(len(f) - p0, dtype=f.dtype)
+    p = len(f) - p0
+    for key, approx in (("woodbury", block), ("zero", eye / 1e-2)):
+        white = torch.linalg.matrix_norm(root @ approx @ root - eye) / math.sqrt(p)
+        assert summaries[key]["whitened_error"] == pytest.approx(float(white), rel=1e-6)
+        expected_cos = float(cos(approx @ g[p0:], target, dim=0))
+        assert summaries[key]["direction_cosine"] == pytest.approx(expected_cos, rel=1e-7)
+    mean = float(f[p0:, p0:].trace()) / p
+    identity_inverse = eye / (mean + 1e-2)
+    expected = torch.linalg.matrix_norm(identity_inverse - inverse) / torch.linalg.matrix_norm(
+        inverse
+    )
+    assert summaries["identity"]["rel_frobenius_inverse"] == pytest.approx(
+        float(expected), rel=1e-7
+    )
+    assert summaries["zero"]["rel_frobenius_block"] == 1.0
+    assert summaries["zero"]["baseline"] and not summary["baseline"]
 
 
 # ---------------------------------------------------------------------------------- sweeps
@@ -311,6 +383,15 @@ def test_batch_size_sweep_matches_brute_force(tiny):
                 d = torch.linalg.solve(approx + lam * eye, g)
                 cos = torch.nn.functional.cosine_similarity(d, target, dim=0)
                 assert row["cosine"] == pytest.approx(float(cos), rel=1e-7)
+                alpha = float((f * approx).sum() / (approx**2).sum())
+                assert row["rel_frobenius_scaled"] == pytest.approx(
+                    _rel(alpha * approx, f, norm), rel=1e-7
+                )
+        baseline = rows[6, 0, name, "gradient"]
+        cos = torch.nn.functional.cosine_similarity(g, target, dim=0)
+        assert baseline["cosine"] == pytest.approx(float(cos), rel=1e-7)
+        assert baseline["rel_frobenius"] == 1.0
+        assert (6, 1, name, "gradient") not in rows
         # the whole set's own block is the reference: Woodbury/TENGraD exact there
         assert rows[24, 0, name, "exact"]["rel_frobenius"] < 1e-12
         assert rows[24, 0, name, "exact"]["cosine"] == pytest.approx(1.0, abs=1e-12)
@@ -417,3 +498,111 @@ def test_train_trajectory_with_a_fisherlab_optimizer_replays_exactly(tiny):
     assert float(moved.abs().max()) > 1e-4
     with pytest.raises(an.setup.FisherlabError, match="unknown optimizer"):
         an.train_trajectory(model, loss_fn, x, y, epochs=1, batch_size=8, optimizer="adamw")
+
+
+# ------------------------------------------------------------ a user's model and checkpoints
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+def factory():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def wider():
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def not_a_module():
+    return 42
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A model factory in a temporary module, and checkpoints of it saved as files."""
+    (tmp_path / "my_user_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_user_models
+
+    model = my_user_models.factory()
+    states = {}
+    for step in (0, 3, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * step)
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(states[0], tmp_path / "ckpt-0.pt")
+    torch.save(states[3], tmp_path / "ckpt-3.pt")
+    torch.save({"state_dict": states[10], "step": 10, "epoch": 2.5}, tmp_path / "last.pt")
+    return tmp_path, states
+
+
+def test_a_user_model_and_checkpoint_files_make_a_trajectory(user_module):
+    folder, states = user_module
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    files = [folder / "ckpt-0.pt", folder / "ckpt-3.pt", folder / "last.pt"]
+    run = an.load_trajectory("my_user_models:factory", files, loss_fn, x, y, steps_per_epoch=4)
+    assert run.steps == [0, 3, 10]
+    assert [c.epoch for c in run.checkpoints] == [0.0, 0.75, 2.5]
+    for step in (0, 3, 10):
+        model = run.model_at(step)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, states[step][k])
+        with torch.no_grad():
+            assert run.at(step).loss == pytest.approx(float(loss_fn(model(x), y)), rel=1e-12)
+    # a glob pattern, sorted by step; and a family runs on it
+    globbed = an.load_trajectory("my_user_models:factory", str(folder / "ckpt-*.pt"), loss_fn, x, y)
+    assert globbed.steps == [0, 3]
+    data = an.fisher_type_comparison(globbed, loss_fn, x, y, steps=[0, 3])
+    assert {r["step"] for r in data.rows("types")} == {0, 3}
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("my_user_models:wider", r"'0\.weight' has shape \(4, 5\), the model's is \(6, 5\)"),
+        ("no_such_module_xyz:factory", "does not import"),
+        ("my_user_models:missing", "has no callable 'missing'"),
+        ("my_user_models:not_a_module", "returned int, not a torch.nn.Module"),
+        ("my_user_models", "package.module:factory"),
+    ],
+    ids=["shapes", "import", "attribute", "not-module", "no-colon"],
+)
+def test_user_models_that_do_not_fit_are_refused_in_one_line(user_module, factory, message):
+    folder, _ = user_module
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(fl.FisherlabError, match=message) as err:
+        an.load_trajectory(factory, [folder / "ckpt-0.pt"], nn.CrossEntropyLoss(), x, y)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["ckpt-3.pt", "ckpt-0.pt"], "not increasing: 3 before 0"),
+        (["ckpt-3.pt", "ckpt-3.pt"], "step 3 appears twice"),
+        (["nothing-here.pt"], "does not exist"),
+    ],
+    ids=["unordered", "repeated", "missing"],
+)
+def test_checkpoint_lists_with_bad_steps_are_refused(user_module, names, message):
+    folder, _ = user_module
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    files = [folder / n for n in names]
+    with pytest.raises(fl.FisherlabError, match=message):
+        an.load_trajectory("my_user_models:factory", files, nn.CrossEntropyLoss(), x, y)
+
+
+def test_a_checkpoint_with_an_extra_entry_is_refused(user_module):
+    folder, states = user_module
+    torch.save({**states[0], "extra.weight": torch.zeros(2)}, folder / "odd-1.pt")
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(fl.FisherlabError, match=r"unexpected entry 'extra\.weight'"):
+        an.load_trajectory(
+            "my_user_models:factory", [folder / "odd-1.pt"], nn.CrossEntropyLoss(), x, y
+        )

@@ -21,6 +21,7 @@ from fisherlab import analysis as an
 from fisherlab import figures_cli, plots
 from fisherlab.blocks import build_block
 from fisherlab.capture import capture
+from fisherlab.comparison import batch_gradients
 from fisherlab.metrics import frobenius_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,10 +284,11 @@ def test_direction_data(figure_data, model):
     data = figure_data(model, "directions")
     rows = data.rows("directions")
     assert all(-1 - EXACT <= r["cosine"] <= 1 + EXACT for r in rows)
-    lams = sorted({r["damping"] for r in rows})
+    lams = sorted({r["relative_damping"] for r in rows})
     assert len(lams) == 19
     # with damping much larger than the curvature every direction is the gradient
-    assert all(r["cosine"] > 0.99 for r in rows if r["damping"] == lams[-1])
+    assert all(r["cosine"] > 0.99 for r in rows if r["relative_damping"] == lams[-1])
+    assert {"zero", "identity"} <= {r["method"] for r in rows}
 
 
 def test_direction_of_the_exact_block_is_exact():
@@ -295,7 +297,47 @@ def test_direction_of_the_exact_block_is_exact():
     rows = an.direction_quality_vs_damping(
         prob.model, prob.loss_fn, x, y, methods=["woodbury", "exact"], dampings=[1e-4, 1e-1]
     ).rows("directions")
-    assert all(abs(r["cosine"] - 1) < 1e-8 and r["relative_error"] < 1e-7 for r in rows)
+    exact = [r for r in rows if not r["baseline"]]
+    assert all(abs(r["cosine"] - 1) < 1e-8 and r["relative_error"] < 1e-7 for r in exact)
+
+
+def test_direction_baselines_and_relative_damping_match_dense():
+    prob = an.figure_problem("mlp", quick=True)
+    ((x, y),) = an.figure_batches(prob, 8)
+    data = an.direction_quality_vs_damping(
+        prob.model, prob.loss_fn, x, y, methods=["kfac"], relative_dampings=[1e-3, 1.0]
+    )
+    cap = fl.capture(prob.model, prob.loss_fn, x, y, fisher_type="true")
+    grads = batch_gradients(fl.capture(prob.model, prob.loss_fn, x, y, fisher_type="empirical"))
+    rows = data.rows("directions")
+
+    def row(name: str, method: str, rel: float) -> dict:
+        (found,) = [
+            r for r in rows
+            if (r["layer"], r["method"]) == (name, method)
+            and abs(r["relative_damping"] / rel - 1) < 1e-9
+        ]  # fmt: skip
+        return found
+
+    for name in cap:
+        f = build_block("exact", cap, name).to_dense()
+        top = float(torch.linalg.eigvalsh(f)[-1])
+        g = grads[name]
+        eye = torch.eye(len(f), dtype=f.dtype)
+        for rel in (1e-3, 1.0):
+            lam = rel * top
+            d = torch.linalg.solve(f + lam * eye, g)
+            r = row(name, "zero", rel)
+            assert r["damping"] == pytest.approx(lam, rel=1e-9)
+            cos = float(g @ d / (g.norm() * d.norm()))
+            assert r["cosine"] == pytest.approx(cos, rel=1e-9)
+            err = float((g / lam - d).norm() / d.norm())
+            assert r["relative_error"] == pytest.approx(err, rel=1e-8)
+            ident = row(name, "identity", rel)
+            d_id = g / (float(f.trace()) / len(f) + lam)
+            assert ident["relative_error"] == pytest.approx(
+                float((d_id - d).norm() / d.norm()), rel=1e-8
+            )
 
 
 # ------------------------------------------------------------------------- data round trip
@@ -414,9 +456,9 @@ def test_trajectory_families_pool_training_runs_of_several_seeds(tmp_path):
     first = [r["shared"] for r in rows if r["run"] == 0]
     second = [r["shared"] for r in rows if r["run"] == 1]
     assert len(first) == len(second) and first != second  # another seed, another run
-    assert figures_cli.Settings(runs=1).runs_of("fngd") == 3
-    assert figures_cli.Settings(runs=1).runs_of("decomposition") == 1
-    assert figures_cli.Settings(runs=1).runs_of("ekfac_protocol") == 3
+    for family in figures_cli.OVER_RUNS:  # at least three runs by default, more on request
+        assert figures_cli.Settings(runs=1).runs_of(family) == 3
+        assert figures_cli.Settings(runs=5).runs_of(family) == 5
     _check_png(plots.save_figure(plots.plot(data), tmp_path / "fngd", formats=("png",))[0])
 
 
@@ -502,3 +544,128 @@ def test_command_refuses_bad_source_arguments(bad, capsys):
     with pytest.raises(SystemExit) as exit_:
         _parser().parse_args(["figures", *bad])
     assert exit_.value.code == 2
+
+
+# -------------------------------------------------------------- a user's model from the CLI
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+def digits_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10)).double()
+
+
+def other_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10)).double()
+"""
+
+
+@pytest.fixture
+def user_checkpoints(tmp_path, monkeypatch):
+    """A model factory in a temporary module, and two checkpoint files of it (steps 0, 20)."""
+    (tmp_path / "fl_test_user_net.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fl_test_user_net
+
+    model = fl_test_user_net.digits_net()
+    torch.save(model.state_dict(), tmp_path / "ckpt-0.pt")
+    split = fl.data.load_digits(dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(20):
+        opt.zero_grad()
+        x, y = split.x_train[16 * i : 16 * (i + 1)], split.y_train[16 * i : 16 * (i + 1)]
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save({"state_dict": model.state_dict(), "step": 20}, tmp_path / "ckpt-20.pt")
+    return tmp_path
+
+
+def test_figures_and_compare_run_on_a_user_model_and_its_checkpoints(user_checkpoints, capsys):
+    from fisherlab.cli import main
+
+    folder = user_checkpoints
+    out = folder / "figs"
+    argv = [
+        "figures", "--model", "fl_test_user_net:digits_net", "--checkpoints",
+        str(folder / "ckpt-*.pt"), "--only", "fisher_types", "ekfac_protocol", "block_diagonal",
+        "--out", str(out),
+        "--samples", "200", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    for family in ("fisher_types", "ekfac_protocol", "block_diagonal"):
+        stem = f"digits-n200-fl_test_user_net-digits_net-{family}"
+        _check_png(out / f"{stem}.png")
+        assert (out / f"{stem}.json").exists()
+    data = an.FigureData.load(out, "digits-n200-fl_test_user_net-digits_net-fisher_types")
+    assert {r["step"] for r in data.rows("types")} == {0, 20}
+    data = an.FigureData.load(out, "digits-n200-fl_test_user_net-digits_net-ekfac_protocol")
+    assert {r["step"] for r in data.rows("curves")} == {0, 20}
+    assert "ekfac-ra" not in {r["method"] for r in data.rows("curves")}  # no batches to replay
+    argv = [
+        "compare", "--model", "fl_test_user_net:digits_net", "--checkpoint",
+        str(folder / "ckpt-20.pt"), "--samples", "64", "--out", str(out), "--quiet",
+        "--methods", "kfac", "ekfac",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "at checkpoint" in printed and "ckpt-20.pt" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "fl_test_user_net:other_net"], "'1.weight' has shape (6, 64)"),
+        (["--model", "fl_test_user_net_missing:f"], "does not import"),
+        (["--model", "fl_test_user_net:digits_net", "--only", "fngd"], "need a built-in"),
+    ],
+    ids=["mismatch", "import", "family"],
+)
+def test_figures_refuse_a_user_model_that_does_not_fit(user_checkpoints, capsys, argv, message):
+    from fisherlab.cli import main
+
+    folder = user_checkpoints
+    code = main(["figures", *argv, "--checkpoints", str(folder / "ckpt-*.pt"), "--quiet",
+                 "--out", str(folder / "bad")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (folder / "bad").exists()  # nothing half-written
+
+
+def test_compare_refuses_a_checkpoint_that_does_not_fit(user_checkpoints, capsys):
+    from fisherlab.cli import main
+
+    folder = user_checkpoints
+    code = main(["compare", "--model", "fl_test_user_net:other_net", "--checkpoint",
+                 str(folder / "ckpt-0.pt"), "--samples", "16", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the model" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------ claims as code
+def test_committed_claims_match_committed_tables():
+    """figures/claims.md is what the committed tables give; edit one number and this fails."""
+    committed = (ROOT / "figures" / "claims.md").read_text()
+    assert an.claims.render_claims(ROOT / "figures", figures_cli.claim_stems()) == committed
+    assert committed.count("\n- ") >= 20  # every family's claims, not an empty file
+
+
+def test_readme_includes_the_committed_claims():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(an.claims.BEGIN)
+    end = readme.index(an.claims.END) + len(an.claims.END)
+    assert readme[start:end] + "\n" == (ROOT / "figures" / "claims.md").read_text()
+
+
+def test_a_claim_follows_its_table(tmp_path):
+    """Changing one number of a committed table changes the claim read from it."""
+    stem = "mlp-block_diagonal"
+    data = an.FigureData.load(ROOT / "figures", stem)
+    before = an.claims.render_claims(ROOT / "figures", [stem])
+    for row in data.rows("errors"):
+        if row["layer"] == "network":  # every run's: the claims quote medians
+            row["cosine"] = 0.123456
+    data.save(tmp_path, stem)
+    after = an.claims.render_claims(tmp_path, [stem])
+    assert "0.12" in after and after != before

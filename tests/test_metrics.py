@@ -104,3 +104,69 @@ def test_kfe_correlation_decorrelates_and_has_unit_diagonal():
         assert torch.allclose(c.diagonal(), torch.ones(25, dtype=torch.float64))
     assert corr.off_diagonal(corr.kfe) < corr.off_diagonal(corr.parameter_basis)
     assert metrics.kfe_correlation(exact.matrix, ekfac, coordinates=7).kfe.shape == (7, 7)
+
+
+# ------------------------------------------------------------------------------ controls
+def _psd(n: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    j = torch.randn(rank, n, generator=g, dtype=torch.float64)
+    return j.T @ j / rank
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0], ids=["shrunk", "same", "grown"])
+def test_scale_controls_equal_a_dense_scan_and_the_closed_forms(scale):
+    f, f_hat = _psd(6, 4, 0), scale * _psd(6, 3, 1)
+    c = metrics.scale_controls(f, f_hat)
+    norm = float(torch.linalg.matrix_norm(f))
+
+    def rel(a: float) -> float:
+        return float(torch.linalg.matrix_norm(f - a * f_hat)) / norm
+
+    assert c.relative == pytest.approx(rel(1.0), rel=1e-10)
+    # α* minimises ‖F − αF̂‖: no α on a fine grid around it does better, and it is ⟨F,F̂⟩/‖F̂‖²
+    assert c.optimal_scalar == pytest.approx(float((f * f_hat).sum() / (f_hat**2).sum()), rel=1e-12)
+    grid = c.optimal_scalar * torch.linspace(0.5, 1.5, 2001, dtype=torch.float64)
+    scan = min(rel(float(a)) for a in grid)
+    assert c.scaled == pytest.approx(rel(c.optimal_scalar), rel=1e-8)
+    assert c.scaled <= scan + 1e-12 and scan - c.scaled < 1e-6
+    assert c.scaled <= min(1.0, c.relative) + 1e-12  # α = 0 and α = 1 are candidates
+    tau = float(f.trace() / f_hat.trace())
+    assert c.trace_ratio == pytest.approx(tau, rel=1e-12)
+    assert c.trace_matched == pytest.approx(rel(tau), rel=1e-8)
+
+
+def test_scale_controls_cancel_a_pure_scale_error():
+    f = _psd(5, 7, 2)
+    c = metrics.scale_controls(f, 0.02 * f)
+    assert c.relative == pytest.approx(0.98, rel=1e-12)
+    assert c.scaled < 1e-7 and c.trace_matched < 1e-7
+    assert c.optimal_scalar == pytest.approx(50.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e-1, 10.0], ids=["small", "mid", "large"])
+def test_whitened_inverse_error_equals_the_dense_matrix_square_root(damping):
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    f, f_hat = _psd(6, 3, 3), _psd(6, 6, 4)
+    eye = torch.eye(6, dtype=torch.float64)
+    root = torch.from_numpy(scipy_linalg.sqrtm((f + damping * eye).numpy()).real)
+    m = root @ torch.linalg.inv(f_hat + damping * eye) @ root
+    expected = float(torch.linalg.matrix_norm(m - eye)) / math.sqrt(6)
+    assert metrics.whitened_inverse_error(f, f_hat, damping) == pytest.approx(expected, rel=1e-8)
+    # exact for F̂ = F; the I/λ baseline (F̂ = 0) pays ‖F‖/(λ√P) and is not rewarded
+    assert metrics.whitened_inverse_error(f, f, damping) < 1e-10
+    zero = metrics.whitened_inverse_error(f, torch.zeros_like(f), damping)
+    assert zero == pytest.approx(float(torch.linalg.matrix_norm(f)) / damping / math.sqrt(6))
+
+
+def test_whitened_inverse_error_refuses_zero_damping():
+    with pytest.raises(fl.FisherlabError, match="damping"):
+        metrics.whitened_inverse_error(_psd(3, 3, 0), _psd(3, 3, 1), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("norms", "expected"),
+    [([1.0, 1.0, 1.0, 1.0], 4.0), ([5.0, 0.0, 0.0], 1.0), ([3.0, 1.0], 16.0 / 10.0)],
+    ids=["equal", "one", "uneven"],
+)
+def test_effective_sample_count(norms, expected):
+    assert metrics.effective_sample_count(torch.tensor(norms)) == pytest.approx(expected)

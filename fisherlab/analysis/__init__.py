@@ -31,6 +31,8 @@ Example:
     True
 """
 
+from fisherlab.analysis import claims
+from fisherlab.analysis.checkpoints import build_model, load_factory, load_trajectory
 from fisherlab.analysis.correlation import kfe_decorrelation, matrix_similarity, sample_correlations
 from fisherlab.analysis.decomposition import DECOMPOSITION_METHODS, TERMS, error_decomposition
 from fisherlab.analysis.directions import direction_quality_vs_damping
@@ -92,7 +94,9 @@ __all__ = [
     "batch_size_sweep",
     "block_diagonal_error",
     "block_heatmaps",
+    "build_model",
     "choose_layer",
+    "claims",
     "coefficient_sharing",
     "default_methods",
     "direction_quality_vs_damping",
@@ -106,6 +110,8 @@ __all__ = [
     "fisher_type_comparison",
     "frobenius_errors",
     "kfe_decorrelation",
+    "load_factory",
+    "load_trajectory",
     "matrix_rows",
     "matrix_similarity",
     "reference_problem",

@@ -41,6 +41,7 @@ from fisherlab.analysis.trajectory import Trajectory, reference_problem
 from fisherlab.blocks import build, curvature, curvatures, parse_method
 from fisherlab.capture import capture
 from fisherlab.conventions import FisherlabError
+from fisherlab.metrics import scale_controls
 from fisherlab.problem import Problem
 
 DECOMPOSITION_METHODS = ("kfac", "ekfac", "diag")
@@ -99,8 +100,10 @@ def error_decomposition(
         seed: Seed of the batches.
 
     Returns:
-        Table ``errors`` (``step, epoch, loss, accuracy, layer, method, structural, estimation,
-        estimation_sd, staleness, total, total_sd``; relative to ``‖F‖_F``).
+        Table ``errors`` (``step, epoch, loss, accuracy, n_eff, layer, method, structural,
+        structural_scaled, structural_trace, estimation, estimation_sd, staleness, total,
+        total_sd, total_scaled``; relative to ``‖F‖_F``; ``_scaled``: after the optimal scalar
+        ``α*``, ``_trace``: after trace matching, :class:`fisherlab.metrics.ScaleControls`).
     """
     specs = [(spec, *parse_method(spec)) for spec in methods]
     rows: list[dict[str, Any]] = []
@@ -109,7 +112,7 @@ def error_decomposition(
     for step in steps:
         if step < lag:
             raise FisherlabError(f"step {step} has no checkpoint {lag} steps earlier")
-        ck = trajectory.at(step)
+        state = trajectory.state_at(step, loss_fn, x_ref, y_ref)
         model, old_model = trajectory.model_at(step), trajectory.model_at(step - lag)
         ref = reference_problem(model, loss_fn, x_ref, y_ref, fisher_type)
         old_ref = reference_problem(old_model, loss_fn, x_ref, y_ref, fisher_type)
@@ -141,18 +144,24 @@ def error_decomposition(
                 est = torch.tensor(
                     [_relative(b[spec][name].to_dense(), a_ref, norm) for b in now_b]
                 )
-                tot = torch.tensor([_relative(d[name].to_dense(), f, norm) for d in deployed[spec]])
+                dep = [d[name].to_dense() for d in deployed[spec]]
+                tot = torch.tensor([_relative(d, f, norm) for d in dep])
+                tot_scaled = torch.tensor([scale_controls(f, d).scaled for d in dep])
+                controls = scale_controls(f, a_ref)
                 rows.append(
                     {
-                        **ck.as_row(),
+                        **state,
                         "layer": name,
                         "method": spec,
                         "structural": _relative(a_ref, f, norm),
+                        "structural_scaled": controls.scaled,
+                        "structural_trace": controls.trace_matched,
                         "estimation": float(est.mean()),
                         "estimation_sd": float(est.std()) if batches > 1 else 0.0,
                         "staleness": _relative(stale[spec][name].to_dense(), a_ref, norm),
                         "total": float(tot.mean()),
                         "total_sd": float(tot.std()) if batches > 1 else 0.0,
+                        "total_scaled": float(tot_scaled.mean()),
                     }
                 )
     meta = {

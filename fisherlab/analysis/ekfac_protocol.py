@@ -11,8 +11,15 @@ the exact Fisher block of the **training set** at each checkpoint. Series per la
 * ``ekfac-ra``: that basis, with scalings the running average (``decay``) of every training
   batch's scalings since the basis was computed — fisherlab's EKFAC-ra
   (:class:`fisherlab.optim.EKFAC` with ``running_average=True``).
+* ``kfac-trace``: the frozen KFAC times ``tr F_t / tr K₀`` (a scalar an optimizer can track;
+  the control that separates the Fisher shrinking from the frozen factors' shape going wrong);
 * ``kfac-fresh``: KFAC of the reference set at the checkpoint (recomputed; not in the paper,
   the structural floor of Kronecker factors).
+
+Controls in every row: the error after the optimal scalar ``α* = ⟨F,F̂⟩/‖F̂‖²`` and after trace
+matching (:class:`fisherlab.metrics.ScaleControls`), the spectrum distance after each scalar,
+``‖F_t‖_F/‖F_0‖_F`` (how far the Fisher itself has moved in scale) and ``n_eff`` of the
+empirical Fisher of the reference set.
 
 Metrics: relative Frobenius error ``‖F̂−F‖_F/‖F‖_F`` and the relative distance of sorted spectra
 (:func:`fisherlab.metrics.spectrum_distance`): the error from dense matrices, the
@@ -32,9 +39,9 @@ from fisherlab.analysis.trajectory import Trajectory, reference_problem
 from fisherlab.blocks import build, curvature
 from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
 from fisherlab.capture import capture
-from fisherlab.metrics import frobenius_error, spectrum, spectrum_distance
+from fisherlab.metrics import scale_controls, spectrum, spectrum_distance
 
-EKFAC_SERIES = ("kfac", "ekfac", "ekfac-ra", "kfac-fresh")
+EKFAC_SERIES = ("kfac", "kfac-trace", "ekfac", "ekfac-ra", "kfac-fresh")
 """Series of :func:`ekfac_protocol`."""
 
 
@@ -53,7 +60,9 @@ def ekfac_protocol(
     Args:
         trajectory: A trajectory with a checkpoint at every step up to ``max(steps)`` (for the
             running average; :func:`~fisherlab.analysis.trajectory.train_trajectory` with
-            ``checkpoints=None``).
+            ``checkpoints=None``), or one without recorded batches (a user's checkpoint files,
+            :func:`~fisherlab.analysis.load_trajectory`): then the basis is that of the first
+            of ``steps`` and EKFAC-ra, which replays the batches, is left out.
         loss_fn: The loss.
         x_ref: Reference set (the training set).
         y_ref: Reference targets.
@@ -64,8 +73,9 @@ def ekfac_protocol(
         fisher_type: ``"empirical"`` (the paper's), or another type.
 
     Returns:
-        Table ``curves`` (``step, epoch, loss, accuracy, basis_step, layer, method,
-        rel_frobenius, spectrum_distance``).
+        Table ``curves`` (``step, epoch, loss, accuracy, n_eff, basis_step, layer, method,
+        rel_frobenius, rel_frobenius_scaled, rel_frobenius_trace, alpha, trace_ratio,
+        spectrum_distance, spectrum_distance_scaled, spectrum_distance_trace, fisher_norm_ratio``).
     """
     last = max(steps)
     wanted = set(steps)
@@ -73,10 +83,14 @@ def ekfac_protocol(
     frozen: dict[str, Any] = {}
     average: dict[str, Tensor] = {}
     layers: list[dict[str, Any]] = []
+    first_norm: dict[str, float] = {}
     basis_step = 0
-    for step in range(last + 1):
+    # the running average replays every update's batch; a trajectory of checkpoint files has none
+    replay = len(trajectory.batches) >= last
+    order = list(range(last + 1)) if replay else sorted(wanted)
+    for step in order:
         model = trajectory.model_at(step)
-        refresh = step == 0 or (basis_every is not None and step % basis_every == 0)
+        refresh = step == order[0] or (basis_every is not None and step % basis_every == 0)
         ref = None
         if refresh:
             ref = reference_problem(model, loss_fn, x_ref, y_ref, fisher_type)
@@ -91,35 +105,51 @@ def ekfac_protocol(
                 "ekfac": build("ekfac", ref, basis=frozen["ekfac"]),
                 "kfac-fresh": curvature("kfac", ref),
             }
-            ck = trajectory.at(step)
+            state = trajectory.state_at(step, loss_fn, x_ref, y_ref)
             if not layers:
                 cap = capture(model, loss_fn, x_ref[:2], y_ref[:2])
                 layers = [_layer_info(cap, name) for name in cap]
             for name, block in exact.items():
                 f = block.to_dense()
+                norm = float(f.norm())
+                first_norm.setdefault(name, norm)
                 reference = spectrum(f).clamp_min(0)
-                series = {k: v[name] for k, v in blocks.items()}
+                dense = {k: v[name].to_dense() for k, v in blocks.items()}
+                values = {k: spectrum(v[name]) for k, v in blocks.items()}  # own eigvalsh
+                tau = float(f.trace()) / float(dense["kfac"].trace())
+                dense["kfac-trace"], values["kfac-trace"] = (
+                    tau * dense["kfac"],
+                    tau * values["kfac"],
+                )
                 if average:
                     old = frozen["ekfac"][name]
-                    series["ekfac-ra"] = EKFACBlock(
+                    ra = EKFACBlock(
                         old.layer, old.u_gamma, old.u_omega, average[name], fisher_type, {}
                     )
+                    dense["ekfac-ra"], values["ekfac-ra"] = ra.to_dense(), spectrum(ra)
                 for method in EKFAC_SERIES:
-                    if method not in series:
+                    if method not in dense:
                         continue
-                    built = series[method]  # its own eigvalsh: products, scalings
-                    approx = built.to_dense()
+                    controls = scale_controls(f, dense[method])
+                    v = values[method]
                     rows.append(
                         {
-                            **ck.as_row(),
+                            **state,
                             "basis_step": basis_step,
                             "layer": name,
                             "method": method,
-                            "rel_frobenius": frobenius_error(f, approx),
-                            "spectrum_distance": spectrum_distance(reference, spectrum(built)),
+                            **controls.columns(),
+                            "spectrum_distance": spectrum_distance(reference, v),
+                            "spectrum_distance_scaled": spectrum_distance(
+                                reference, controls.optimal_scalar * v
+                            ),
+                            "spectrum_distance_trace": spectrum_distance(
+                                reference, controls.trace_ratio * v
+                            ),
+                            "fisher_norm_ratio": norm / first_norm[name],
                         }
                     )
-        if step < last:  # the batch of update `step`, at the parameters it started from
+        if replay and step < last:  # the batch of update `step`, at the parameters it started from
             index = trajectory.batches[step]
             cap = capture(model, loss_fn, x_ref[index], y_ref[index], fisher_type=fisher_type)
             for name, lc in cap.items():

@@ -13,10 +13,14 @@ batch at the same parameters:
 
 * ``fresh``: :math:`J_t^\top w_t`, the damped natural gradient of the batch (TENGraD's step);
 * ``shared``: :math:`J_t^\top w_i`, the weights of step ``i`` of epoch 1;
+* ``permuted``: :math:`J_t^\top π(w_i)`, the same weights randomly permuted over the batch
+  (a control: weights that carry no information about which sample they belong to);
 * ``gradient``: :math:`J_t^\top \mathbf 1/ν`, the plain batch gradient;
 
-and reports the cosines of ``shared`` and ``gradient`` to ``fresh``. If the hypothesis holds,
-the shared direction is closer to the natural gradient than the plain gradient is. The damping
+and reports the cosines of ``shared``, ``permuted`` and ``gradient`` to ``fresh``. If the
+hypothesis holds, the shared direction is closer to the natural gradient than the plain gradient
+*and* than the permuted weights (else the sharing carries no sample information: each epoch
+reshuffles the batches, so the sample at position ``n`` of step ``i`` is another one). The damping
 is FNGD's ``"frobenius"`` mode, :math:`νλ = δ\|K\|_F` (scale-free: :math:`λ = δ\|F_B\|_F`).
 """
 
@@ -59,6 +63,7 @@ def coefficient_sharing(
     epochs: Sequence[int],
     dampings: Sequence[float] = (1e-4, 1e-2, 1.0),
     positions: Sequence[int] = (0, 1, 2, 3),
+    seed: int = 0,
 ) -> FigureData:
     """Cosines of the shared-weight and plain-gradient directions to the fresh natural gradient.
 
@@ -70,10 +75,13 @@ def coefficient_sharing(
         epochs: Later epochs (``≥ 1``; epoch 0 is where the weights come from) evaluated.
         dampings: ``δ`` of ``νλ = δ‖K‖_F``.
         positions: Step indices within an epoch evaluated (the spread gives the bands).
+        seed: Seed of the control's permutation (``seed + step`` per evaluated step; the same
+            permutation for every layer and damping).
 
     Returns:
-        Table ``cosines`` (``epoch, position, step, loss, accuracy, damping, layer, shared,
-        gradient``; layer ``"network"``: all layers' directions concatenated).
+        Table ``cosines`` (``epoch, position, step, loss, accuracy, n_eff, damping, layer,
+        shared, permuted, gradient``; layer ``"network"``: all layers' directions
+        concatenated; ``n_eff`` of the whole training set ``(x, y)``).
     """
     per_epoch = trajectory.settings["steps_per_epoch"]
     rows: list[dict[str, Any]] = []
@@ -87,22 +95,22 @@ def coefficient_sharing(
                 raise FisherlabError("epochs must be ≥ 1: the weights come from epoch 0")
             step = epoch * per_epoch + i
             now, nu = _rows(trajectory.model_at(step), loss_fn, *_batch(trajectory, step, x, y))
-            state = trajectory.at(step).as_row()
+            state = trajectory.state_at(step, loss_fn, x, y)
+            shuffle = permutation(len(next(iter(now.values()))), seed + step)
             for d in dampings:
-                dirs: dict[str, list[Tensor]] = {"fresh": [], "shared": [], "gradient": []}
+                dirs: dict[str, list[Tensor]] = {k: [] for k in DIRECTIONS}
                 for name, J in now.items():
-                    fresh = J.T @ coefficients(J, d)
-                    shared = J.T @ weights[d][name]
-                    grad = J.T @ torch.ones(len(J), dtype=J.dtype) / nu
-                    for k, v in (("fresh", fresh), ("shared", shared), ("gradient", grad)):
+                    found = {
+                        "fresh": J.T @ coefficients(J, d),
+                        "shared": J.T @ weights[d][name],
+                        "permuted": J.T @ weights[d][name][shuffle],
+                        "gradient": J.T @ torch.ones(len(J), dtype=J.dtype) / nu,
+                    }
+                    for k, v in found.items():
                         dirs[k].append(v)
-                    rows.append(_row(state, epoch, i, d, name, fresh, shared, grad))
+                    rows.append(_row(state, epoch, i, d, name, found))
                 cat = {k: torch.cat(v) for k, v in dirs.items()}
-                rows.append(
-                    _row(
-                        state, epoch, i, d, "network", cat["fresh"], cat["shared"], cat["gradient"]
-                    )
-                )
+                rows.append(_row(state, epoch, i, d, "network", cat))
     meta = {
         "fisher_type": "empirical",
         "reference": "each step's own batch (FNGD's object)",
@@ -121,16 +129,23 @@ def _batch(trajectory: Trajectory, step: int, x: Tensor, y: Tensor) -> tuple[Ten
     return x[index], y[index]
 
 
-def _row(state, epoch, i, d, layer, fresh, shared, grad) -> dict[str, Any]:
+def permutation(n: int, seed: int) -> Tensor:
+    """The control's permutation of a batch of ``n``: ``torch.randperm`` seeded by ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _row(state, epoch, i, d, layer, found: dict[str, Tensor]) -> dict[str, Any]:
     return {
         **state,
         "epoch": epoch,
         "position": i,
         "damping": float(d),
         "layer": layer,
-        "shared": _cos(shared, fresh),
-        "gradient": _cos(grad, fresh),
+        **{k: _cos(found[k], found["fresh"]) for k in DIRECTIONS if k != "fresh"},
     }
 
 
-__all__ = ["coefficient_sharing", "coefficients"]
+DIRECTIONS = ("fresh", "shared", "permuted", "gradient")
+"""Directions of :func:`coefficient_sharing`; the table holds the others' cosines to ``fresh``."""
+
+__all__ = ["DIRECTIONS", "coefficient_sharing", "coefficients", "permutation"]

@@ -15,11 +15,16 @@ from fisherlab.analysis.setup import (
 )
 from fisherlab.analysis.table import FigureData, matrix_rows
 from fisherlab.blocks import build_block, parse_method
+from fisherlab.comparison import data_gradients
 from fisherlab.conventions import FisherlabError
 from fisherlab.exact import exact_fisher
 from fisherlab.linalg import add_to_diagonal
-from fisherlab.metrics import frobenius_error
+from fisherlab.metrics import frobenius_error, whitened_inverse_error
 from fisherlab.problem import Problem
+
+BASELINES = ("zero", "identity")
+"""Trivial approximations beside every method: ``F̂ = 0`` (inverse ``I/λ``, direction the plain
+gradient) and the scaled identity ``(tr F/P)·I`` (direction also parallel to the gradient)."""
 
 
 def _as_problem(model, loss_fn, x, y, fisher_type) -> Problem:
@@ -67,7 +72,14 @@ def block_heatmaps(
 
     Returns:
         Tables ``inverse`` (wide rows ``matrix, row, c0…``: ``"exact"`` and one per method, in
-        units of 1/F) and ``summary`` (``method, rel_frobenius_block, rel_frobenius_inverse``).
+        units of 1/F) and ``summary`` (``method, baseline, rel_frobenius_block,
+        rel_frobenius_inverse, whitened_error, direction_cosine``), with the baselines of
+        :data:`BASELINES` as rows of their own. ``rel_frobenius_inverse`` is the paper's metric
+        (which ``I/λ`` wins at small damping: stated only beside that baseline);
+        ``whitened_error`` is ``‖E^{-1/2}(F̂+λI)^{-1}E^{-1/2} − I‖_F/√P`` with ``E`` the exact
+        inverse (:func:`fisherlab.metrics.whitened_inverse_error`; with ``reference="block"``
+        ``E^{-1} = F_ll+λI``), and ``direction_cosine`` the cosine of ``(F̂+λI)⁻¹g_l`` to the
+        layer's part of the exact damped natural gradient (``g``: the loss gradient of the data).
     """
     cap, fisher_type = _capture(model, loss_fn, x, y, fisher_type)
     name = layer if layer is not None else choose_layer(cap, max_params)
@@ -77,32 +89,53 @@ def block_heatmaps(
     lam = float(damping) if damping is not None else relative_damping * float(dense.trace()) / size
     eye = torch.eye(size, dtype=dense.dtype)
     shown = min(size, max_params)
+    problem = (
+        model if isinstance(model, Problem) else _as_problem(model, loss_fn, x, y, fisher_type)
+    )
+    grads = data_gradients(problem)
+    g = grads[name].to(dense)
     if reference == "network":
-        full = exact_fisher(
-            model if isinstance(model, Problem) else _as_problem(model, loss_fn, x, y, fisher_type)
-        )
+        full = exact_fisher(problem)
         s = full.slices[name]
         inv = torch.linalg.solve(
             add_to_diagonal(full.matrix, lam),
             torch.eye(len(full.matrix), dtype=full.matrix.dtype),
         )
         inverses = {"exact": inv[s, s]}
+        g_all = torch.cat([grads[n].reshape(-1).to(dense) for n in full.slices])
+        target = (inv @ g_all)[s]
     elif reference == "block":
         inverses = {"exact": exact.solve(eye, lam)}
+        target = inverses["exact"] @ g
     else:
         raise FisherlabError(f"reference must be 'block' or 'network', got {reference!r}")
-    summary = []
+    # the curvature whose damped inverse is the exact one: E⁻¹ − λI (F_ll for "block")
+    effective = torch.linalg.solve(inverses["exact"], eye) - lam * eye
+    effective = (effective + effective.T) / 2
+    approximations = {
+        "zero": torch.zeros_like(dense),
+        "identity": float(dense.trace()) / size * eye,
+    }
     for spec in methods:
         method, options = parse_method(spec)
-        block = build_block(method, cap, name, **options)
-        inverses[spec] = block.solve(eye, lam)
+        approximations[spec] = build_block(method, cap, name, **options).to_dense()
+    summary = []
+    for spec, f_hat in approximations.items():
+        inverses[spec] = torch.linalg.solve(add_to_diagonal(f_hat, lam), eye)
+        inverses[spec] = (inverses[spec] + inverses[spec].T) / 2
+        d = inverses[spec] @ g
         summary.append(
             {
                 "method": spec,
-                "rel_frobenius_block": frobenius_error(dense, block.to_dense()),
+                "baseline": spec in BASELINES,
+                "rel_frobenius_block": frobenius_error(dense, f_hat),
                 "rel_frobenius_inverse": frobenius_error(inverses["exact"], inverses[spec]),
+                "whitened_error": whitened_inverse_error(effective, f_hat, lam),
+                "direction_cosine": float(d @ target / (d.norm() * target.norm())),
             }
         )
+    for spec in BASELINES:  # in the summary, not drawn as heatmaps
+        inverses.pop(spec)
     crop = {k: v[:shown, :shown] for k, v in inverses.items()}
     meta = {
         **_layer_info(cap, name),

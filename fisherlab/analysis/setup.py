@@ -24,7 +24,7 @@ from fisherlab.problem import Problem
 APPROXIMATIONS = ("kfac", "ekfac", "skfac", "diag")
 """Approximations compared with the exact block by default."""
 
-HEATMAP_METHODS = ("woodbury", "kfac", "ekfac", "skfac")
+HEATMAP_METHODS = ("woodbury", "kfac", "ekfac", "skfac", "diag")
 """Methods shown next to the exact damped inverse (TENGraD Fig. 6 and its neighbours)."""
 
 CONV_EXTRA = "woodbury:conv_gram=reduce_sum"

@@ -27,7 +27,7 @@ from fisherlab.analysis.trajectory import Trajectory, reference_problem
 from fisherlab.blocks import curvature, curvatures
 from fisherlab.comparison import data_gradients
 from fisherlab.linalg import add_to_diagonal
-from fisherlab.metrics import frobenius_error
+from fisherlab.metrics import frobenius_error, scale_controls
 from fisherlab.problem import Problem
 
 BATCH_METHODS = ("exact", "kfac", "ekfac")
@@ -48,7 +48,7 @@ def batch_size_sweep(
     x: Tensor,
     y: Tensor,
     sizes: Sequence[int],
-    repeats: int = 3,
+    repeats: int = 20,
     relative_damping: float = 0.1,
     methods: Sequence[str] = BATCH_METHODS,
     fisher_type: str = "empirical",
@@ -62,14 +62,17 @@ def batch_size_sweep(
         x: Reference set inputs (batches are drawn from it; a size ``≥ len(x)`` is the set).
         y: Reference set targets.
         sizes: Batch sizes.
-        repeats: Disjoint batches per size (one for the whole set).
+        repeats: Disjoint batches per size (as many as fit when fewer; one for the whole set).
         relative_damping: ``λ = relative_damping · tr(F)/P`` per layer.
         methods: Method specs built from each batch.
         fisher_type: Fisher type of every matrix.
         seed: Seed of the batches.
 
     Returns:
-        Table ``sweep`` (``batch_size, repeat, layer, method, rel_frobenius, cosine``).
+        Table ``sweep`` (``batch_size, repeat, layer, method, rel_frobenius,
+        rel_frobenius_scaled, rel_frobenius_trace, alpha, trace_ratio, cosine``), with the
+        baseline ``gradient`` (``F̂ = 0``: the direction ``g``; errors of the zero matrix) once
+        per size.
     """
     ref = reference_problem(model, loss_fn, x, y, fisher_type)
     exact = {name: b.to_dense() for name, b in curvature("exact", ref).items()}
@@ -93,8 +96,19 @@ def batch_size_sweep(
                             "repeat": r,
                             "layer": name,
                             "method": spec,
-                            "rel_frobenius": frobenius_error(f, approx),
+                            **scale_controls(f, approx).columns(),
                             "cosine": _cos(d, target[name]),
+                        }
+                    )
+                if r == 0:  # the baseline does not depend on the batch
+                    rows.append(
+                        {
+                            "batch_size": size,
+                            "repeat": r,
+                            "layer": name,
+                            "method": "gradient",
+                            **scale_controls(f, torch.zeros_like(f)).columns(),
+                            "cosine": _cos(grads[name], target[name]),
                         }
                     )
     meta = {
@@ -104,6 +118,7 @@ def batch_size_sweep(
         "repeats": repeats,
         "methods": list(methods),
         "layers": list(exact),
+        "statistic": "median over batches",
     }
     return FigureData("batch_size", {"sweep": rows}, meta)
 
@@ -187,14 +202,15 @@ def fisher_type_comparison(
     """True, Monte-Carlo and empirical Fisher of the same checkpoints, and KFAC under each.
 
     Returns:
-        Table ``types`` (``step, epoch, loss, accuracy, layer, fisher_type, to_true``:
+        Table ``types`` (``step, epoch, loss, accuracy, n_eff, layer, fisher_type, to_true``:
         ``‖F_type − F_true‖/‖F_true‖``, ``kfac`` and ``ekfac``: the structural error of
-        KFAC/EKFAC built from the reference set of that type against its exact block).
+        KFAC/EKFAC built from the reference set of that type against its exact block,
+        ``kfac_scaled``: KFAC's after the optimal scalar).
     """
     rows: list[dict[str, Any]] = []
     for step in steps:
         model = trajectory.model_at(step)
-        state = trajectory.at(step).as_row()
+        state = trajectory.state_at(step, loss_fn, x_ref, y_ref)
         base = reference_problem(model, loss_fn, x_ref, y_ref, "true")
         true = None
         for kind in FISHER_TYPES:
@@ -210,6 +226,7 @@ def fisher_type_comparison(
                         "fisher_type": kind,
                         "to_true": frobenius_error(true[name], f),
                         "kfac": frobenius_error(f, built["kfac"][name].to_dense()),
+                        "kfac_scaled": scale_controls(f, built["kfac"][name].to_dense()).scaled,
                         "ekfac": frobenius_error(f, built["ekfac"][name].to_dense()),
                     }
                 )

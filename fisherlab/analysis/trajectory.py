@@ -30,6 +30,39 @@ from fisherlab.conventions import FisherlabError
 from fisherlab.problem import Problem
 
 
+def sample_gradient_norms_sq(
+    model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, chunk: int = 256
+) -> Tensor:
+    """``‖∇_θ ℓ(f(x_n), y_n)‖²`` of every sample, over all trainable parameters, ``[N]``.
+
+    Per-sample gradients by ``torch.func`` (``vmap`` of ``grad`` of the loss of one sample),
+    ``chunk`` samples at a time; any model without batch-coupled layers in its current mode.
+    """
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0))
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+    parts = []
+    for i in range(0, len(x), chunk):
+        grads = per_sample(params, x[i : i + chunk], y[i : i + chunk])
+        parts.append(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    return torch.cat(parts)
+
+
+def effective_samples(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> float:
+    """``n_eff`` of the empirical Fisher of ``(x, y)``.
+
+    :func:`fisherlab.metrics.effective_sample_count` of :func:`sample_gradient_norms_sq`.
+    """
+    from fisherlab.metrics import effective_sample_count
+
+    return effective_sample_count(sample_gradient_norms_sq(model, loss_fn, x, y))
+
+
 def training_state(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
     """Loss and accuracy of ``model`` on ``(x, y)`` (no gradient), as a figure states them."""
     with torch.no_grad():
@@ -91,6 +124,8 @@ class Trajectory:
     settings: dict[str, Any] = field(default_factory=dict)
     template: nn.Module | None = field(default=None, repr=False)
     """A copy of the model taken before any optimizer touched it (no hooks)."""
+    n_eff: dict[int, float] = field(default_factory=dict, repr=False)
+    """``n_eff`` of the reference set per step, filled by :meth:`state_at`."""
 
     def at(self, step: int) -> Checkpoint:
         """The checkpoint after ``step`` updates."""
@@ -103,6 +138,16 @@ class Trajectory:
     def steps(self) -> list[int]:
         """Steps of the checkpoints."""
         return [c.step for c in self.checkpoints]
+
+    def state_at(self, step: int, loss_fn: nn.Module, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """The checkpoint's row (:meth:`Checkpoint.as_row`) with ``n_eff`` of ``(x, y)`` added.
+
+        ``n_eff = (Σ‖j_n‖²)²/Σ‖j_n‖⁴`` of the per-sample gradients (the empirical Fisher's
+        effective sample count, :func:`effective_samples`), computed once per step.
+        """
+        if step not in self.n_eff:
+            self.n_eff[step] = effective_samples(self.model_at(step), loss_fn, x, y)
+        return {**self.at(step).as_row(), "n_eff": self.n_eff[step]}
 
     def model_at(self, step: int) -> nn.Module:
         """A copy of the model with the parameters of the checkpoint at ``step`` (no hooks)."""
@@ -241,9 +286,11 @@ def protocol_text(meta: Mapping[str, Any]) -> str:
 __all__ = [
     "Checkpoint",
     "Trajectory",
+    "effective_samples",
     "make_optimizer",
     "protocol_text",
     "reference_problem",
+    "sample_gradient_norms_sq",
     "train_trajectory",
     "training_state",
 ]

@@ -158,6 +158,33 @@ def figure_format(text: str) -> str:
     return text
 
 
+def model_spec(text: str) -> str:
+    """An argparse type: a registered model name, or a factory path with a colon."""
+    if text in models.MODELS or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r}; choose from {sorted(models.MODELS)} or give "
+        "package.module:factory"
+    )
+
+
+def user_model(spec: str, checkpoint: str | None = None) -> torch.nn.Module:
+    """A registered model (seeded by the caller) or a user's factory, with a checkpoint loaded.
+
+    The checkpoint (a state dict saved by ``torch.save``, or a dict holding one under
+    ``state_dict``/``model_state_dict``/``model``) must fit the model: the first missing,
+    unexpected or mis-shaped entry is named in a one-line error.
+    """
+    from fisherlab.analysis import checkpoints
+
+    model = models.build(spec) if spec in models.MODELS else checkpoints.build_model(spec)
+    if checkpoint is not None:
+        ((_, _, state, source),) = checkpoints.read_checkpoints([checkpoint])
+        checkpoints.check_fits(model, state, source)
+        model.load_state_dict(state)
+    return model
+
+
 def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) -> Problem:
     """The ``--model`` (seeded) on ``--samples`` training images, in ``--batch-size`` batches.
 
@@ -172,7 +199,7 @@ def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) 
             f"{args.data}"
         )
     torch.manual_seed(args.seed)
-    model = models.build(args.model).to(dtype).eval()
+    model = user_model(args.model, getattr(args, "checkpoint", None)).to(dtype).eval()
     n = len(split.x_train) if args.samples is None else args.samples
     x, y = split.x_train[:n], split.y_train[:n]
     batches = [
@@ -201,7 +228,13 @@ def where(args: argparse.Namespace, problem: Problem) -> str:
 
 def add_problem_arguments(p: argparse.ArgumentParser, model_default: str | None = "mlp") -> None:
     """The options of the reference problem (:func:`reference_problem`)."""
-    p.add_argument("--model", choices=sorted(models.MODELS), default=model_default)
+    p.add_argument(
+        "--model",
+        type=model_spec,
+        default=model_default,
+        help=f"one of {sorted(models.MODELS)}, or your own: package.module:factory or "
+        "path/to/file.py:factory (called without arguments)",
+    )
     p.add_argument("--data", choices=sorted(data.DATASETS), default="digits")
     p.add_argument(
         "--samples",

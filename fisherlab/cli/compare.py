@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     print(
         f"approximations of the {args.fisher_type} Fisher of {where(args, problem)}; "
-        f"reference: the exact Fisher of those {problem.num_samples} samples; model at "
-        f"initialisation (seed {args.seed}); damping {args.damping:g}; {seconds:.1f} s"
+        f"reference: the exact Fisher of those {problem.num_samples} samples; model "
+        f"{_state(args)}; damping {args.damping:g}; {seconds:.1f} s"
     )
     shown = [{k: r[k] for k in COMPARE_COLUMNS} for r in rows if not r["note"]]
     print(format_table(shown))
@@ -63,15 +63,23 @@ def run(args: argparse.Namespace) -> int:
             for layer in problem.layers.values()
         ),
         "data": args.data,
-        "state": f"initialisation, seed {args.seed}",
+        "state": _state(args),
         "seconds": seconds,
     }
-    stem = f"{args.out}/compare-{args.model}-{args.data}-{args.fisher_type}"
+    name = args.model.replace("/", "_").replace(":", "-")
+    stem = f"{args.out}/compare-{name}-{args.data}-{args.fisher_type}"
     paths = save_table(rows, stem, meta)
     figure = FigureData("comparison", {"comparison": rows}, meta)
     paths += plots.save_figure(plots.plot_comparison(figure), stem, formats=("png",))
     print("saved " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _state(args: argparse.Namespace) -> str:
+    """Where the parameters come from: a checkpoint file, or the seeded initialisation."""
+    if getattr(args, "checkpoint", None):
+        return f"at checkpoint {args.checkpoint}"
+    return f"at initialisation (seed {args.seed})"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -81,6 +89,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fisher-type", choices=FISHER_TYPES, default="true")
     p.add_argument("--mc-samples", type=positive_int, default=1)
     p.add_argument("--damping", type=positive_float, default=1e-3)
+    p.add_argument(
+        "--checkpoint",
+        help="a checkpoint of --model saved by torch.save (a state dict, or a dict holding one "
+        "under state_dict); default: the seeded initialisation",
+    )
     p.add_argument(
         "--methods",
         nargs="+",

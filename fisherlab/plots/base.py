@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib as mpl
+import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
@@ -124,6 +125,42 @@ def _suptitle(fig: Figure, data: FigureData, text: str) -> None:
         text = f"{text}\n{state}"
     model = data.meta.get("model")
     fig.suptitle(f"{text}\n{model}" if model else text)
+    for ax in fig.axes:  # every figure ends here: its log axes get enough labelled ticks
+        _log_ticks(ax)
+
+
+def _log_ticks(ax: Any) -> None:
+    """At least 3 labelled ticks on each log axis of ``ax`` (1-2-5 steps on short ranges)."""
+    for axis, scale, limits in (
+        (ax.xaxis, ax.get_xscale(), ax.get_xlim()),
+        (ax.yaxis, ax.get_yscale(), ax.get_ylim()),
+    ):
+        if scale != "log" or getattr(axis.get_transform(), "base", 10) != 10:
+            continue
+        low, high = sorted(limits)
+        if low <= 0:
+            continue
+        decades = math.log10(high) - math.log10(low)
+        if decades < 3:  # few powers of ten inside: label 1, 2, 5 × 10^k
+            subs = (1.0, 2.0, 5.0) if decades > 0.8 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+            axis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=subs))
+            axis.set_major_formatter(mpl.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+            axis.set_minor_formatter(mpl.ticker.NullFormatter())
+
+
+def symlog_ticks(linear: float, top: float) -> list[float]:
+    """Colour-bar ticks of a ``SymLogNorm``: ``0`` and ``±10^k`` from the linear threshold up.
+
+    At most four decades per side (every other one beyond), so that labels never collide
+    (no tick inside the linear region but 0).
+    """
+    first = math.ceil(math.log10(linear)) if linear > 0 else math.floor(math.log10(top))
+    last = math.floor(math.log10(top))
+    decades = list(range(first, last + 1)) or [last]
+    step = max(1, math.ceil(len(decades) / 4))
+    decades = decades[::-1][::step][::-1]
+    positive = [10.0**k for k in decades]
+    return [-v for v in positive[::-1]] + [0.0] + positive
 
 
 def save_figure(
@@ -148,6 +185,27 @@ def _metadata(fmt: str) -> dict[str, Any] | None:
     if fmt == "png":
         return {"Software": "fisherlab"}
     return None
+
+
+def _runs_and_median(ax, pts: Sequence[dict], key: str, x: str = "epoch", **kw) -> None:
+    """Every training run thin, the median over runs thick (never a mean, never a band).
+
+    Rows are grouped by ``x``; several rows of one run at one ``x`` (positions, batches) are
+    first reduced to their median, so that each run is one thin line.
+    """
+    xs = sorted({r[x] for r in pts})
+    runs = sorted({r.get("run", 0) for r in pts})
+    per_run = {
+        run: [float(np.median([r[key] for r in pts if r.get("run", 0) == run and r[x] == v]))
+              for v in xs]
+        for run in runs
+    }  # fmt: skip
+    thin = {k: v for k, v in kw.items() if k in ("color", "ls")}
+    if len(runs) > 1:
+        for values in per_run.values():
+            ax.plot(xs, values, lw=0.7, alpha=0.45, **thin)
+    median = np.median(np.array(list(per_run.values())), axis=0)
+    ax.plot(xs, median, lw=2.0, marker="o", ms=3, **kw)
 
 
 def _grid(n: int, columns: int) -> tuple[int, int]:

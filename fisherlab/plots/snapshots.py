@@ -16,16 +16,45 @@ from fisherlab.plots.base import (
     _figure,
     _grid,
     _layer_title,
+    _runs_and_median,
     _suptitle,
     color,
     label,
     linestyle,
     marker,
     style,
+    symlog_ticks,
 )
 
 
 # ------------------------------------------------------------------------------- heatmaps
+def _summary_text(summary: list[dict]) -> str:
+    """The controls of the heatmaps as a small table, baselines first."""
+    if "whitened_error" not in summary[0]:
+        return "errors: relative Frobenius\n‖(F̂+λI)⁻¹ − (F+λI)⁻¹‖/‖(F+λI)⁻¹‖"
+    names = {"zero": "F̂=0 (I/λ)", "identity": "(trF/P)·I", "woodbury": "TENGraD"}
+    runs = len({r.get("run", 0) for r in summary})
+    lines = [f"median of {runs} run(s)", "method      white.  cos   paper", "-" * 33]
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    for method in sorted(methods, key=lambda m: m not in names):
+        pts = [r for r in summary if r["method"] == method]
+
+        def med(key: str, pts: list[dict] = pts) -> float:
+            return float(np.median([r[key] for r in pts]))
+
+        name = names.get(method, label(method))[:11]
+        lines.append(
+            f"{name:<11} {med('whitened_error'):6.2g} {med('direction_cosine'):5.2f} "
+            f"{med('rel_frobenius_inverse'):5.2f}"
+        )
+    return (
+        "\n".join(lines)
+        + "\n\nwhite.: ‖E^-½(F̂+λI)⁻¹E^-½ − I‖/√P,\n  E the exact inverse (0 = exact)"
+        + "\ncos: to the layer's part of the\n  exact damped natural gradient"
+        + "\npaper: ‖(F̂+λI)⁻¹ − E‖/‖E‖, which\n  the I/λ baseline can win"
+    )
+
+
 def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
     """Damped inverse blocks ``(F̂+λI)⁻¹`` (top) and their differences to the exact one (bottom).
 
@@ -36,7 +65,7 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
     then bias); colours are in ``param²/nats``.
     """
     matrices = rows_to_matrices(data.rows("inverse"))
-    summary = {r["method"]: r for r in data.rows("summary")}
+    summary = {r["method"]: r for r in data.rows("summary") if r.get("run", 0) == 0}
     exact = matrices.pop("exact").numpy()
     names = list(matrices)
     diffs = {n: matrices[n].numpy() - exact for n in names}
@@ -62,19 +91,23 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
             ax.set_title(title)
         for ax, name in zip(axes[1, 1:], names):
             diff_image = ax.imshow(diffs[name], cmap=cmap, norm=diff_norm)
-            err = summary[name]["rel_frobenius_inverse"]
-            ax.set_title(f"{label(name)} − exact\ninverse error {err:.2g}")
+            r = summary[name]
+            if "whitened_error" in r:
+                ax.set_title(f"{label(name)} − exact\nwhitened {r['whitened_error']:.2g}, "
+                             f"cos {r['direction_cosine']:.2f}")  # fmt: skip
+            else:
+                ax.set_title(
+                    f"{label(name)} − exact\ninverse error {r['rel_frobenius_inverse']:.2g}"
+                )
         axes[1, 0].set_axis_off()
         axes[1, 0].text(
-            0.0,
+            -0.1,
             0.5,
-            "top: the blocks' damped inverses,\none symmetric-log colour scale.\n\n"
-            "bottom: approximation − exact,\nanother symmetric-log scale.\n\n"
-            "errors: relative Frobenius\n‖F̂ − F‖/‖F‖ (block) and\n"
-            "‖(F̂+λI)⁻¹ − (F+λI)⁻¹‖/‖(F+λI)⁻¹‖",
+            _summary_text(data.rows("summary")),
             transform=axes[1, 0].transAxes,
             va="center",
-            fontsize=8,
+            fontsize=6.5,
+            family="monospace",
         )
         for ax in axes.ravel():
             ax.grid(False)
@@ -84,8 +117,14 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
             ax.set_xlabel("parameter index")
         axes[0, 0].set_xlabel("parameter index")
         axes[0, 0].xaxis.set_tick_params(labelbottom=True)
-        fig.colorbar(image, ax=axes[0], shrink=0.9, label="entry [param²/nats], symlog")
-        fig.colorbar(diff_image, ax=axes[1], shrink=0.9, label="difference [param²/nats], symlog")
+        fig.colorbar(
+            image, ax=axes[0], shrink=0.9, label="entry [param²/nats], symlog",
+            ticks=symlog_ticks(vlin, vmax),
+        )  # fmt: skip
+        fig.colorbar(
+            diff_image, ax=axes[1], shrink=0.9, label="difference [param²/nats], symlog",
+            ticks=symlog_ticks(dlin, dmax),
+        )  # fmt: skip
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f", leading {shown}×{shown} sub-block"
         _suptitle(
@@ -106,7 +145,7 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
 
 # ------------------------------------------------------------------------------ Frobenius
 def plot_frobenius(data: FigureData) -> Figure:
-    """Relative Frobenius error per layer (x) and method (colour): mean, ± sd and every point."""
+    """Relative Frobenius error per layer (x) and method (colour): the median and every point."""
     rows = data.rows("errors")
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -120,14 +159,7 @@ def plot_frobenius(data: FigureData) -> Figure:
         fig = _figure(1.6 + 1.5 * len(layers), 3.6)
         ax = fig.add_subplot()
         common = dict(x=x, y=y, hue=hue, order=order, hue_order=list(palette), ax=ax)
-        sns.barplot(
-            **common,
-            palette=palette,
-            errorbar="sd",
-            alpha=0.75,
-            capsize=0.1,
-            err_kws={"linewidth": 1},
-        )
+        sns.barplot(**common, palette=palette, estimator="median", errorbar=None, alpha=0.75)
         # seaborn jitters with numpy's legacy global generator: seed it, so that redrawing from
         # saved data gives the same picture, and restore the user's state afterwards
         state = np.random.get_state()  # noqa: NPY002
@@ -153,8 +185,9 @@ def plot_frobenius(data: FigureData) -> Figure:
         _suptitle(
             fig,
             data,
-            f"Relative Frobenius error of each block approximation ({m['fisher_type']} Fisher)\n"
-            f"bars: mean ± sd over {m['models']} seeds × {m['batches']} batches of "
+            f"Relative Frobenius error of each block approximation ({m['fisher_type']} Fisher; "
+            "reference: exact block of the same batch)\n"
+            f"bars: median over {m['models']} seeds × {m['batches']} batches of "
             f"{m['batch_size']}; dots: each",
         )
     return fig
@@ -260,8 +293,10 @@ def plot_sample_correlations(data: FigureData) -> Figure:
             for b in bounds:
                 ax.axhline(b, color="0.3", lw=0.3)
                 ax.axvline(b, color="0.3", lw=0.3)
-            ax.set_xlabel("sample, grouped by digit label")
-            ax.set_ylabel("sample, grouped by digit label")
+            source = data.meta.get("source") or {}
+            what = "digit" if source.get("data", "digits") == "digits" else "class"
+            ax.set_xlabel(f"sample, grouped by {what}")
+            ax.set_ylabel(f"sample, grouped by {what}")
         fig.colorbar(
             image,
             ax=axes[:n],
@@ -353,10 +388,10 @@ def plot_kfe_correlation(data: FigureData) -> Figure:
             )
         ax.set_xticks(range(len(layers)), layers)
         ax.set_xlabel("layer")
-        ax.set_ylabel("decorrelation (dimensionless)")
+        ax.set_ylabel("off-diagonal share (dimensionless)")
         ax.set_title("all layers: mean |corr| and energy off the diagonal")
-        ax.set_ylim(0, 1.45)
-        ax.legend(frameon=False, fontsize=7, ncols=2, loc="upper center")
+        ax.set_ylim(0, 1.05)
+        ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f" (first {shown} coordinates)"
         _suptitle(
@@ -370,32 +405,33 @@ def plot_kfe_correlation(data: FigureData) -> Figure:
 
 # ----------------------------------------------------------------------------- directions
 def plot_directions(data: FigureData) -> Figure:
-    """Cosine of each method's damped natural gradient to the exact one vs damping, per layer."""
+    """Cosine of each method's damped natural gradient to the exact one vs damping, per layer.
+
+    x: ``λ/λ_max`` of the layer (absolute values in the table). Black dashed: the trivial
+    baseline ``F̂ = 0`` (``I/λ``: the plain gradient; the scaled identity gives the same
+    direction).
+    """
     rows = data.rows("directions")
     infos = data.meta["layers"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    x = "relative_damping" if "relative_damping" in rows[0] else "damping"
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "identity"]
     n_rows, n_cols = _grid(len(infos), 3)
     with style():
         fig = _figure(3.5 * n_cols + 1.6, 3.1 * n_rows + 0.6)
         axes = fig.subplots(n_rows, n_cols, sharey=True, squeeze=False).ravel()
         for ax, info in zip(axes, infos):
             for method in methods:
-                pts = [
-                    (r["damping"], r["cosine"])
-                    for r in rows
-                    if r["layer"] == info["layer"] and r["method"] == method
-                ]
-                ax.plot(
-                    *zip(*pts),
-                    ls=linestyle(method),
-                    marker=marker(method),
-                    ms=4,
-                    color=color(method),
-                    label=label(method),
-                )
+                pts = [r for r in rows if r["layer"] == info["layer"] and r["method"] == method]
+                if method == "zero":
+                    kw = {"ls": "--", "color": "k", "label": "plain gradient (F̂ = 0 or ∝ I)"}
+                else:
+                    kw = {"ls": linestyle(method), "color": color(method), "label": label(method)}
+                _runs_and_median(ax, pts, "cosine", x=x, **kw)
             ax.set_xscale("log")
             ax.set_title(_layer_title(info))
-            ax.set_xlabel(f"damping λ [{FISHER_UNITS}]")
+            relative = x == "relative_damping"
+            unit = "λ / λ_max of the layer (dimensionless)" if relative else f"λ [{FISHER_UNITS}]"
+            ax.set_xlabel(f"damping {unit}")
             ax.set_ylabel("cos(F̂_λ⁻¹ g, F_λ⁻¹ g)")
         for ax in axes[len(infos) :]:
             ax.axis("off")

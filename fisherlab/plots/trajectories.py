@@ -5,12 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib as mpl
 import numpy as np
 from matplotlib.figure import Figure
 
 from fisherlab.analysis import FigureData
-from fisherlab.plots.base import _figure, _layer_title, _suptitle, color, label, style
+from fisherlab.plots.base import (
+    _figure,
+    _layer_title,
+    _runs_and_median,
+    _suptitle,
+    color,
+    label,
+    style,
+)
 
 TERM_COLORS = {"structural": "0.35", "estimation": "#e6a141", "staleness": "#5fa8d3"}
 """Colours of the error terms of the decomposition figure."""
@@ -28,11 +35,26 @@ def _state_line(data: FigureData) -> str:
     runs = m.get("runs", 1)
     final = f"final: {m.get('final', '?')}"
     if runs > 1:  # the runs' final states: in meta["state"], below the title
-        final = f"{runs} training runs (seeds), bands over them"
+        final = f"{runs} training runs (seeds): each thin, median thick"
     epochs = f" for {m['train_epochs']} epochs" if "train_epochs" in m else ""
     return (
         f"trained by {opt} (lr {m.get('lr')}{extra}, batch {m.get('batch_size')}){epochs}; {final}"
     )
+
+
+def _neff_text(data: FigureData, table: str) -> str:
+    """``n_eff`` of the empirical Fisher at the first and the last checkpoint (median of runs)."""
+    rows = [r for r in data.tables.get(table, []) if "n_eff" in r]
+    if not rows:
+        return ""
+    steps = sorted({r["step"] for r in rows})
+    ends = []
+    for step in (steps[0], steps[-1]):
+        values = {r.get("run", 0): r["n_eff"] for r in rows if r["step"] == step}
+        epoch = next(r["epoch"] for r in rows if r["step"] == step)
+        ends.append(f"{np.median(list(values.values())):.0f} at epoch {epoch:.2g}")
+    size = data.meta.get("reference", "")
+    return f"; effective samples n_eff = (Σ‖j‖²)²/Σ‖j‖⁴ of {size}: {' → '.join(ends)}"
 
 
 def _by_step(pts: Sequence[dict], key: str) -> tuple[list[float], list[list[float]]]:
@@ -47,38 +69,32 @@ def _select(rows: Sequence[dict], **where: Any) -> list[dict]:
 
 
 def plot_decomposition(data: FigureData) -> Figure:
-    """Stacked error terms (structural, estimation, staleness) over training; total as a line.
+    """Error terms (structural, estimation, staleness) and the deployed total, as lines.
 
-    One row per method, one column per layer; x is the epoch of the checkpoint.
+    One row per method, one column per layer; x is the epoch of the checkpoint. The terms are
+    distances between different pairs of matrices (not an additive split): each is its own
+    line. Dashed grey: the structural error after the optimal scalar ``α*`` (shape alone).
+    Every training run thin, the median thick.
     """
     rows = data.rows("errors")
     meta = data.meta
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     infos = _infos(meta)
+    lines = {**TERM_COLORS, "total": "k"}
+    names = {"total": "total (what an optimizer holds)"}
     with style():
-        fig = _figure(3.4 * len(layers) + 1.6, 2.5 * len(methods) + 1.4)
+        fig = _figure(3.4 * len(layers) + 1.6, 2.5 * len(methods) + 1.6)
         axes = fig.subplots(len(methods), len(layers), sharex=True, squeeze=False)
         for i, method in enumerate(methods):
             for j, layer in enumerate(layers):
                 ax = axes[i, j]
                 pts = _select(rows, layer=layer, method=method)
-                x, _ = _by_step(pts, "total")
-                terms = [np.array([np.mean(v) for v in _by_step(pts, t)[1]]) for t in TERM_COLORS]
-                ax.stackplot(
-                    x,
-                    *terms,
-                    colors=list(TERM_COLORS.values()),
-                    labels=list(TERM_COLORS),
-                    alpha=0.85,
-                )
-                total = [np.array(v) for v in _by_step(pts, "total")[1]]
-                sd = [np.array(v) for v in _by_step(pts, "total_sd")[1]]
-                mean = np.array([v.mean() for v in total])
-                low = np.array([(v - s).min() for v, s in zip(total, sd)])
-                high = np.array([(v + s).max() for v, s in zip(total, sd)])
-                ax.plot(x, mean, color="k", lw=1.6, marker="o", ms=3, label="total (deployed)")
-                ax.fill_between(x, low, high, color="k", alpha=0.15, lw=0)
+                for key, c in lines.items():
+                    _runs_and_median(ax, pts, key, color=c, label=names.get(key, key))
+                if "structural_scaled" in pts[0]:
+                    _runs_and_median(ax, pts, "structural_scaled", color="0.35", ls="--",
+                                     label="structural after the optimal scalar α*")  # fmt: skip
                 if i == 0:
                     ax.set_title(_layer_title(infos[layer]) if layer in infos else f"layer {layer}")
                 if j == 0:
@@ -87,32 +103,40 @@ def plot_decomposition(data: FigureData) -> Figure:
                     ax.set_xlabel("epoch")
                 ax.set_ylim(bottom=0)
         handles, labels_ = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels_, loc="outside lower center", ncols=4, frameon=False)
+        fig.legend(handles, labels_, loc="outside lower center", ncols=3, frameon=False)
         _suptitle(
             fig,
             data,
             f"Where the error comes from: {meta['fisher_type']} Fisher of {meta['reference']}; "
-            f"batch b = {meta['batch_size']} (band: sd over {meta['batches']} batches), "
-            f"staleness k = {meta['lag']} steps\n{_state_line(data)}",
+            f"batch b = {meta['batch_size']} (mean over {meta['batches']} batches), "
+            f"staleness k = {meta['lag']} steps; terms are distances, not a sum\n"
+            f"{_state_line(data)}{_neff_text(data, 'errors')}",
         )
     return fig
 
 
 def plot_ekfac_protocol(data: FigureData) -> Figure:
-    """Frobenius error (top, log) and spectrum distance (bottom, log) with a fixed basis."""
+    """Frobenius error, spectrum distance (log) with a fixed basis, and the Fisher's own scale.
+
+    Top: ``‖F̂ − F‖/‖F‖`` of each series (dotted: the frozen KFAC after the optimal scalar
+    ``α*``); middle: spectrum distance; bottom: ``‖F_t‖_F/‖F_0‖_F``, how much the Fisher itself
+    has shrunk (what a frozen preconditioner's error grows with). Every run thin, median thick.
+    """
     rows = data.rows("curves")
     meta = data.meta
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     series = list(dict.fromkeys(r["method"] for r in rows))
     infos = _infos(meta)
-    styles = {"kfac": "-", "ekfac": "-", "ekfac-ra": "--", "kfac-fresh": ":"}
+    styles = {"kfac": "-", "kfac-trace": "--", "ekfac": "-", "ekfac-ra": "--", "kfac-fresh": ":"}
     names = {
-        "kfac": "KFAC, factors from the basis step",
+        "kfac": "KFAC frozen at the basis step",
+        "kfac-trace": "KFAC frozen × tr F_t / tr K₀ (trace-matched)",
         "ekfac": "EKFAC, that basis, current scalings",
     }
+    scaled = "rel_frobenius_scaled" in rows[0]
     with style():
-        fig = _figure(3.6 * len(layers) + 1.5, 5.8)
-        axes = fig.subplots(2, len(layers), sharex=True, squeeze=False)
+        fig = _figure(3.6 * len(layers) + 1.5, 8.2)
+        axes = fig.subplots(3, len(layers), sharex=True, squeeze=False)
         for col, layer in enumerate(layers):
             for row, (key, ylabel) in enumerate(
                 (
@@ -122,92 +146,117 @@ def plot_ekfac_protocol(data: FigureData) -> Figure:
             ):
                 ax = axes[row, col]
                 for s in series:
-                    x, values = _by_step(_select(rows, layer=layer, method=s), key)
-                    _band(ax, x, values, ls=styles.get(s, "-"), color=color(s),
-                          label=names.get(s, label(s)))  # fmt: skip
+                    if key not in rows[0]:
+                        continue
+                    pts = _select(rows, layer=layer, method=s)
+                    _runs_and_median(ax, pts, key, ls=styles.get(s, "-"), color=color(s),
+                                     label=names.get(s, label(s)))  # fmt: skip
+                if row == 0 and scaled:
+                    pts = _select(rows, layer=layer, method="kfac")
+                    _runs_and_median(ax, pts, "rel_frobenius_scaled", ls=":", color="0.3",
+                                     label="KFAC frozen × α* (optimal scalar)")  # fmt: skip
                 ax.set_yscale("log")
                 if row == 0:
                     ax.set_title(_layer_title(infos[layer]) if layer in infos else f"layer {layer}")
-                else:
-                    ax.set_xlabel("epoch")
                 if col == 0:
                     ax.set_ylabel(f"{ylabel}\n(dimensionless)")
+            ax = axes[2, col]
+            if "fisher_norm_ratio" in rows[0]:
+                pts = _select(rows, layer=layer, method=series[0])
+                _runs_and_median(ax, pts, "fisher_norm_ratio", color="k",
+                                 label="‖F_t‖_F / ‖F_0‖_F")  # fmt: skip
+                ax.set_yscale("log")
+            ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel("‖F_t‖_F / ‖F_0‖_F\n(the Fisher's own scale)")
         handles, labels_ = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels_, loc="outside lower center", ncols=len(series), frameon=False)
+        fig.legend(handles, labels_, loc="outside lower center", ncols=3, frameon=False)
         _suptitle(
             fig,
             data,
             f"EKFAC Fig. 3 right / 5c protocol: {meta['fisher_type']} Fisher of the "
             f"{meta['reference']}; KFE basis and KFAC factors {meta['basis']}\n"
-            f"{_state_line(data)}",
+            f"{_state_line(data)}{_neff_text(data, 'curves')}",
         )
     return fig
 
 
 def plot_fngd(data: FigureData) -> Figure:
-    """Cosine to the fresh natural gradient: shared weights (solid) vs plain gradient (dashed).
+    """Cosine to the fresh natural gradient: shared weights, permuted weights, plain gradient.
 
-    One panel per layer (and the whole network); colour: damping ``δ``; x: epoch; bands: ± sd
-    over the evaluated positions within an epoch.
+    One row per damping ``δ``, one column per layer (and the whole network); x: epoch. Each
+    training run thin (median over the evaluated positions), the median over runs thick.
     """
     rows = data.rows("cosines")
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     dampings = list(dict.fromkeys(r["damping"] for r in rows))
-    cmap = mpl.colormaps["viridis"]
-    shades = {d: cmap(i / max(len(dampings) - 1, 1) * 0.85) for i, d in enumerate(dampings)}
+    keys = [k for k in ("shared", "permuted", "gradient") if k in rows[0]]
+    shades = {"shared": "#0072b2", "permuted": "#e69f00", "gradient": "0.3"}
+    names = {
+        "shared": "epoch-0 weights, shared (FNGD)",
+        "permuted": "epoch-0 weights, randomly permuted (control)",
+        "gradient": "plain gradient",
+    }
+    styles = {"shared": "-", "permuted": "--", "gradient": ":"}
     with style():
-        fig = _figure(3.1 * len(layers) + 1.8, 3.4)
-        axes = fig.subplots(1, len(layers), sharey=True, squeeze=False)[0]
-        for ax, layer in zip(axes, layers):
-            for d in dampings:
-                for key, ls in (("shared", "-"), ("gradient", "--")):
-                    pts = _select(rows, layer=layer, damping=d)
-                    epochs = sorted({r["epoch"] for r in pts})
-                    vals = [np.array([r[key] for r in pts if r["epoch"] == e]) for e in epochs]
-                    mean = np.array([v.mean() for v in vals])
-                    sd = np.array([v.std() for v in vals])
-                    name = "shared weights" if key == "shared" else "plain gradient"
-                    ax.plot(epochs, mean, ls=ls, marker="o", ms=3, color=shades[d],
-                            label=f"{name}, δ = {d:g}")  # fmt: skip
-                    ax.fill_between(epochs, mean - sd, mean + sd, color=shades[d], alpha=0.12)
-            ax.set_title("whole network" if layer == "network" else f"layer {layer}")
-            ax.set_xlabel("epoch (weights from epoch 0)")
-        axes[0].set_ylabel("cosine to the fresh natural gradient\n(dimensionless)")
-        handles, labels_ = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels_, loc="outside right center", frameon=False, fontsize=7)
+        fig = _figure(2.9 * len(layers) + 1.2, 2.2 * len(dampings) + 1.6)
+        axes = fig.subplots(len(dampings), len(layers), sharex=True, sharey=True, squeeze=False)
+        for i, d in enumerate(dampings):
+            for j, layer in enumerate(layers):
+                ax = axes[i, j]
+                pts = _select(rows, layer=layer, damping=d)
+                for key in keys:
+                    _runs_and_median(ax, pts, key, color=shades[key], ls=styles[key],
+                                     label=names[key])  # fmt: skip
+                if i == 0:
+                    ax.set_title("whole network" if layer == "network" else f"layer {layer}")
+                if j == 0:
+                    ax.set_ylabel(f"δ = {d:g}\ncosine to fresh NG\n(dimensionless)")
+                if i == len(dampings) - 1:
+                    ax.set_xlabel("epoch (weights from epoch 0)")
+        handles, labels_ = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside lower center", ncols=3, frameon=False)
         _suptitle(
             fig,
             data,
             "FNGD's hypothesis: epoch-0 coefficients reused vs the fresh natural gradient of "
             f"the same batch (empirical Fisher, {data.meta['damping_mode']})\n"
-            f"{_state_line(data)}",
+            f"{_state_line(data)}{_neff_text(data, 'cosines')}",
         )
     return fig
 
 
 def plot_block_diagonal(data: FigureData) -> Figure:
-    """Block-diagonal inverse vs the whole network's ``(F+λI)⁻¹``: error and cosine vs damping."""
+    """Block-diagonal inverse vs the whole network's ``(F+λI)⁻¹``: error and cosine vs damping.
+
+    Right: the block-diagonal natural gradient's cosine to exact NGD (solid) and the plain
+    gradient's (dashed, the baseline). Each training run thin, the median thick.
+    """
     rows = data.rows("errors")
     meta = data.meta
     layers = list(dict.fromkeys(r["layer"] for r in rows))
+    palette = {layer: f"C{i}" for i, layer in enumerate(layers)}
+    palette["network"] = "k"
     with style():
-        fig = _figure(11.0, 3.8)
+        fig = _figure(11.0, 4.0)
         axes = fig.subplots(1, 2)
         for layer in layers:
             pts = _select(rows, layer=layer)
-            kw = {"color": "k", "lw": 2.0} if layer == "network" else {}
             name = "whole network" if layer == "network" else f"layer {layer} (P={pts[0]['P']})"
-            x = [r["relative_damping"] for r in pts]
-            axes[0].plot(x, [r["inverse_error"] for r in pts], marker="o", ms=3, label=name, **kw)
-            axes[1].plot(x, [r["cosine"] for r in pts], marker="o", ms=3, label=name, **kw)
+            x = "relative_damping"
+            _runs_and_median(axes[0], pts, "inverse_error", x=x, color=palette[layer], label=name)
+            _runs_and_median(axes[1], pts, "cosine", x=x, color=palette[layer], label=name)
+            if "gradient_cosine" in pts[0]:
+                _runs_and_median(axes[1], pts, "gradient_cosine", x=x, color=palette[layer],
+                                 ls="--", label=f"{name}: plain gradient")  # fmt: skip
         for ax in axes:
             ax.set_xscale("log")
-            ax.set_xlabel("damping λ / (tr F / P)")
+            ax.set_xlabel("damping λ / λ_max(F)")
         axes[0].set_title("‖[(F+λI)⁻¹]_ll − (F_ll+λI)⁻¹‖ / ‖[(F+λI)⁻¹]_ll‖")
         axes[0].set_ylabel("inverse error (dimensionless)")
-        axes[1].set_title("natural gradient: block-diagonal vs whole network")
+        axes[1].set_title("cosine to exact NGD: block-diagonal (solid), gradient (dashed)")
         axes[1].set_ylabel("cosine (dimensionless)")
-        axes[1].legend(frameon=False, fontsize=7)
+        axes[1].legend(frameon=False, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
         _suptitle(
             fig,
             data,
@@ -219,46 +268,68 @@ def plot_block_diagonal(data: FigureData) -> Figure:
 
 
 def _band(ax, x, values, **kw) -> None:
-    """Mean line with a band from the smallest to the largest of ``values`` (one list per x)."""
-    mean = np.array([np.mean(v) for v in values])
-    low = np.array([np.min(v) for v in values])
-    high = np.array([np.max(v) for v in values])
-    ax.plot(x, mean, marker="o", ms=3, **kw)
-    ax.fill_between(x, low, high, color=kw.get("color"), alpha=0.15, lw=0)
+    """Each value thin (points), the median thick (one list of values per x)."""
+    for xi, v in zip(x, values):
+        ax.plot([xi] * len(v), v, ls="", marker=".", ms=2, alpha=0.35, color=kw.get("color"))
+    ax.plot(x, [np.median(v) for v in values], marker="o", ms=3, lw=1.8, **kw)
 
 
 def plot_batch_size(data: FigureData) -> Figure:
-    """Error (top) and direction cosine (bottom) of batch-built blocks vs the batch size."""
+    """Error (top) and direction cosine (bottom) of batch-built blocks vs the batch size.
+
+    Points: each batch; line: the median over batches. Bottom, dashed: the plain gradient's
+    cosine (the baseline); top, dotted: each method after the optimal scalar ``α*``.
+    """
     rows = data.rows("sweep")
     meta = data.meta
     layers = list(dict.fromkeys(r["layer"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "gradient"]
     names = {"exact": "exact batch block (TENGraD)"}
     with style():
-        fig = _figure(3.4 * len(layers) + 1.6, 5.6)
+        fig = _figure(3.4 * len(layers) + 1.6, 5.8)
         axes = fig.subplots(2, len(layers), sharex=True, squeeze=False)
         for col, layer in enumerate(layers):
             for method in methods:
                 pts = _select(rows, layer=layer, method=method)
                 sizes = sorted({r["batch_size"] for r in pts})
                 for row, key in enumerate(("rel_frobenius", "cosine")):
-                    values = [[r[key] for r in pts if r["batch_size"] == b] for b in sizes]
-                    _band(axes[row, col], sizes, values, color=color(method),
+                    # on the log axis, the whole set's own exact block (error 0) is left out
+                    keep = [b for b in sizes if row or any(
+                        r[key] > 1e-6 for r in pts if r["batch_size"] == b)]  # fmt: skip
+                    values = [
+                        [r[key] for r in pts if r["batch_size"] == b and (row or r[key] > 1e-6)]
+                        for b in keep
+                    ]
+                    _band(axes[row, col], keep, values, color=color(method),
                           label=names.get(method, label(method)))  # fmt: skip
+                if "rel_frobenius_scaled" in pts[0]:
+                    med = [
+                        np.median([r["rel_frobenius_scaled"] for r in pts if r["batch_size"] == b])
+                        for b in sizes
+                    ]
+                    shown = [(b, v) for b, v in zip(sizes, med) if v > 1e-6]
+                    axes[0, col].plot(*zip(*shown), ls=":", lw=1.2, color=color(method))
+            base = _select(rows, layer=layer, method="gradient")
+            if base:
+                sizes = sorted({r["batch_size"] for r in base})
+                axes[1, col].plot(sizes, [r["cosine"] for r in base], ls="--", color="0.3",
+                                  label="plain gradient (F̂ = 0)")  # fmt: skip
             axes[0, col].set_title(f"layer {layer}")
-            axes[0, col].set_yscale("symlog", linthresh=1e-2)
-            axes[0, col].set_ylim(bottom=0)
+            axes[0, col].set_yscale("log")
             axes[1, col].set_xscale("log")
             axes[1, col].set_xlabel("batch size (log)")
-        axes[0, 0].set_ylabel("‖F̂_b − F‖_F / ‖F‖_F\n(dimensionless, symlog)")
+        axes[0, 0].set_ylabel(
+            "‖F̂_b − F‖_F / ‖F‖_F (log; dotted:\nafter optimal scalar α*; whole set's\n"
+            "exact block = 0, not drawn)"
+        )
         axes[1, 0].set_ylabel("cos((F̂_b+λI)⁻¹g, (F+λI)⁻¹g)\n(dimensionless)")
-        handles, labels_ = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels_, loc="outside lower center", ncols=len(methods), frameon=False)
+        handles, labels_ = axes[1, 0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="outside lower center", ncols=4, frameon=False)
         _suptitle(
             fig,
             data,
             f"Built from one batch vs the {meta['fisher_type']} Fisher F of {meta['reference']}"
-            f" (bands: range over {meta['repeats']} disjoint batches); λ = "
+            f" (points: up to {meta['repeats']} disjoint batches per size; line: median); λ = "
             f"{meta['relative_damping']:g}·tr(F)/P, g = the reference loss gradient\n"
             f"{meta.get('state', '')}",
         )
@@ -316,10 +387,10 @@ def plot_fisher_types(data: FigureData) -> Figure:
             for kind in kinds:
                 pts = _select(rows, layer=layer, fisher_type=kind)
                 if kind != "true":
-                    _band(axes[0, col], *_by_step(pts, "to_true"), color=shade[kind],
-                          label=f"{kind} Fisher")  # fmt: skip
-                _band(axes[1, col], *_by_step(pts, "kfac"), color=shade[kind],
-                      label=f"{kind} Fisher")  # fmt: skip
+                    _runs_and_median(axes[0, col], pts, "to_true", color=shade[kind],
+                                     label=f"{kind} Fisher")  # fmt: skip
+                _runs_and_median(axes[1, col], pts, "kfac", color=shade[kind],
+                                 label=f"{kind} Fisher")  # fmt: skip
             axes[0, col].set_title(f"layer {layer}")
             axes[1, col].set_xlabel("epoch")
             axes[0, col].set_ylim(bottom=0)
@@ -333,7 +404,7 @@ def plot_fisher_types(data: FigureData) -> Figure:
             fig,
             data,
             f"True vs Monte-Carlo ({m['mc_samples']} label per input) vs empirical Fisher of "
-            f"{m['reference']}, same checkpoints\n{_state_line(data)}",
+            f"{m['reference']}, same checkpoints\n{_state_line(data)}{_neff_text(data, 'types')}",
         )
     return fig
 
