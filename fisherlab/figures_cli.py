@@ -502,7 +502,7 @@ def model_choice(text: str) -> str:
     if text in (*MODELS, "all") or ":" in text:
         return text
     raise argparse.ArgumentTypeError(
-        f"invalid choice {text!r}: choose from {[*MODELS, 'all']} or give package.module:factory"
+        f"unknown model {text!r}; choose from {[*MODELS, 'all']} or give package.module:factory"
     )
 
 

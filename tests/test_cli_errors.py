@@ -40,6 +40,8 @@ SEMANTIC = {
     "data_dir": [("{tmp}/missing", "not an existing folder|reads no data_dir")],
     "methods": [("bogus", "unknown method 'bogus'")],
     "runs": [("{tmp}/missing", "no finished runs")],
+    "checkpoint": [("{tmp}/missing.pt", "does not exist")],
+    "checkpoints": [("{tmp}/none-*.pt", "goes with --model package.module:factory")],
 }
 """Options checked when the command runs, by destination: ``(value, message)``."""
 
