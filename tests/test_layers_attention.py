@@ -409,15 +409,23 @@ def test_unbatched_attention_inputs_are_refused():
         fl.capture(model, nn.CrossEntropyLoss(), x, y)
 
 
+class _PooledAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
 def test_backpack_backend_is_refused_naming_the_attention():
-    model = nn.Sequential()
-    model.add_module("attn", nn.MultiheadAttention(4, 2, batch_first=True))
     with pytest.raises(fl.FisherlabError, match=r"'attn' \(MultiheadAttention\) is not supported"):
         fl.exact_blocks(
-            model.double(),
-            nn.MSELoss(),
+            _PooledAttention().double(),
+            nn.CrossEntropyLoss(),
             torch.randn(2, 3, 4, dtype=torch.float64),
-            torch.randn(2, 3, 4, dtype=torch.float64),
+            torch.tensor([0, 2]),
             backend="backpack",
         )
 
