@@ -9,7 +9,7 @@ the same as ``fisherlab figures --only batch_size``).
 
 import sys
 
-from fisherlab.figures_cli import script_main
+from fisherlab.cli.figures import script_main
 
 if __name__ == "__main__":
     sys.exit(script_main("batch_size"))

@@ -18,9 +18,10 @@ from PIL import Image
 
 import fisherlab as fl
 from fisherlab import analysis as an
-from fisherlab import figures_cli, plots
+from fisherlab import plots
 from fisherlab.blocks import build_block
 from fisherlab.capture import capture
+from fisherlab.cli import figures as figures_cli
 from fisherlab.comparison import batch_gradients
 from fisherlab.metrics import frobenius_error
 

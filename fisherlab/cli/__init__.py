@@ -4,7 +4,7 @@
 * ``compare`` (:mod:`~fisherlab.cli.compare`): every approximation against the exact Fisher of the
   training data, per layer;
 * ``verify`` (:mod:`~fisherlab.cli.verify`): the facts the approximations rest on;
-* ``figures`` (:mod:`fisherlab.figures_cli`): the approximation-quality figures;
+* ``figures`` (:mod:`~fisherlab.cli.figures`): the approximation-quality figures;
 * ``train``, ``compare-optimizers``, ``curves`` (:mod:`~fisherlab.cli.train`,
   :mod:`~fisherlab.cli.compare_optimizers`, :mod:`~fisherlab.cli.curves`): optimizers head to head.
 
@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from fisherlab import figures_cli
-from fisherlab.cli import compare, compare_optimizers, curves, exact, train, verify
+from fisherlab.cli import compare, compare_optimizers, curves, exact, figures, train, verify
 from fisherlab.cli.common import OneLineParser, run_reporting_errors
 
-SUBCOMMANDS = (exact, compare, verify, figures_cli, train, compare_optimizers, curves)
+SUBCOMMANDS = (exact, compare, verify, figures, train, compare_optimizers, curves)
 """The subcommand modules, in the order of ``fisherlab --help``."""
 
 

@@ -45,7 +45,7 @@ range), :mod:`~fisherlab.experiments.schema` (config files, checked before anyth
 (the epochs), :mod:`~fisherlab.experiments.runlog` (run folders), :mod:`~fisherlab.experiments.grid`
 (the search), :mod:`~fisherlab.experiments.summary` (tables) and
 :mod:`~fisherlab.experiments.compare` (``compare-optimizers``); the figures are drawn by
-:mod:`fisherlab.plots.optimizers`.
+:mod:`fisherlab.experiments.figures`.
 """
 
 from fisherlab.experiments.compare import (

@@ -37,8 +37,8 @@ def write_curves(
     Returns:
         The table rows (:func:`summarise`) and the written paths.
     """
+    from fisherlab.experiments.figures import curves_figure, step_time_figure
     from fisherlab.plots.base import save_figure
-    from fisherlab.plots.optimizers import curves_figure, step_time_figure
 
     out = Path(out)
     groups = group_runs(runs)
