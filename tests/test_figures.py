@@ -245,40 +245,6 @@ def test_kfe_correlation_masks_the_null_directions_of_the_last_layer():
     assert data.meta["masked"]["kfe"] == 7  # one null direction of Γ × (6 inputs + bias)
 
 
-# ------------------------------------------------------------------------------ 6. training
-@pytest.mark.parametrize("model", MODELS)
-def test_training_data_and_the_ekfac_invariant(model):
-    prob = an.figure_problem(model, quick=True, warmup_epochs=0)
-    split = prob.split
-    data = an.training_errors(
-        prob.model, prob.loss_fn, split.x_train, split.y_train, epochs=2, batch_size=32,
-        basis_every=4,
-    )  # fmt: skip
-    meta, rows = data.meta, data.rows("curves")
-    k = meta["basis_every"]
-    layers = meta["layers"]
-    assert len(rows) == meta["steps"] * len(layers) * len(an.TRAINING_SERIES)
-    assert {r["step"] for r in rows if r["basis_step"]} == set(range(0, meta["steps"], k))
-    err = {(r["step"], r["layer"], r["method"]): r for r in rows}
-    for (step, layer, method), r in err.items():
-        assert r["rel_frobenius"] >= 0 and r["spectrum_distance"] >= 0
-        if method != "ekfac_amortized" or not r["basis_step"]:
-            continue
-        kfac = err[step, layer, "kfac"]
-        # at a step whose basis was just computed: EKFAC ≤ KFAC, and amortized KFAC = KFAC
-        assert r["rel_frobenius"] <= kfac["rel_frobenius"] * (1 + EXACT) + EXACT
-        amortized = err[step, layer, "kfac_amortized"]["rel_frobenius"]
-        assert amortized == pytest.approx(kfac["rel_frobenius"], rel=EXACT, abs=EXACT)
-    # between recomputations the stale blocks differ from the fresh KFAC
-    stale = [r for r in rows if not r["basis_step"] and r["method"] == "kfac_amortized"]
-    assert any(
-        abs(r["rel_frobenius"] - err[r["step"], r["layer"], "kfac"]["rel_frobenius"]) > 1e-3
-        for r in stale
-    )
-    losses = [err[s, layers[0], "kfac"]["loss"] for s in range(meta["steps"])]
-    assert np.mean(losses[-4:]) < np.mean(losses[:4])  # SGD trains
-
-
 # ---------------------------------------------------------------------------- 7. directions
 @pytest.mark.parametrize("model", MODELS)
 def test_direction_data(figure_data, model):

@@ -13,8 +13,6 @@ needed, and the ``woodbury`` block (the same matrix, never formed) where its Gra
 * :func:`sample_correlations`: per-sample gradient correlation per layer (FNGD Fig. 3);
 * :func:`kfe_decorrelation`: correlation of ``F`` in the parameter basis and in the KFE
   (EKFAC Fig. 3 left);
-* :func:`training_errors`: KFAC vs EKFAC with a stale basis along SGD (EKFAC Fig. 3 right,
-  Fig. 5c);
 * :func:`direction_quality_vs_damping`: cosine of ``(F̂+λI)⁻¹g`` to ``(F+λI)⁻¹g`` against ``λ``.
 
 :func:`figure_problem` builds the embedded default: a small model on the digits data, trained
@@ -66,7 +64,6 @@ from fisherlab.analysis.sweeps import (
 )
 from fisherlab.analysis.table import FigureData, matrix_rows, rows_to_matrices
 from fisherlab.analysis.tengrad import block_diagonal_error
-from fisherlab.analysis.training import TRAINING_SERIES, training_errors
 from fisherlab.analysis.trajectory import (
     Checkpoint,
     Trajectory,
@@ -85,7 +82,6 @@ __all__ = [
     "HEATMAP_METHODS",
     "SIZES",
     "TERMS",
-    "TRAINING_SERIES",
     "Checkpoint",
     "FigureData",
     "FigureProblem",
@@ -121,6 +117,5 @@ __all__ = [
     "spectra",
     "train_sgd",
     "train_trajectory",
-    "training_errors",
     "training_state",
 ]

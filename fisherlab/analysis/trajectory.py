@@ -156,7 +156,7 @@ class Trajectory:
         return model
 
 
-def make_optimizer(
+def trajectory_optimizer(
     model: nn.Module, name: str, lr: float, options: Mapping[str, Any] | None = None
 ) -> torch.optim.Optimizer:
     """``"sgd"`` (``torch.optim.SGD``) or a :data:`fisherlab.optim.OPTIMIZERS` name."""
@@ -214,7 +214,7 @@ def train_trajectory(
     if not wanted or wanted[0] < 0 or wanted[-1] > total:
         raise FisherlabError(f"checkpoints {wanted} must lie in 0…{total} ({epochs} epochs)")
     template = copy.deepcopy(model)  # before an optimizer registers hooks on the model
-    opt = make_optimizer(model, optimizer, lr, optimizer_options)
+    opt = trajectory_optimizer(model, optimizer, lr, optimizer_options)
     generator = torch.Generator().manual_seed(seed)
     kept: list[Checkpoint] = []
     losses: list[float] = []
@@ -273,24 +273,13 @@ def reference_problem(
     return Problem(model, loss_fn, data, fisher_type=fisher_type, progress=False)
 
 
-def protocol_text(meta: Mapping[str, Any]) -> str:
-    """One line of protocol for a title: Fisher type, reference set, optimizer."""
-    parts = [f"{meta['fisher_type']} Fisher"]
-    if "reference" in meta:
-        parts.append(f"reference: {meta['reference']}")
-    if "optimizer" in meta:
-        parts.append(f"trained by {meta['optimizer']} (lr {meta.get('lr')})")
-    return "; ".join(parts)
-
-
 __all__ = [
     "Checkpoint",
     "Trajectory",
     "effective_samples",
-    "make_optimizer",
-    "protocol_text",
     "reference_problem",
     "sample_gradient_norms_sq",
     "train_trajectory",
     "training_state",
+    "trajectory_optimizer",
 ]

@@ -185,7 +185,7 @@ def user_model(spec: str, checkpoint: str | None = None) -> torch.nn.Module:
     return model
 
 
-def reference_problem(args: argparse.Namespace, fisher_type: str | None = None) -> Problem:
+def problem_from_args(args: argparse.Namespace, fisher_type: str | None = None) -> Problem:
     """The ``--model`` (seeded) on ``--samples`` training images, in ``--batch-size`` batches.
 
     Raises:
@@ -227,7 +227,7 @@ def where(args: argparse.Namespace, problem: Problem) -> str:
 
 
 def add_problem_arguments(p: argparse.ArgumentParser, model_default: str | None = "mlp") -> None:
-    """The options of the reference problem (:func:`reference_problem`)."""
+    """The options of the reference problem (:func:`problem_from_args`)."""
     p.add_argument(
         "--model",
         type=model_spec,

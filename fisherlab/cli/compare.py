@@ -11,7 +11,7 @@ from fisherlab.cli.common import (
     add_problem_arguments,
     positive_float,
     positive_int,
-    reference_problem,
+    problem_from_args,
     where,
 )
 from fisherlab.comparison import DEFAULT_METHODS, compare, summary_meta
@@ -35,7 +35,7 @@ COMPARE_COLUMNS = (
 def run(args: argparse.Namespace) -> int:
     """Every approximation against the exact Fisher of the training data, per layer."""
     check_output_folder(args.out)
-    problem = reference_problem(args)
+    problem = problem_from_args(args)
     start = time.perf_counter()
     rows = compare(problem, methods=args.methods, damping=args.damping, progress=not args.quiet)
     seconds = time.perf_counter() - start

@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from fisherlab.cli.common import add_problem_arguments, positive_int, reference_problem, where
+from fisherlab.cli.common import add_problem_arguments, positive_int, problem_from_args, where
 from fisherlab.conventions import FISHER_TYPES
 from fisherlab.exact import BACKENDS, exact_blocks
 from fisherlab.files import check_output_folder
@@ -44,7 +44,7 @@ def block_summary(name: str, layer: Layer, block: torch.Tensor) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Exact per-layer Fisher blocks of a reference model over the training data."""
     check_output_folder(args.out)
-    problem = reference_problem(args)
+    problem = problem_from_args(args)
     start = time.perf_counter()
     blocks = exact_blocks(problem, backend=args.backend)
     seconds = time.perf_counter() - start

@@ -9,7 +9,7 @@ from fisherlab.cli.common import (
     DTYPES,
     add_problem_arguments,
     positive_int,
-    reference_problem,
+    problem_from_args,
     seed,
     where,
 )
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     """Check EKFAC ≤ KFAC, Woodbury's solve, SKFAC = KFAC⁻¹ and one-sample KFAC exactness."""
     check_output_folder(args.out)
     if args.model:
-        problem = reference_problem(args, fisher_type=args.fisher_types[0])
+        problem = problem_from_args(args, fisher_type=args.fisher_types[0])
         report = verify(problem, fisher_types=args.fisher_types, progress=not args.quiet)
         place = where(args, problem)
     else:

@@ -41,7 +41,6 @@ from fisherlab.plots.snapshots import (
     plot_sample_correlations,
     plot_spectra,
 )
-from fisherlab.plots.training import plot_training
 from fisherlab.plots.trajectories import (
     plot_batch_size,
     plot_block_diagonal,
@@ -59,7 +58,6 @@ PLOTS = {
     "spectra": plot_spectra,
     "sample_correlation": plot_sample_correlations,
     "kfe_correlation": plot_kfe_correlation,
-    "training": plot_training,
     "directions": plot_directions,
     "decomposition": plot_decomposition,
     "ekfac_protocol": plot_ekfac_protocol,
@@ -103,7 +101,6 @@ __all__ = [
     "plot_sample_correlations",
     "plot_spatial",
     "plot_spectra",
-    "plot_training",
     "save_figure",
     "style",
 ]
