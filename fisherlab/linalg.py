@@ -139,3 +139,12 @@ def sample_chunks(n: int, row_elems: int, budget_elems: int = 2**22) -> Iterator
     step = max(1, budget_elems // max(row_elems, 1))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
+
+
+def outer_rows(G: Tensor, A: Tensor) -> Tensor:
+    """``Σ_t g_t ã_tᵀ`` per row: ``G [..., N, T, d_out]``, ``A [N, T, D]`` → ``[..., N, d_out, D]``.
+
+    The per-sample gradient of a layer ``z_t = W̃ ã_t`` (and of its rotated forms): the one place
+    this outer-product sum is written.
+    """
+    return torch.einsum("...ntd,nte->...nde", G, A)

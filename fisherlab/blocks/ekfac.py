@@ -37,7 +37,7 @@ from fisherlab.blocks.factors import KFAC_APPROX, KroneckerSums
 from fisherlab.blocks.kfac import KFACBuilder, KFACOptions
 from fisherlab.blocks.kronecker import KroneckerEigenbasis
 from fisherlab.conventions import FisherlabError
-from fisherlab.linalg import sample_chunks
+from fisherlab.linalg import outer_rows, sample_chunks
 
 
 def kfe_squares(A: Tensor, G: Tensor, u_gamma: Tensor, u_omega: Tensor) -> Tensor:
@@ -49,7 +49,7 @@ def kfe_squares(A: Tensor, G: Tensor, u_gamma: Tensor, u_omega: Tensor) -> Tenso
     s = A.new_zeros(u_gamma.shape[0], u_omega.shape[0])
     row = G.shape[0] * u_gamma.shape[0] * u_omega.shape[0]
     for chunk in sample_chunks(A.shape[0], row):
-        rotated = torch.einsum("rntd,nte->rnde", G_rot[:, chunk], A_rot[chunk])
+        rotated = outer_rows(G_rot[:, chunk], A_rot[chunk])
         s += (rotated**2).sum(dim=(0, 1))
     return s
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fisherlab.blocks.base import WeightedSum
+from fisherlab.linalg import outer_rows
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -131,4 +132,4 @@ class KroneckerSums:
 
 def gradient_rows(A: Tensor, G: Tensor) -> Tensor:
     """Per-sample gradient rows ``G_{r,n}ᵀ Ã_n`` as ``[R, N, d_out, D]`` (Kronecker order)."""
-    return torch.einsum("rntd,nte->rnde", G, A)
+    return outer_rows(G, A)

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from fisherlab.linalg import outer_rows
+
 #: Module types with an adapter, mapped to it (filled in by defining adapter subclasses).
 ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
 
@@ -105,7 +107,7 @@ class LayerAdapter:
         ``G [..., N, T, d_out]``. Default (Kronecker layers): ``Σ_t g_t ã_tᵀ``, the one place
         this outer-product sum is written.
         """
-        return torch.einsum("...ntd,nte->...nde", G, self.kron_inputs(module, A))
+        return outer_rows(G, self.kron_inputs(module, A))
 
     # ------------------------------------------- modules that use parameters functionally
     # (``nn.MultiheadAttention``: :mod:`fisherlab.layers.attention`)
