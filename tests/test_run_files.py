@@ -533,3 +533,33 @@ def test_a_registered_model_is_fingerprinted_by_its_builder(monkeypatch):
     wider = models.ModelEntry(entry.build, lambda shape, c: entry.build(64, (256,), c), "w")
     monkeypatch.setitem(models.MODELS, "mlp", wider)  # the registry edited: another model
     assert ex.model_fingerprint("mlp")[0] != before[0]
+
+
+def test_figures_and_their_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from fisherlab.analysis import FigureData
+    from fisherlab.plots.base import save_figure
+
+    table = FigureData("t", {"rows": [{"a": 1.0, "b": "x"}]}, {"k": 1})
+    old_paths = table.save(tmp_path, "fig")
+    fig = Figure()
+    fig.add_subplot().plot([0, 1])
+    (png,) = save_figure(fig, tmp_path / "fig", formats=("png",))
+    before = {p: p.read_bytes() for p in [*old_paths, png]}
+
+    def failing_savefig(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"half a figure")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    with pytest.raises(files.WriteError, match="the previous file is kept"):
+        save_figure(fig, tmp_path / "fig", formats=("png",))
+    assert png.read_bytes() == before[png]
+    monkeypatch.setattr(files, "open", _FullDisk(only=".json"), raising=False)
+    with pytest.raises(files.WriteError, match="No space left on device"):
+        FigureData("t", {"rows": [{"a": 2.0, "b": "y"}] * 500}, {"k": 2}).save(tmp_path, "fig")
+    csv_path, json_path = old_paths
+    assert json_path.read_bytes() == before[json_path]  # the failed file: the old one, whole
+    assert csv_path.read_text().splitlines() == ["a,b"] + ["2,y"] * 500  # the new one, whole
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fisherlab.files import replacing, write_text
+
 
 def _column_type(value: Any) -> str:
     if isinstance(value, bool):
@@ -63,7 +65,7 @@ class FigureData:
             columns = list(rows[0]) if rows else []
             types[key] = {c: _column_type(rows[0][c]) for c in columns}
             path = folder / f"{stem}-{key}.csv"
-            with path.open("w", newline="") as f:
+            with replacing(path) as tmp, tmp.open("w", newline="") as f:  # whole or not at all
                 writer = csv.writer(f)
                 writer.writerow(columns)
                 for row in rows:
@@ -76,7 +78,7 @@ class FigureData:
             paths.append(path)
         path = folder / f"{stem}.json"
         info = {"name": self.name, "meta": self.meta, "tables": types}
-        path.write_text(json.dumps(info, indent=2) + "\n")
+        write_text(path, json.dumps(info, indent=2) + "\n")
         return [*paths, path]
 
     @classmethod

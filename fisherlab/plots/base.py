@@ -14,6 +14,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from fisherlab.analysis import CONV_EXTRA, FigureData
+from fisherlab.files import replacing
 
 _PALETTE = sns.color_palette("colorblind", 10)
 METHOD_COLORS: dict[str, Any] = {
@@ -173,7 +174,8 @@ def save_figure(
     with style():
         for fmt in formats:
             path = stem.with_suffix(f".{fmt}")
-            fig.savefig(path, format=fmt, metadata=_metadata(fmt))
+            with replacing(path) as tmp:  # whole or not at all
+                fig.savefig(tmp, format=fmt, metadata=_metadata(fmt))
             paths.append(path)
     return paths
 
