@@ -5,8 +5,11 @@ float64 unless stated; each test uses the probe's setting in small.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_optim_loops import MAKE, NAMES, _close, _data, _model, _params
 from torch import nn
+
+import fisherlab as fl
 
 
 # ------------------------------------------------------- passes that never touch p.grad
@@ -56,3 +59,63 @@ def test_autograd_grad_wrt_the_parameters_adds_no_samples(name):
         loss_fn(model(x), y).backward()
         opt.step()
     _close(_params(models[0]), _params(models[1]))
+
+
+# ------------------------------------------------- weights used outside their module's call
+class TiedAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t())
+
+
+def _tied(name):
+    torch.manual_seed(0)
+    model = TiedAutoencoder().double()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    opt = MAKE[name](model, loss_fn=nn.MSELoss())
+    nn.MSELoss()(model(x), x).backward()
+    return model, opt
+
+
+def _auxiliary(name):
+    model = _model()
+    x, y = _data("mlp", 8, 1)
+    opt = MAKE[name](model, loss_fn=nn.CrossEntropyLoss())
+    h = torch.randn(8, 6, dtype=torch.float64)
+    (nn.CrossEntropyLoss()(model(x), y) + 0.5 * model[2](h).pow(2).mean()).backward()
+    return model, opt
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case, layer", [(_tied, "enc.weight"), (_auxiliary, "2.weight")])
+def test_a_weight_used_outside_its_module_call_is_refused_by_name(name, case, layer):
+    model, opt = case(name)
+    before = _params(model)
+    with pytest.raises(fl.FisherlabError, match=f"'{layer}'.*outside their module's call"):
+        opt.step()
+    _close(_params(model), before, 0.0)
+
+
+@pytest.mark.parametrize("name", ["kfac", "tengrad"])
+def test_the_check_can_be_switched_off(name):
+    model, opt = _auxiliary(name)
+    before = _params(model)
+    opt.check_gradients_every = 0
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in _params(model).items())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_clipping_and_weight_decay_on_weights_only_pass_the_check(name):
+    model = _model()
+    x, y = _data("mlp", 8, 1)
+    opt = MAKE[name](model, loss_fn=nn.CrossEntropyLoss())
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-2)
+    for n, p in model.named_parameters():
+        if n.endswith("weight"):
+            p.grad += 1e-2 * p.detach()
+    opt.step()

@@ -13,7 +13,8 @@ accumulation over micro-batches and DDP averaging. Subclasses implement
 **How statistics are gathered** (:class:`fisherlab.capture.Recorder`, the recorder the analyses
 use too): every forward pass of the model with grad enabled records each layer's ``Ã``, every
 backward pass through it the output gradients. They accumulate like ``p.grad``: over all
-passes and backward calls since the last ``step()``; ``zero_grad()`` drops the gradients
+passes and backward calls since the last ``step()`` that write ``p.grad`` (``torch.autograd.grad``
+calls, e.g. an adversarial attack's, add nothing); ``zero_grad()`` drops the gradients
 recorded so far. A pass without backward, or under ``no_grad``, adds and erases nothing. A
 layer called several times in one forward pass contributes every call (more positions of the
 same samples); two calls of the model are two sets of samples. The statistics are read as
@@ -43,6 +44,9 @@ Shared behaviour:
   construction, naming the modules; with ``unsupported="sgd"`` they get the plain gradient
   step (with the group's lr, momentum and weight decay), and a one-time warning names them.
   A layer whose bias is frozen is preconditioned on its weight alone.
+* ``p.grad`` is checked against the gradient the statistics decompose on the first step and
+  every ``check_gradients_every`` steps: a weight also used outside its module's call is
+  refused by name (:meth:`CurvatureOptimizer._check_gradients`).
 * Weight decay is decoupled (``θ ← θ − lr·wd·θ``); momentum is heavy-ball on the update.
 * A step whose gradients or statistics hold NaN/Inf, or whose curvature overflows or cannot be
   inverted, is skipped for all parameters, with a warning naming the layers; nothing is
@@ -225,6 +229,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.track_direction_cosine = False
         self._cosines: tuple[Tensor, Tensor] | None = None  # (sum, count) on the device
         self._warned: set[str] = set()
+        #: Steps between checks that ``p.grad`` is the gradient the statistics decompose (the
+        #: first step is always checked); ``0``: never (see :meth:`_check_gradients`).
+        self.check_gradients_every = 50
         self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
         # the first step checks that a cross-entropy's gradient fits the assumed ν
         self._recorder.watch_output = loss is None or loss.kind == "cross_entropy"
@@ -506,6 +513,69 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             stacklevel=4,
         )
 
+    def _gradient_check_due(self) -> bool:
+        every = self.check_gradients_every
+        return (
+            bool(every)
+            and self.steps % every == 0
+            and self.fisher_type == "empirical"  # the "mc" rows do not decompose p.grad
+            and not distributed()  # p.grad is averaged over ranks, KFAC's statistics are local
+        )
+
+    def _check_gradients(self, jobs: dict[str, tuple], normaliser: float) -> None:
+        r"""Refuse layers whose ``p.grad`` holds uses of the weight outside the module's call.
+
+        The statistics decompose the gradient of the module's recorded calls,
+        :math:`s = \frac1ν \sum_n G_n^\top Ã_n`. ``p.grad`` may differ from ``s`` by what the
+        loop legitimately does to it: a common factor (clipping, ``c``) and a multiple of the
+        parameter (an L2 penalty or weight decay added to the gradient, ``μθ``). Per parameter
+        tensor, the part of ``p.grad`` outside ``span{s, θ}`` is the gradient of other uses of
+        the weight (a tied decoder ``F.linear(h, enc.weight.t())``, a layer called outside the
+        model's forward): beyond rounding (``1e3·ε`` of the statistics' precision, relative to
+        ``‖p.grad‖ + Σ_n ‖G_n‖‖Ã_n‖/ν``) it is refused by name, as the library refuses such
+        parameters. Costs one product of the size of the weight gradient per layer and one
+        host synchronisation, on the first step and every :attr:`check_gradients_every` steps.
+        Loops that change ``p.grad`` otherwise (e.g. add noise) set
+        ``check_gradients_every = 0``.
+        """
+        names, residuals, limits = [], [], []
+        eps = torch.finfo(getattr(self, "_precision", None) or self.stat_dtype).eps
+        tol = min(1e3 * eps, 0.05)
+        for name, (layer, params, A, G, grad, _) in jobs.items():
+            if not layer.kronecker or not A.is_floating_point():
+                continue
+            A = layer.kron_inputs(A)
+            implied = layer.to_param_order(torch.einsum("rntd,nte->de", G, A) / normaliser)
+            rounding = (G.flatten(2).norm(dim=2) * A.flatten(1).norm(dim=1)).sum() / normaliser
+            offset = 0
+            for p_name, p in zip(layer.parameter_names(), params):
+                g = grad[offset : offset + p.numel()]
+                span = [implied[offset : offset + p.numel()], p.detach().reshape(-1).to(g.dtype)]
+                offset += p.numel()
+                names.append(f"{name}.{p_name}")
+                residuals.append(_outside_span(g, span))
+                limits.append(tol * (g.norm() + rounding))
+        if not names:
+            return
+        residual, limit = torch.stack(residuals), torch.stack(limits)
+        over = (residual > limit).tolist()  # one host synchronisation
+        if not any(over):
+            return
+        outside = [
+            f"{n!r} (relative difference {float(r) / max(float(lim) / tol, 1e-300):.2g})"
+            for n, r, lim, bad in zip(names, residual, limit, over)
+            if bad
+        ]
+        raise FisherlabError(
+            f"the gradients of {', '.join(outside)} are not the gradient of their module's "
+            "recorded calls (up to clipping and an L2 term): the parameters are also used "
+            "outside their module's call (a tied weight such as F.linear(h, enc.weight.t()), "
+            "the layer called outside the model's forward, x @ layer.weight), so the "
+            "statistics miss part of p.grad and no block built from them is its Fisher; route "
+            "every use through the module's call inside model(x) (or, if the loop changes "
+            "p.grad on purpose, set optimizer.check_gradients_every = 0)"
+        )
+
     def _no_statistics(self, missing: list[str], any_found: bool) -> None:
         """Layers with gradients but no statistics: refuse if none has any, else warn once."""
         why = (
@@ -570,6 +640,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             jobs[name] = (layer, params, A, G, grad, group)
         if missing:
             self._no_statistics(missing, bool(jobs))
+        if self._gradient_check_due():
+            self._check_gradients(jobs, normaliser)
         directions = {}
         try:
             with deferred_checks():  # one finiteness check of everything, below
@@ -800,6 +872,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.steps = extra["steps"]
         self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
         self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
+
+
+def _outside_span(g: Tensor, span: list[Tensor]) -> Tensor:
+    """``‖g − Π g‖`` with ``Π`` the orthogonal projector on ``span`` (Gram–Schmidt, twice)."""
+    basis: list[Tensor] = []
+    for v in span:
+        size = v.norm()
+        for _ in range(2):
+            for q in basis:
+                v = v - q * torch.dot(q, v)
+        norm = v.norm()
+        keep = norm > 1e-8 * size  # a column (nearly) in the span already adds nothing
+        basis.append(torch.where(keep, v / torch.where(keep, norm, 1.0), 0.0))
+    r = g
+    for _ in range(2):
+        for q in basis:
+            r = r - q * torch.dot(q, r)
+    return r.norm()
 
 
 def _clone(value: Any, device: torch.device | None = None) -> Any:
