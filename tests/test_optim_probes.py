@@ -119,3 +119,49 @@ def test_clipping_and_weight_decay_on_weights_only_pass_the_check(name):
         if n.endswith("weight"):
             p.grad += 1e-2 * p.detach()
     opt.step()
+
+
+# ------------------------------------------------------------ state loaded at another dtype
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "source, target",
+    [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+    ids=["float32-to-float64", "float64-to-float32"],
+)
+def test_a_state_saved_at_another_dtype_is_cast_on_load(name, source, target):
+    """Steps after loading equal those of a run started in the target dtype from the cast state."""
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model(dtype=source)
+    opt = MAKE[name](model, loss_fn=loss_fn, momentum=0.9)
+    for seed in (1, 2):
+        x, y = _data(n=8, seed=seed, dtype=source)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    state, params = opt.state_dict(), model.state_dict()
+    runs = []
+    for cast_first in (False, True):
+        m = _model(dtype=target)
+        m.load_state_dict({k: v.to(target) for k, v in params.items()})
+        o = MAKE[name](m, loss_fn=loss_fn, momentum=0.9)
+        o.load_state_dict(_cast(state, target) if cast_first else state)
+        for seed in (3, 4):
+            x, y = _data(n=8, seed=seed, dtype=target)
+            o.zero_grad()
+            loss_fn(m(x), y).backward()
+            o.step()
+        assert o.skipped_steps == 0
+        runs.append(_params(m))
+    _close(runs[0], runs[1], 0.0)
+    moved = {k: v.to(target) for k, v in params.items()}
+    assert all(not torch.equal(runs[0][k], moved[k]) for k in moved)

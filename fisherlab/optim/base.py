@@ -836,7 +836,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (statistics moved to the parameters' device).
+        """Restore a :meth:`state_dict`, statistics on the parameters' device and dtype.
+
+        The statistics are cast to the statistics' dtype, as ``torch.optim`` casts its state:
+        a float32 run's state continues a float64 model and back.
 
         Raises:
             FisherlabError: when the state was saved by another optimizer class, for other
@@ -871,7 +874,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         device = next(iter(self.layers.values())).weight.device if self.layers else None
         self.steps = extra["steps"]
         self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
-        self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
+        # as torch.optim casts its state to the parameters': statistics to the statistics' dtype
+        self.layer_state = {
+            name: _clone(s, device, self.stat_dtype) for name, s in extra["layers"].items()
+        }
 
 
 def _outside_span(g: Tensor, span: list[Tensor]) -> Tensor:
@@ -892,13 +898,17 @@ def _outside_span(g: Tensor, span: list[Tensor]) -> Tensor:
     return r.norm()
 
 
-def _clone(value: Any, device: torch.device | None = None) -> Any:
+def _clone(value: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A detached copy of a statistic, on ``device`` and, if floating, in ``dtype`` if given."""
     if isinstance(value, Tensor):
-        return value.detach().clone().to(device) if device is not None else value.detach().clone()
+        value = value.detach().clone()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        return value.to(device) if device is not None else value
     if isinstance(value, dict):
-        return {k: _clone(v, device) for k, v in value.items()}
+        return {k: _clone(v, device, dtype) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_clone(v, device) for v in value)
+        return type(value)(_clone(v, device, dtype) for v in value)
     return value
 
 
