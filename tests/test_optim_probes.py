@@ -3,9 +3,12 @@
 float64 unless stated; each test uses the probe's setting in small.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import per_sample_grads
 from test_optim_loops import MAKE, NAMES, _close, _data, _model, _params
 from torch import nn
 
@@ -165,3 +168,46 @@ def test_a_state_saved_at_another_dtype_is_cast_on_load(name, source, target):
     _close(runs[0], runs[1], 0.0)
     moved = {k: v.to(target) for k, v in params.items()}
     assert all(not torch.equal(runs[0][k], moved[k]) for k in moved)
+
+
+# ------------------------------------------------------------- damping below the dtype's reach
+def _damping_run(name, dtype, damping):
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model(dtype=dtype)
+    opt = MAKE[name](model, loss_fn=loss_fn, damping=damping)
+    x, y = _data(n=4, dtype=dtype)  # batch 4 < layer sizes: singular blocks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    return opt, [str(w.message) for w in caught if "below what" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_damping_float32_cannot_resolve_is_warned_about_once(name):
+    _, caught = _damping_run(name, torch.float32, 1e-8)
+    assert len(caught) == 1, caught
+    assert "torch.float32" in caught[0] and "'0'" in caught[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_a_damping_the_dtype_resolves_is_not_warned_about(name, dtype):
+    _, caught = _damping_run(name, dtype, 1e-8 if dtype == torch.float64 else 1e-3)
+    assert not caught, caught
+
+
+def test_the_curvature_scale_bounds_the_largest_eigenvalue():
+    """``τ ≥ tr F̂ ≥ λ_max`` against the dense block of per-sample gradients (float64)."""
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model()
+    opt = MAKE["tengrad"](model, loss_fn=loss_fn)
+    x, y = _data(n=4)
+    J = per_sample_grads(_model(), loss_fn, x, y, "0")
+    loss_fn(model(x), y).backward()
+    opt.step()
+    trace = float(torch.trace(J.T @ J).detach() / len(x))
+    assert trace <= opt.curvature_scale["0"] * (1 + 1e-12)
+    assert opt.curvature_scale["0"] == pytest.approx(trace, rel=1e-10)  # T = 1: equal

@@ -232,6 +232,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         #: Steps between checks that ``p.grad`` is the gradient the statistics decompose (the
         #: first step is always checked); ``0``: never (see :meth:`_check_gradients`).
         self.check_gradients_every = 50
+        #: ``τ ≥ λ_max`` of each layer's curvature at the last check (see :meth:`_probe`).
+        self.curvature_scale: dict[str, float] = {}
         self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
         # the first step checks that a cross-entropy's gradient fits the assumed ν
         self._recorder.watch_output = loss is None or loss.kind == "cross_entropy"
@@ -513,19 +515,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             stacklevel=4,
         )
 
-    def _gradient_check_due(self) -> bool:
+    def _probe_due(self) -> bool:
         every = self.check_gradients_every
-        return (
-            bool(every)
-            and self.steps % every == 0
-            and self.fisher_type == "empirical"  # the "mc" rows do not decompose p.grad
-            and not distributed()  # p.grad is averaged over ranks, KFAC's statistics are local
-        )
+        return bool(every) and self.steps % every == 0
 
-    def _check_gradients(self, jobs: dict[str, tuple], normaliser: float) -> None:
-        r"""Refuse layers whose ``p.grad`` holds uses of the weight outside the module's call.
+    def _probe(self, jobs: dict[str, tuple], normaliser: float) -> None:
+        r"""Check ``p.grad`` against the statistics, and the damping against the curvature.
 
-        The statistics decompose the gradient of the module's recorded calls,
+        **Gradients** (``fisher_type="empirical"``, not under ``torch.distributed``, where
+        ``p.grad`` is averaged over ranks and KFAC's statistics are local): refuse layers whose
+        ``p.grad`` holds uses of the weight outside the module's call. The statistics
+        decompose the gradient of the module's recorded calls,
         :math:`s = \frac1ν \sum_n G_n^\top Ã_n`. ``p.grad`` may differ from ``s`` by what the
         loop legitimately does to it: a common factor (clipping, ``c``) and a multiple of the
         parameter (an L2 penalty or weight decay added to the gradient, ``μθ``). Per parameter
@@ -533,20 +533,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         the weight (a tied decoder ``F.linear(h, enc.weight.t())``, a layer called outside the
         model's forward): beyond rounding (``1e3·ε`` of the statistics' precision, relative to
         ``‖p.grad‖ + Σ_n ‖G_n‖‖Ã_n‖/ν``) it is refused by name, as the library refuses such
-        parameters. Costs one product of the size of the weight gradient per layer and one
-        host synchronisation, on the first step and every :attr:`check_gradients_every` steps.
-        Loops that change ``p.grad`` otherwise (e.g. add noise) set
+        parameters. Loops that change ``p.grad`` otherwise (e.g. add noise) set
         ``check_gradients_every = 0``.
+
+        **Damping**: warn once when ``λ < ε·τ`` with ``ε`` of the statistics' dtype and
+        ``τ = Σ_{r,n} ‖G_{rn}‖²‖Ã_n‖²/ν ≥ tr F̂ ≥ λ_max`` the layer's curvature scale: the
+        damped solve cannot resolve ``λ`` beside the curvature (float32 and ``λ = 1e-8``).
+        ``τ`` is kept in :attr:`curvature_scale` (TENGraD refines its solve by it).
+
+        Costs one product of the size of the weight gradient per layer and one host
+        synchronisation, on the first step and every :attr:`check_gradients_every` steps.
         """
-        names, residuals, limits = [], [], []
+        gradients = self.fisher_type == "empirical" and not distributed()
+        names, residuals, limits, layers, scales = [], [], [], [], []
         eps = torch.finfo(getattr(self, "_precision", None) or self.stat_dtype).eps
         tol = min(1e3 * eps, 0.05)
         for name, (layer, params, A, G, grad, _) in jobs.items():
             if not layer.kronecker or not A.is_floating_point():
                 continue
             A = layer.kron_inputs(A)
+            g_norms, a_norms = G.flatten(2).norm(dim=2), A.flatten(1).norm(dim=1)
+            layers.append(name)
+            scales.append((g_norms.square() * a_norms.square()).sum() / normaliser)
+            if not gradients:
+                continue
             implied = layer.to_param_order(torch.einsum("rntd,nte->de", G, A) / normaliser)
-            rounding = (G.flatten(2).norm(dim=2) * A.flatten(1).norm(dim=1)).sum() / normaliser
+            rounding = (g_norms * a_norms).sum() / normaliser
             offset = 0
             for p_name, p in zip(layer.parameter_names(), params):
                 g = grad[offset : offset + p.numel()]
@@ -555,15 +567,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 names.append(f"{name}.{p_name}")
                 residuals.append(_outside_span(g, span))
                 limits.append(tol * (g.norm() + rounding))
-        if not names:
+        if not layers:
             return
-        residual, limit = torch.stack(residuals), torch.stack(limits)
-        over = (residual > limit).tolist()  # one host synchronisation
+        flags = [(r > lim).to(scales[0].dtype) for r, lim in zip(residuals, limits)]
+        values = torch.stack(scales + flags).tolist()  # one host synchronisation
+        self.curvature_scale.update(zip(layers, values[: len(layers)]))
+        self._check_damping(jobs, layers)
+        over = [bool(v) for v in values[len(layers) :]]
         if not any(over):
             return
         outside = [
             f"{n!r} (relative difference {float(r) / max(float(lim) / tol, 1e-300):.2g})"
-            for n, r, lim, bad in zip(names, residual, limit, over)
+            for n, r, lim, bad in zip(names, residuals, limits, over)
             if bad
         ]
         raise FisherlabError(
@@ -575,6 +590,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "every use through the module's call inside model(x) (or, if the loop changes "
             "p.grad on purpose, set optimizer.check_gradients_every = 0)"
         )
+
+    def _check_damping(self, jobs: dict[str, tuple], layers: list[str]) -> None:
+        """Warn once when a layer's ``λ`` is below what the statistics' dtype resolves."""
+        eps = torch.finfo(self.stat_dtype).eps
+        small = [
+            f"{name!r} (λ = {jobs[name][5]['damping']:g}, curvature scale "
+            f"{self.curvature_scale[name]:.3g})"
+            for name in layers
+            if jobs[name][5]["damping"] < eps * self.curvature_scale[name]
+        ]
+        if small and "damping" not in self._warned:
+            self._warned.add("damping")
+            warnings.warn(
+                f"the damping of layers {', '.join(small)} is below what {self.stat_dtype} "
+                f"statistics resolve (ε = {eps:.2g} times the curvature's scale "
+                "Σ‖G‖²‖Ã‖²/ν ≥ λ_max): the damped solve is dominated by rounding; raise the "
+                "damping or use float64",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def _no_statistics(self, missing: list[str], any_found: bool) -> None:
         """Layers with gradients but no statistics: refuse if none has any, else warn once."""
@@ -640,8 +675,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             jobs[name] = (layer, params, A, G, grad, group)
         if missing:
             self._no_statistics(missing, bool(jobs))
-        if self._gradient_check_due():
-            self._check_gradients(jobs, normaliser)
+        if self._probe_due():
+            self._probe(jobs, normaliser)
         directions = {}
         try:
             with deferred_checks():  # one finiteness check of everything, below
