@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import per_sample_grads
+from helpers import per_sample_grads, rel_err
 from test_optim_loops import MAKE, NAMES, _close, _data, _model, _params
 from torch import nn
 
@@ -211,3 +211,42 @@ def test_the_curvature_scale_bounds_the_largest_eigenvalue():
     trace = float(torch.trace(J.T @ J).detach() / len(x))
     assert trace <= opt.curvature_scale["0"] * (1 + 1e-12)
     assert opt.curvature_scale["0"] == pytest.approx(trace, rel=1e-10)  # T = 1: equal
+
+
+def _tengrad_float32_direction(monkeypatch, refine):
+    """TENGraD's first direction of layer '0' at λ = 1e-8 in float32, and its statistics."""
+    seen = {}
+    original = fl.optim.TENGraD._direction
+
+    def spy(self, name, layer, A, G, normaliser, grad, group):
+        d = original(self, name, layer, A, G, normaliser, grad, group)
+        if name == "0":
+            seen.update(layer=layer, A=A, G=G, normaliser=normaliser, grad=grad, d=d)
+        return d
+
+    monkeypatch.setattr(fl.optim.TENGraD, "_direction", spy)
+    if not refine:
+        monkeypatch.setattr(fl.optim.TENGraD, "_needs_refinement", lambda *a: False)
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model(dtype=torch.float32)
+    opt = MAKE["tengrad"](model, loss_fn=loss_fn, damping=1e-8)
+    x, y = _data(n=4, dtype=torch.float32)
+    loss_fn(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    # the exact solve of the float32 statistics, in float64 with dense per-sample gradients
+    layer, A, G = seen["layer"], seen["A"].double(), seen["G"].double()
+    J = layer.gradients_from_rows(A, G).reshape(-1, layer.num_params)
+    F = J.T @ J / seen["normaliser"]
+    exact = torch.linalg.solve(F + 1e-8 * torch.eye(len(F), dtype=F.dtype), seen["grad"].double())
+    return rel_err(seen["d"].double(), exact)
+
+
+def test_tengrad_refines_a_float32_solve_that_cannot_resolve_the_damping(monkeypatch):
+    assert _tengrad_float32_direction(monkeypatch, refine=True) <= 1e-6
+
+
+def test_tengrad_without_refinement_is_far_from_the_exact_solve(monkeypatch):
+    """The probe's failure, kept as the reason for the refinement."""
+    assert _tengrad_float32_direction(monkeypatch, refine=False) > 1e-2
