@@ -13,6 +13,7 @@ from test_optim_loops import MAKE, NAMES, _close, _data, _model, _params
 from torch import nn
 
 import fisherlab as fl
+from fisherlab.blocks.ekfac import kfe_scalings, pool_null_spaces
 
 
 # ------------------------------------------------------- passes that never touch p.grad
@@ -250,3 +251,54 @@ def test_tengrad_refines_a_float32_solve_that_cannot_resolve_the_damping(monkeyp
 def test_tengrad_without_refinement_is_far_from_the_exact_solve(monkeypatch):
     """The probe's failure, kept as the reason for the refinement."""
     assert _tengrad_float32_direction(monkeypatch, refine=False) > 1e-2
+
+
+# ------------------------------------------------- EKFAC with singular factors: any null basis
+@pytest.mark.parametrize("name", ["ekfac", "ekfac-ra"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ekfac_steps_do_not_depend_on_the_null_space_basis(name, kind):
+    """Batch 4 below the layers' input sizes: inputs scaled by 1 + 1e-14 change nothing."""
+    loss_fn = nn.CrossEntropyLoss()
+    runs = []
+    for factor in (1.0, 1 + 1e-14):
+        model = _model(kind)
+        opt = MAKE[name](model, loss_fn=loss_fn, damping=1e-3)
+        for seed in (1, 2, 3):
+            x, y = _data(kind, 4, seed)
+            opt.zero_grad()
+            loss_fn(model(x * factor), y).backward()
+            opt.step()
+        runs.append(_params(model))
+    _close(runs[0], runs[1], 1e-9)
+
+
+def _rotated_null_basis(factor, seed):
+    values, vectors = torch.linalg.eigh(factor)
+    null = values <= len(values) * torch.finfo(values.dtype).eps * values.max()
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(int(null.sum()), int(null.sum()), generator=g).double())
+    vectors = vectors.clone()
+    vectors[:, null] = vectors[:, null] @ q
+    return values, vectors
+
+
+def test_pooled_null_space_scalings_give_one_damped_inverse_for_every_basis():
+    """Dense ``Q diag(1/(s̄ + λ)) Qᵀ`` with two null-space bases of singular factors."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(2, 5, generator=g).double(), torch.randn(2, 3, generator=g).double()
+    omega, gamma = X.T @ X, Y.T @ Y  # ranks 2 of 5 and 2 of 3
+    A = torch.randn(6, 1, 5, generator=g).double()  # new samples, outside the factors' ranges
+    G = torch.randn(1, 6, 1, 3, generator=g).double()
+    inverses = []
+    for seed in (1, 2):
+        (lg, ug), (lo, uo) = _rotated_null_basis(gamma, seed), _rotated_null_basis(omega, seed)
+        s = pool_null_spaces(kfe_scalings(A, G, ug, uo, 6.0), lg, lo)
+        Q = torch.kron(ug, uo)
+        inverses.append(Q @ torch.diag(1 / (s.flatten() + 1e-3)) @ Q.T)
+    assert rel_err(inverses[0], inverses[1]) <= 1e-10
+    # unpooled, the two bases disagree (the probe's failure)
+    s1, s2 = (
+        kfe_scalings(A, G, _rotated_null_basis(gamma, k)[1], _rotated_null_basis(omega, k)[1], 6.0)
+        for k in (1, 2)
+    )
+    assert not torch.allclose(s1, s2)
