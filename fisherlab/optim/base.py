@@ -570,7 +570,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not layers:
             return
         flags = [(r > lim).to(scales[0].dtype) for r, lim in zip(residuals, limits)]
-        values = torch.stack(scales + flags).tolist()  # one host synchronisation
+        here = scales[0].device  # layers may live on several devices
+        values = torch.stack([v.to(here) for v in scales + flags]).tolist()  # one sync
         self.curvature_scale.update(zip(layers, values[: len(layers)]))
         self._check_damping(jobs, layers)
         over = [bool(v) for v in values[len(layers) :]]
