@@ -214,10 +214,11 @@ def test_the_curvature_scale_bounds_the_largest_eigenvalue():
     assert opt.curvature_scale["0"] == pytest.approx(trace, rel=1e-10)  # T = 1: equal
 
 
-def _tengrad_float32_direction(monkeypatch, refine):
-    """TENGraD's first direction of layer '0' at λ = 1e-8 in float32, and its statistics."""
+def _tengrad_float32_direction(monkeypatch, refine, name="tengrad"):
+    """The first direction of layer '0' at λ = 1e-8 in float32: its distance to the exact one."""
     seen = {}
-    original = fl.optim.TENGraD._direction
+    cls = {"tengrad": fl.optim.TENGraD, "fngd": fl.optim.FNGD}[name]
+    original = cls._direction
 
     def spy(self, name, layer, A, G, normaliser, grad, group):
         d = original(self, name, layer, A, G, normaliser, grad, group)
@@ -225,12 +226,12 @@ def _tengrad_float32_direction(monkeypatch, refine):
             seen.update(layer=layer, A=A, G=G, normaliser=normaliser, grad=grad, d=d)
         return d
 
-    monkeypatch.setattr(fl.optim.TENGraD, "_direction", spy)
+    monkeypatch.setattr(cls, "_direction", spy)
     if not refine:
-        monkeypatch.setattr(fl.optim.TENGraD, "_needs_refinement", lambda *a: False)
+        monkeypatch.setattr(cls, "_needs_refinement", lambda *a: False)
     loss_fn = nn.CrossEntropyLoss()
     model = _model(dtype=torch.float32)
-    opt = MAKE["tengrad"](model, loss_fn=loss_fn, damping=1e-8)
+    opt = MAKE[name](model, loss_fn=loss_fn, damping=1e-8)
     x, y = _data(n=4, dtype=torch.float32)
     loss_fn(model(x), y).backward()
     with warnings.catch_warnings():
@@ -244,8 +245,10 @@ def _tengrad_float32_direction(monkeypatch, refine):
     return rel_err(seen["d"].double(), exact)
 
 
-def test_tengrad_refines_a_float32_solve_that_cannot_resolve_the_damping(monkeypatch):
-    assert _tengrad_float32_direction(monkeypatch, refine=True) <= 1e-6
+@pytest.mark.parametrize("name", ["tengrad", "fngd"])
+def test_tengrad_refines_a_float32_solve_that_cannot_resolve_the_damping(monkeypatch, name):
+    """FNGD's first epoch solves as TENGraD does."""
+    assert _tengrad_float32_direction(monkeypatch, refine=True, name=name) <= 1e-6
 
 
 def test_tengrad_without_refinement_is_far_from_the_exact_solve(monkeypatch):

@@ -61,12 +61,15 @@ class TENGraD(CurvatureOptimizer):
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
         group: dict,
     ) -> Tensor:  # fmt: skip
-        damping = group["damping"]
+        return self._solve_once(name, self._block(layer, A, G, normaliser), grad, group["damping"])
+
+    def _solve_once(self, name: str, block: WoodburyBlock, grad: Tensor, damping: float) -> Tensor:
+        """``(F_b + λI)⁻¹ g`` by one Woodbury solve, refined where ``λ`` needs it."""
         if not self._needs_refinement(name, damping):
-            return self._block(layer, A, G, normaliser).solve_once(grad, damping)
+            return block.solve_once(grad, damping)
         # one solve has a relative error of about ε·τ/λ: in float64, refined once as the
         # block refines (x ← x + S(g − (F + λI)x)), from the float32 statistics as they are
-        block = self._block(layer, A.double(), G.double(), normaliser)
+        block = self._block(block.layer, block.A.double(), block.G.double(), block.normaliser)
         g = grad.double()
         x = block.solve_once(g, damping)
         x = x + block.solve_once(g - block.matvec(x) - damping * x, damping)
