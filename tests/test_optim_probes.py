@@ -113,6 +113,18 @@ def test_the_check_can_be_switched_off(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_value_clipping_passes_the_check(name):
+    model = _model()
+    x, y = _data("mlp", 8, 1)
+    opt = MAKE[name](model, loss_fn=nn.CrossEntropyLoss())
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    clip = 0.3 * max(float(p.grad.abs().max()) for p in model.parameters())
+    torch.nn.utils.clip_grad_value_(model.parameters(), clip)
+    assert sum(int((p.grad.abs() == clip).sum()) for p in model.parameters()) > 1
+    opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_clipping_and_weight_decay_on_weights_only_pass_the_check(name):
     model = _model()
     x, y = _data("mlp", 8, 1)

@@ -528,7 +528,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         decompose the gradient of the module's recorded calls,
         :math:`s = \frac1ν \sum_n G_n^\top Ã_n`. ``p.grad`` may differ from ``s`` by what the
         loop legitimately does to it: a common factor (clipping, ``c``) and a multiple of the
-        parameter (an L2 penalty or weight decay added to the gradient, ``μθ``). Per parameter
+        parameter (an L2 penalty or weight decay added to the gradient, ``μθ``); entries at the
+        tensor's largest magnitude are left out (``clip_grad_value_`` clamps them). Per parameter
         tensor, the part of ``p.grad`` outside ``span{s, θ}`` is the gradient of other uses of
         the weight (a tied decoder ``F.linear(h, enc.weight.t())``, a layer called outside the
         model's forward): beyond rounding (``1e3·ε`` of the statistics' precision, relative to
@@ -564,6 +565,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 g = grad[offset : offset + p.numel()]
                 span = [implied[offset : offset + p.numel()], p.detach().reshape(-1).to(g.dtype)]
                 offset += p.numel()
+                # entries at the largest magnitude may be clamped (clip_grad_value_): left out
+                peak = g.abs().max()
+                free = (g.abs() < peak * (1 - 1e3 * eps)).to(g.dtype)
+                g, span = g * free, [v * free for v in span]
                 names.append(f"{name}.{p_name}")
                 residuals.append(_outside_span(g, span))
                 limits.append(tol * (g.norm() + rounding))
