@@ -134,6 +134,9 @@ class _Call:
     A: Tensor
     output: Tensor | None
     grads: dict[str, list[Tensor]] = field(default_factory=dict)
+    #: Training recorders: the gradient accumulators of the layer's trainable parameters (the
+    #: autograd nodes that write their ``.grad``), to tell which backward passes reach them.
+    sinks: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -149,6 +152,25 @@ class _Pass:
     #: Gradients w.r.t. the network output, kept only while :attr:`Recorder.watch_output`.
     output_value: Tensor | None = None
     output_grads: list[Tensor] = field(default_factory=list)
+
+
+def _reaches_grad(sinks: tuple[Any, ...]) -> bool:
+    """Whether the running backward pass writes the ``.grad`` of a parameter with these sinks.
+
+    Called from a gradient hook. ``loss.backward()`` executes every accumulator; a
+    ``torch.autograd.grad`` call executes none (it returns its gradients instead), nor does
+    ``backward(inputs=…)`` for parameters outside ``inputs``. No sinks (nothing trainable):
+    ``True``.
+    """
+    if not sinks:
+        return True
+    for node in sinks:
+        try:
+            if torch._C._will_engine_execute_node(node):
+                return True
+        except RuntimeError:  # autograd.grad w.r.t. the parameter itself: no .grad is written
+            continue
+    return False
 
 
 def _transformed() -> bool:
@@ -199,6 +221,11 @@ class Recorder:
       accumulation, micro-batch losses weighted by ``ν_pass/ν``; one batch: any loss).
     * any other name (``"rows"``, ``"mc"``): per-sample rows already, one row per backward
       call, taken as they are.
+
+    A training recorder counts in ``"loss"`` only the backward passes that write the ``.grad``
+    of a recorded layer's trainable parameters: ``torch.autograd.grad`` calls (an adversarial
+    attack's gradient w.r.t. the input, a gradient penalty) add nothing, as they add nothing
+    to ``p.grad``.
 
     The hooks are global module hooks that act only on this model's modules, so the model
     itself carries none: copies and pickles of it are not tied to the recorder.
@@ -385,8 +412,10 @@ class Recorder:
         if self.watch_output and selected.requires_grad:
             current.output_value = selected.detach()
 
+            sinks = tuple(n for calls in current.calls.values() for c in calls for n in c.sinks)
+
             def watch(g: Tensor) -> None:
-                if self.channel in _LOSS_CHANNELS:
+                if self.channel in _LOSS_CHANNELS and (not self.training or _reaches_grad(sinks)):
                     current.output_grads.append(g.detach())
 
             selected.register_hook(watch)
@@ -430,12 +459,21 @@ class Recorder:
             output = output.detach().requires_grad_(True)
         self._note_precision(A.dtype)
         keep = self.dtype is None or not A.is_floating_point()  # token indices stay integers
-        call = _Call(A if keep else A.to(self.dtype), output)
+        sinks = ()
+        if self.training:  # only backward passes that write p.grad count as the loss's
+            sinks = tuple(
+                torch.autograd.graph.get_gradient_edge(p).node
+                for p in self.layers[name].parameters()
+                if p.requires_grad
+            )
+        call = _Call(A if keep else A.to(self.dtype), output, sinks=sinks)
         self._open.calls.setdefault(name, []).append(call)
 
         def grad_hook(g: Tensor) -> None:
             if self._ignoring():
                 return
+            if self.channel in _LOSS_CHANNELS and not _reaches_grad(call.sinks):
+                return  # e.g. torch.autograd.grad(loss, x) of an adversarial attack
             G = rows(g.detach())
             self._note_precision(G.dtype)
             G = G if self.dtype is None else G.to(self.dtype)

@@ -744,8 +744,9 @@ def test_a_step_waits_for_the_device_once(name):
         with counting_syncs() as syncs:
             opt.step()
         counts.append(syncs[0])
-    # the first step also checks once that the loss's output gradient fits ν (two more)
-    assert counts == ([3, 1, 2, 2] if name == "fngd" else [3, 1, 1, 1]), counts
+    # the first step also checks once that the loss's output gradient fits ν (two more) and
+    # that p.grad is the gradient the statistics decompose (one more)
+    assert counts == ([4, 1, 2, 2] if name == "fngd" else [4, 1, 1, 1]), counts
 
 
 # ------------------------------------------------------------------ sync-free steps
@@ -776,8 +777,9 @@ def test_sync_free_steps_equal_the_synchronised_ones_without_waiting(name):
     free, opt, counts, _, _ = _sync_free_run(name, True, kind="cnn")
     _close(_params(free), _params(synced), 1e-12)
     # first steps: statistics without an old value (and FNGD's first epoch) synchronise once;
-    # after that nothing waits, except FNGD's test of p.grad against its batch gradient
-    expected = {"fngd": [3, 1, 1, 1, 1]}.get(name, [3, 0, 0, 0, 0])
+    # after that nothing waits, except FNGD's test of p.grad against its batch gradient (and
+    # the check of p.grad against the statistics' gradient, every check_gradients_every steps)
+    expected = {"fngd": [4, 1, 1, 1, 1]}.get(name, [4, 0, 0, 0, 0])
     assert counts == expected, counts
     assert opt.skipped_steps == 0
 

@@ -61,6 +61,33 @@ def kfe_scalings(
     return kfe_squares(A, G, u_gamma, u_omega) / normaliser
 
 
+def pool_null_spaces(s: Tensor, values_gamma: Tensor, values_omega: Tensor) -> Tensor:
+    r"""Scalings ``[d_out, D]`` averaged over the factors' null spaces: basis-independent.
+
+    Where a factor is singular (a batch below the layer's size), its eigenvectors with zero
+    eigenvalue are an arbitrary basis of the null space, and scalings of samples outside the
+    factor's range (later batches) depend on that choice. Replacing them by their mean over
+    the null space — per range eigenvector of the other factor, and over the null × null
+    rectangle — gives ``(s̄ + λ)⁻¹`` times the projector there: the same for every basis (the
+    mean is a trace over the subspace). Null: eigenvalues ``≤ D·ε·λ_max`` of the factor's dtype.
+    No synchronisation (masks on the device).
+
+    Args:
+        s: Scalings ``[d_out, D]`` in the basis ``U_Γ ⊗ U_Ω``.
+        values_gamma: Eigenvalues of the output-gradient factor ``Γ`` ``[d_out]``.
+        values_omega: Eigenvalues of the input factor ``Ω`` ``[D]``.
+    """
+    for dim, values in ((1, values_omega), (0, values_gamma)):
+        values = values.to(s.device)
+        eps = torch.finfo(values.dtype).eps
+        null = values <= len(values) * eps * values.abs().max()
+        shape = (1, -1) if dim == 1 else (-1, 1)
+        mask = null.reshape(shape).to(s.dtype)
+        mean = (s * mask).sum(dim, keepdim=True) / mask.sum().clamp_min(1)
+        s = torch.where(null.reshape(shape), mean, s)
+    return s
+
+
 def basis_entry(basis: Any, layer) -> tuple[Tensor, Tensor]:
     """``(U_Γ, U_Ω)`` of one layer from a ``basis=`` option, checked against the layer's shape."""
     try:

@@ -13,7 +13,8 @@ accumulation over micro-batches and DDP averaging. Subclasses implement
 **How statistics are gathered** (:class:`fisherlab.capture.Recorder`, the recorder the analyses
 use too): every forward pass of the model with grad enabled records each layer's ``Ã``, every
 backward pass through it the output gradients. They accumulate like ``p.grad``: over all
-passes and backward calls since the last ``step()``; ``zero_grad()`` drops the gradients
+passes and backward calls since the last ``step()`` that write ``p.grad`` (``torch.autograd.grad``
+calls, e.g. an adversarial attack's, add nothing); ``zero_grad()`` drops the gradients
 recorded so far. A pass without backward, or under ``no_grad``, adds and erases nothing. A
 layer called several times in one forward pass contributes every call (more positions of the
 same samples); two calls of the model are two sets of samples. The statistics are read as
@@ -43,6 +44,9 @@ Shared behaviour:
   construction, naming the modules; with ``unsupported="sgd"`` they get the plain gradient
   step (with the group's lr, momentum and weight decay), and a one-time warning names them.
   A layer whose bias is frozen is preconditioned on its weight alone.
+* ``p.grad`` is checked against the gradient the statistics decompose on the first step and
+  every ``check_gradients_every`` steps: a weight also used outside its module's call is
+  refused by name (:meth:`CurvatureOptimizer._check_gradients`).
 * Weight decay is decoupled (``θ ← θ − lr·wd·θ``); momentum is heavy-ball on the update.
 * A step whose gradients or statistics hold NaN/Inf, or whose curvature overflows or cannot be
   inverted, is skipped for all parameters, with a warning naming the layers; nothing is
@@ -225,6 +229,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.track_direction_cosine = False
         self._cosines: tuple[Tensor, Tensor] | None = None  # (sum, count) on the device
         self._warned: set[str] = set()
+        #: Steps between checks that ``p.grad`` is the gradient the statistics decompose (the
+        #: first step is always checked); ``0``: never (see :meth:`_check_gradients`).
+        self.check_gradients_every = 50
+        #: ``τ ≥ λ_max`` of each layer's curvature at the last check (see :meth:`_probe`).
+        self.curvature_scale: dict[str, float] = {}
         self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
         # the first step checks that a cross-entropy's gradient fits the assumed ν
         self._recorder.watch_output = loss is None or loss.kind == "cross_entropy"
@@ -506,6 +515,108 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             stacklevel=4,
         )
 
+    def _probe_due(self) -> bool:
+        every = self.check_gradients_every
+        return bool(every) and self.steps % every == 0
+
+    def _probe(self, jobs: dict[str, tuple], normaliser: float) -> None:
+        r"""Check ``p.grad`` against the statistics, and the damping against the curvature.
+
+        **Gradients** (``fisher_type="empirical"``, not under ``torch.distributed``, where
+        ``p.grad`` is averaged over ranks and KFAC's statistics are local): refuse layers whose
+        ``p.grad`` holds uses of the weight outside the module's call. The statistics
+        decompose the gradient of the module's recorded calls,
+        :math:`s = \frac1ν \sum_n G_n^\top Ã_n`. ``p.grad`` may differ from ``s`` by what the
+        loop legitimately does to it: a common factor (clipping, ``c``) and a multiple of the
+        parameter (an L2 penalty or weight decay added to the gradient, ``μθ``); entries at the
+        tensor's largest magnitude are left out (``clip_grad_value_`` clamps them). Per parameter
+        tensor, the part of ``p.grad`` outside ``span{s, θ}`` is the gradient of other uses of
+        the weight (a tied decoder ``F.linear(h, enc.weight.t())``, a layer called outside the
+        model's forward): beyond rounding (``1e3·ε`` of the statistics' precision, relative to
+        ``‖p.grad‖ + Σ_n ‖G_n‖‖Ã_n‖/ν``) it is refused by name, as the library refuses such
+        parameters. Loops that change ``p.grad`` otherwise (e.g. add noise) set
+        ``check_gradients_every = 0``.
+
+        **Damping**: warn once when ``λ < ε·τ`` with ``ε`` of the statistics' dtype and
+        ``τ = Σ_{r,n} ‖G_{rn}‖²‖Ã_n‖²/ν ≥ tr F̂ ≥ λ_max`` the layer's curvature scale: the
+        damped solve cannot resolve ``λ`` beside the curvature (float32 and ``λ = 1e-8``).
+        ``τ`` is kept in :attr:`curvature_scale` (TENGraD refines its solve by it).
+
+        Costs one product of the size of the weight gradient per layer and one host
+        synchronisation, on the first step and every :attr:`check_gradients_every` steps.
+        """
+        gradients = self.fisher_type == "empirical" and not distributed()
+        names, residuals, limits, layers, scales = [], [], [], [], []
+        eps = torch.finfo(getattr(self, "_precision", None) or self.stat_dtype).eps
+        tol = min(1e3 * eps, 0.05)
+        for name, (layer, params, A, G, grad, _) in jobs.items():
+            if not layer.kronecker or not A.is_floating_point():
+                continue
+            A = layer.kron_inputs(A)
+            g_norms, a_norms = G.flatten(2).norm(dim=2), A.flatten(1).norm(dim=1)
+            layers.append(name)
+            scales.append((g_norms.square() * a_norms.square()).sum() / normaliser)
+            if not gradients:
+                continue
+            implied = layer.to_param_order(torch.einsum("rntd,nte->de", G, A) / normaliser)
+            rounding = (g_norms * a_norms).sum() / normaliser
+            offset = 0
+            for p_name, p in zip(layer.parameter_names(), params):
+                g = grad[offset : offset + p.numel()]
+                span = [implied[offset : offset + p.numel()], p.detach().reshape(-1).to(g.dtype)]
+                offset += p.numel()
+                # entries at the largest magnitude may be clamped (clip_grad_value_): left out
+                peak = g.abs().max()
+                free = (g.abs() < peak * (1 - 1e3 * eps)).to(g.dtype)
+                g, span = g * free, [v * free for v in span]
+                names.append(f"{name}.{p_name}")
+                residuals.append(_outside_span(g, span))
+                limits.append(tol * (g.norm() + rounding))
+        if not layers:
+            return
+        flags = [(r > lim).to(scales[0].dtype) for r, lim in zip(residuals, limits)]
+        here = scales[0].device  # layers may live on several devices
+        values = torch.stack([v.to(here) for v in scales + flags]).tolist()  # one sync
+        self.curvature_scale.update(zip(layers, values[: len(layers)]))
+        self._check_damping(jobs, layers)
+        over = [bool(v) for v in values[len(layers) :]]
+        if not any(over):
+            return
+        outside = [
+            f"{n!r} (relative difference {float(r) / max(float(lim) / tol, 1e-300):.2g})"
+            for n, r, lim, bad in zip(names, residuals, limits, over)
+            if bad
+        ]
+        raise FisherlabError(
+            f"the gradients of {', '.join(outside)} are not the gradient of their module's "
+            "recorded calls (up to clipping and an L2 term): the parameters are also used "
+            "outside their module's call (a tied weight such as F.linear(h, enc.weight.t()), "
+            "the layer called outside the model's forward, x @ layer.weight), so the "
+            "statistics miss part of p.grad and no block built from them is its Fisher; route "
+            "every use through the module's call inside model(x) (or, if the loop changes "
+            "p.grad on purpose, set optimizer.check_gradients_every = 0)"
+        )
+
+    def _check_damping(self, jobs: dict[str, tuple], layers: list[str]) -> None:
+        """Warn once when a layer's ``λ`` is below what the statistics' dtype resolves."""
+        eps = torch.finfo(self.stat_dtype).eps
+        small = [
+            f"{name!r} (λ = {jobs[name][5]['damping']:g}, curvature scale "
+            f"{self.curvature_scale[name]:.3g})"
+            for name in layers
+            if jobs[name][5]["damping"] < eps * self.curvature_scale[name]
+        ]
+        if small and "damping" not in self._warned:
+            self._warned.add("damping")
+            warnings.warn(
+                f"the damping of layers {', '.join(small)} is below what {self.stat_dtype} "
+                f"statistics resolve (ε = {eps:.2g} times the curvature's scale "
+                "Σ‖G‖²‖Ã‖²/ν ≥ λ_max): the damped solve is dominated by rounding; raise the "
+                "damping or use float64",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+
     def _no_statistics(self, missing: list[str], any_found: bool) -> None:
         """Layers with gradients but no statistics: refuse if none has any, else warn once."""
         why = (
@@ -570,6 +681,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             jobs[name] = (layer, params, A, G, grad, group)
         if missing:
             self._no_statistics(missing, bool(jobs))
+        if self._probe_due():
+            self._probe(jobs, normaliser)
         directions = {}
         try:
             with deferred_checks():  # one finiteness check of everything, below
@@ -764,7 +877,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (statistics moved to the parameters' device).
+        """Restore a :meth:`state_dict`, statistics on the parameters' device and dtype.
+
+        The statistics are cast to the statistics' dtype, as ``torch.optim`` casts its state:
+        a float32 run's state continues a float64 model and back.
 
         Raises:
             FisherlabError: when the state was saved by another optimizer class, for other
@@ -799,16 +915,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         device = next(iter(self.layers.values())).weight.device if self.layers else None
         self.steps = extra["steps"]
         self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
-        self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
+        # as torch.optim casts its state to the parameters': statistics to the statistics' dtype
+        self.layer_state = {
+            name: _clone(s, device, self.stat_dtype) for name, s in extra["layers"].items()
+        }
 
 
-def _clone(value: Any, device: torch.device | None = None) -> Any:
+def _outside_span(g: Tensor, span: list[Tensor]) -> Tensor:
+    """``‖g − Π g‖`` with ``Π`` the orthogonal projector on ``span`` (Gram–Schmidt, twice)."""
+    basis: list[Tensor] = []
+    for v in span:
+        size = v.norm()
+        for _ in range(2):
+            for q in basis:
+                v = v - q * torch.dot(q, v)
+        norm = v.norm()
+        keep = norm > 1e-8 * size  # a column (nearly) in the span already adds nothing
+        basis.append(torch.where(keep, v / torch.where(keep, norm, 1.0), 0.0))
+    r = g
+    for _ in range(2):
+        for q in basis:
+            r = r - q * torch.dot(q, r)
+    return r.norm()
+
+
+def _clone(value: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A detached copy of a statistic, on ``device`` and, if floating, in ``dtype`` if given."""
     if isinstance(value, Tensor):
-        return value.detach().clone().to(device) if device is not None else value.detach().clone()
+        value = value.detach().clone()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        return value.to(device) if device is not None else value
     if isinstance(value, dict):
-        return {k: _clone(v, device) for k, v in value.items()}
+        return {k: _clone(v, device, dtype) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_clone(v, device) for v in value)
+        return type(value)(_clone(v, device, dtype) for v in value)
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
+from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings, pool_null_spaces
 from fisherlab.conventions import check_positive_int
 from fisherlab.layers import Layer
 from fisherlab.optim.distributed import all_reduce_mean
@@ -17,7 +17,10 @@ class EKFAC(KFAC):
 
     The basis of the running-average KFAC factors is recomputed every ``basis_update_freq``
     steps; the scalings ``s`` come from every batch (``running_average=False``) or are a running
-    average with ``stat_decay`` (EKFAC-ra, reset when the basis changes).
+    average with ``stat_decay`` (EKFAC-ra, reset when the basis changes). Where a factor is
+    singular, the scalings are averaged over its null space
+    (:func:`~fisherlab.blocks.ekfac.pool_null_spaces`): the step does not depend on the
+    arbitrary basis of the null space.
 
     Args:
         basis_update_freq: Steps between eigen-decompositions of the factors.
@@ -61,6 +64,7 @@ class EKFAC(KFAC):
         state = self.layer_state[name]
         u_gamma, u_omega = state["eig_gamma"][1], state["eig_omega"][1]
         s = all_reduce_mean(kfe_scalings(A, G, u_gamma, u_omega, normaliser), normaliser)
+        s = pool_null_spaces(s, state["eig_gamma"][0], state["eig_omega"][0])
         new_basis = name in self._new_bases
         decay = 0.0 if new_basis or not group["running_average"] else group["stat_decay"]
         s = update_average(state, "scalings", s, decay)

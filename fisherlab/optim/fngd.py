@@ -105,7 +105,7 @@ class FNGD(TENGraD):
         if group["damping_mode"] == "frobenius":
             damping = damping * float(block.gram.norm()) / normaliser
         if first_epoch or weights is None or weights.shape[0] != block.rows:
-            direction = block.solve_once(grad, damping)
+            direction = self._solve_once(name, block, grad, damping)
             if first_epoch:
                 stored[index] = block.coefficients(damping)  # the same Cholesky factor
             return direction
@@ -127,7 +127,7 @@ class FNGD(TENGraD):
         failed = [name for name, ok in zip(pending, flags) if not ok]
         for name in failed:
             _, block, damping = pending[name]
-            directions[name] = block.solve_once(grads[name], damping)
+            directions[name] = self._solve_once(name, block, grads[name], damping)
         if failed and "fngd-fallback" not in self._warned:
             self._warned.add("fngd-fallback")
             warnings.warn(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fisherlab.blocks.woodbury import WoodburyBlock
@@ -21,6 +22,12 @@ class TENGraD(CurvatureOptimizer):
     The paper's cheaper ``Jᵀ(νλI + K)⁻¹1`` equals this only when ``g`` is exactly the batch
     gradient ``Jᵀ1/ν`` of the recorded passes — not after clipping, a penalty in the loss or
     ``GradScaler``'s rounding — and checking that costs the product it saves, so it is not used.
+
+    With float32 statistics and ``λ`` small beside the layer's curvature scale ``τ ≥ λ_max``
+    (``ε·τ/λ > 10⁻²``, known from the optimizer's periodic check), one float32 solve cannot
+    resolve ``λ``: the step is then solved in float64 from the float32 statistics and refined
+    once with the block's own product, as :class:`~fisherlab.blocks.woodbury.WoodburyBlock`
+    refines.
 
     Args:
         model: The network.
@@ -54,4 +61,30 @@ class TENGraD(CurvatureOptimizer):
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
         group: dict,
     ) -> Tensor:  # fmt: skip
-        return self._block(layer, A, G, normaliser).solve_once(grad, group["damping"])
+        return self._solve_once(name, self._block(layer, A, G, normaliser), grad, group["damping"])
+
+    def _solve_once(self, name: str, block: WoodburyBlock, grad: Tensor, damping: float) -> Tensor:
+        """``(F_b + λI)⁻¹ g`` by one Woodbury solve, refined where ``λ`` needs it."""
+        if not self._needs_refinement(name, damping):
+            return block.solve_once(grad, damping)
+        # one solve has a relative error of about ε·τ/λ: in float64, refined once as the
+        # block refines (x ← x + S(g − (F + λI)x)), from the float32 statistics as they are
+        block = self._block(block.layer, block.A.double(), block.G.double(), block.normaliser)
+        g = grad.double()
+        x = block.solve_once(g, damping)
+        x = x + block.solve_once(g - block.matvec(x) - damping * x, damping)
+        return x.to(grad.dtype)
+
+    #: Refine when one solve's relative error ``ε·τ/λ`` (τ ≥ λ_max) may exceed this.
+    refinement_threshold: float = 1e-2
+
+    def _needs_refinement(self, name: str, damping: float) -> bool:
+        """Whether ``λ`` is small beside the layer's curvature scale for the statistics' dtype.
+
+        Known from the last check (:meth:`~fisherlab.optim.CurvatureOptimizer._probe`, the
+        first step and every ``check_gradients_every`` steps); float64 statistics never.
+        """
+        scale = self.curvature_scale.get(name)
+        if self.stat_dtype == torch.float64 or scale is None:
+            return False
+        return torch.finfo(self.stat_dtype).eps * scale > self.refinement_threshold * damping
