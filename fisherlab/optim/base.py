@@ -417,6 +417,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     else:
                         p.grad.mul_(inverse.to(p.grad.device))
 
+    def _statistics_due(self) -> bool:
+        """Whether this step uses the statistics recorded since the last one.
+
+        Default: every step. Otherwise (``stat_every`` of KFAC and EKFAC) the recorded
+        statistics are dropped, and ``_prepare`` and ``_direction`` get ``A = G = None``.
+        """
+        return True
+
     def _prepare(self, jobs: dict[str, tuple[Tensor, Tensor, dict]], normaliser: float) -> None:
         """Work for all layers at once before their directions, ``{name: (A, G, group)}``.
 
@@ -547,9 +555,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss
         if grad_scale is not None:
             self._unscale(grad_scale)
-        stats, normaliser = self._take_statistics(stat_scale)
-        if self.gather_samples and distributed():
-            stats, normaliser = gather_samples(stats, normaliser)
+        due = self._statistics_due()
+        if due:
+            stats, normaliser = self._take_statistics(stat_scale)
+            if self.gather_samples and distributed():
+                stats, normaliser = gather_samples(stats, normaliser)
+        else:  # a step between statistics steps (``stat_every``): what was recorded is not used
+            self._recorder.clear()
+            stats, normaliser = {}, 1.0
         # statistics are replaced, never mutated, so references suffice to roll back
         saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
                  for n, s in self.layer_state.items()}  # fmt: skip
@@ -559,12 +572,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if trained is None:
                 continue
             layer, params = trained
-            if name not in stats:
+            if not due:
+                A = G = None
+            elif name not in stats:
                 missing.append(name)
                 continue
-            A, G = stats[name]
-            if A.shape[-1] != layer.d_in + layer.has_bias:  # frozen bias: drop the 1 column
-                A = A[..., : layer.d_in]
+            else:
+                A, G = stats[name]
+                if A.shape[-1] != layer.d_in + layer.has_bias:  # frozen bias: drop the 1 column
+                    A = A[..., : layer.d_in]
             group = self.param_groups[self._group_index[name]]
             grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
             jobs[name] = (layer, params, A, G, grad, group)
