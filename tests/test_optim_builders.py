@@ -237,3 +237,42 @@ def test_a_changed_interval_is_refused_at_the_step():
     with pytest.raises(fl.FisherlabError, match=r"param group 0: inv_update_freq=4 must be"):
         _run(opt, model, _batches(count=1))
     opt.close()
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_accumulated_micro_batches_with_stat_every_equal_the_whole_batches(method):
+    """Two halves per step, losses halved: the step of the whole batch (by hand)."""
+    batches = _batches(count=5)
+    reference = _by_hand(method, "mlp", batches, 2, 2)
+    model, loss_fn = _model(), nn.CrossEntropyLoss()
+    opt = _optimizer(method, model, 2, 2)
+    for x, y in batches:
+        opt.zero_grad()
+        for half in (slice(0, 4), slice(4, 8)):
+            (loss_fn(model(x[half]), y[half]) / 2).backward()
+        opt.step()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.detach(), q.detach()) <= EXACT, n
+    opt.close()
+
+
+def test_grad_scaler_with_stat_every_takes_the_unscaled_steps():
+    batches = [(x.float(), y) for x, y in _batches(count=5)]
+    loss_fn = nn.CrossEntropyLoss()
+    models = [_model().float(), _model().float()]
+    opts = [_optimizer("kfac", m, 2, 4) for m in models]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in batches:
+        for model, opt, scaled in zip(models, opts, (False, True)):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+    assert opts[1].skipped_steps == 0 and opts[1].steps == 5
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert rel_err(q.detach(), p.detach()) < 1e-5
