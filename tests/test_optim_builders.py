@@ -276,3 +276,34 @@ def test_grad_scaler_with_stat_every_takes_the_unscaled_steps():
     assert opts[1].skipped_steps == 0 and opts[1].steps == 5
     for p, q in zip(*(m.parameters() for m in models)):
         assert rel_err(q.detach(), p.detach()) < 1e-5
+
+
+def test_nothing_is_recorded_between_statistics_steps_and_mc_draws_nothing():
+    model, loss_fn = _model(), nn.CrossEntropyLoss()
+    opt = _optimizer("kfac", model, 2, 2, fisher_type="mc", loss_fn=loss_fn)
+    passes = []
+    for x, y in _batches(count=4):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        rng = torch.get_rng_state()
+        opt.mc_backward()
+        drew = not torch.equal(rng, torch.get_rng_state())
+        loss.backward()
+        passes.append((opt._recorder.num_passes, drew))
+        opt.step()
+    assert passes == [(1, True), (0, False), (1, True), (0, False)]
+    assert opt.steps == 4 and opt.skipped_steps == 0
+    opt.close()
+
+
+def test_a_layer_added_between_statistics_steps_takes_statistics_at_once():
+    model = _model()
+    opt = fl.optim.KFAC(model, params=list(model[0].parameters()), lr=LR, stat_every=4,
+                        inv_update_freq=4)  # fmt: skip
+    batches = _batches(count=3)
+    _run(opt, model, batches[:1])
+    opt.add_param_group({"params": list(model[2].parameters())})
+    _run(opt, model, batches[1:])
+    assert opt.steps == 3 and opt.skipped_steps == 0
+    assert "builder.gg" in opt.layer_state["2"]
+    opt.close()

@@ -225,7 +225,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.track_direction_cosine = False
         self._cosines: tuple[Tensor, Tensor] | None = None  # (sum, count) on the device
         self._warned: set[str] = set()
-        self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
+        self._recorder = _StepRecorder(
+            model, {}, loss, self.stat_dtype, training=True, output=output
+        )
         # the first step checks that a cross-entropy's gradient fits the assumed ν
         self._recorder.watch_output = loss is None or loss.kind == "cross_entropy"
         try:
@@ -300,6 +302,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, layer in layers.items():
             self.layer_state.setdefault(name, {})
             self._recorder.add_layer(name, layer)
+        self._recorder.idle = not self._statistics_expected()  # new layers need statistics
         message = "; ".join(plain)
         if message and message not in self._warned:
             self._warned.add(message)
@@ -325,8 +328,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- the loop
     def mc_backward(self) -> None:
-        """The extra backward of ``fisher_type="mc"``: after the forward, before ``backward()``."""
-        self._recorder.sample_backward()
+        """The extra backward of ``fisher_type="mc"``: after the forward, before ``backward()``.
+
+        Nothing between statistics steps (``stat_every``).
+        """
+        if not self._recorder.idle:
+            self._recorder.sample_backward()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients (``torch.optim``) and drop the statistics recorded with them."""
@@ -422,6 +429,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Default: every step. Otherwise (``stat_every`` of KFAC and EKFAC) the recorded
         statistics are dropped, and ``_prepare`` and ``_direction`` get ``A = G = None``.
+        """
+        return True
+
+    def _statistics_expected(self) -> bool:
+        """Whether the next step may use statistics: if not, the recorder records nothing.
+
+        Default: every step.
         """
         return True
 
@@ -654,6 +668,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     update = state["momentum_buffer"]
                 p.add_(update, alpha=-lr)
         self.steps += 1
+        self._recorder.idle = not self._statistics_expected()
         return loss
 
     # ------------------------------------------------------------ sync-free steps
@@ -814,8 +829,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
         device = next(iter(self.layers.values())).weight.device if self.layers else None
         self.steps = extra["steps"]
+        self._recorder.idle = not self._statistics_expected()
         self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
         self.layer_state = {name: _clone(s, device) for name, s in extra["layers"].items()}
+
+
+class _StepRecorder(Recorder):
+    """The optimizer's recorder: while ``idle`` (between statistics steps) it records nothing."""
+
+    idle = False
+
+    def _ignoring(self) -> bool:
+        return self.idle or super()._ignoring()
 
 
 def _clone(value: Any, device: torch.device | None = None) -> Any:

@@ -149,12 +149,27 @@ class KFAC(CurvatureOptimizer):
         return None if aa is None else aa.shape[0]
 
     def _statistics_due(self) -> bool:
-        """A statistics step of some group, or a layer without statistics of its shape."""
+        """A statistics step of some group, or a layer without statistics of its shape.
+
+        Not while the recorder was idle (it recorded nothing: :meth:`_statistics_expected`).
+        """
+        if self._recorder.idle:
+            return False
         for name in self.layers:
             trained = self._trained(name)
             if trained is None:
                 continue
             layer, group = trained[0], self.param_groups[self._group_index[name]]
+            if self.steps % group["stat_every"] == 0:
+                return True
+            if self._input_width(name) != layer.d_in + layer.has_bias:
+                return True
+        return False
+
+    def _statistics_expected(self) -> bool:
+        """A statistics step of some group next, or a layer without statistics of its shape."""
+        for name, layer in self.layers.items():
+            group = self.param_groups[self._group_index[name]]
             if self.steps % group["stat_every"] == 0:
                 return True
             if self._input_width(name) != layer.d_in + layer.has_bias:
@@ -260,6 +275,12 @@ class KFAC(CurvatureOptimizer):
         for name, (A, G, group) in jobs.items():
             layer = self._trained(name)[0]
             held = self._builder(name, layer, group)
+            if A is None and not self._mirrors.get(name):
+                raise FisherlabError(
+                    f"layer {name!r} has no statistics of its shape (its bias was frozen or "
+                    "unfrozen between statistics steps); it takes them at the next statistics "
+                    "step"
+                )
             if A is not None and self._statistics_step(name, group):
                 self._add(name, held, LayerStats(A, G, normaliser), group)
                 self._mirror(name, held)
