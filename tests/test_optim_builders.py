@@ -307,3 +307,73 @@ def test_a_layer_added_between_statistics_steps_takes_statistics_at_once():
     assert opt.steps == 3 and opt.skipped_steps == 0
     assert "builder.gg" in opt.layer_state["2"]
     opt.close()
+
+
+# ------------------------------------------------------------------ torch.distributed
+DDP_MAKERS = {
+    "kfac": lambda m: fl.optim.KFAC(m, lr=0.1, damping=0.1, stat_every=2, inv_update_freq=2),
+    "ekfac-ra": lambda m: fl.optim.EKFACra(
+        m, lr=0.1, damping=0.1, stat_every=2, basis_update_freq=2
+    ),
+}
+
+
+def _ddp_train(name, split=(16,), rank=0):
+    """Five steps of 16 samples, rank ``r`` taking its part, gradients combined as the
+    concatenated batch's (each rank's mean weighted by its share)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3))
+    model = model.double()
+    x = torch.randn(5, 16, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5, 16))
+    opt = DDP_MAKERS[name](model)
+    local = slice(sum(split[:rank]), sum(split[: rank + 1]))
+    for step in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[step, local]), y[step, local]).backward()
+        if len(split) > 1:
+            for p in model.parameters():
+                p.grad *= split[rank] / sum(split)
+                torch.distributed.all_reduce(p.grad)
+        opt.step()
+    opt.close()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _ddp_worker(rank, world, init, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        result = {name: _ddp_train(name, (4, 12), rank) for name in DDP_MAKERS}
+        if rank == 0:
+            torch.save(result, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    import sys
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or sys.platform == "win32":
+        pytest.skip("needs gloo")
+    tmp = tmp_path_factory.mktemp("stat_every")
+    out = tmp / "ranks.pt"
+    try:
+        mp.spawn(_ddp_worker, args=(2, f"file://{tmp / 'init'}", str(out)), nprocs=2)
+    except mp.ProcessExitedException:  # gloo may abort while tearing down (test_distributed)
+        if not out.exists():
+            raise
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("name", list(DDP_MAKERS))
+def test_ranks_with_stat_every_take_the_steps_of_the_concatenated_batch(ranks, name):
+    single = _ddp_train(name)
+    for p, q in zip(single, ranks[name]):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
