@@ -377,3 +377,29 @@ def test_ranks_with_stat_every_take_the_steps_of_the_concatenated_batch(ranks, n
     single = _ddp_train(name)
     for p, q in zip(single, ranks[name]):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda layer: layer.update(gamma=layer.pop("builder.gg")),
+            r"state of layer '0' holds entries \['gamma'\] that KFAC does not keep",
+        ),
+        (
+            lambda layer: layer.update({"builder.gg": torch.zeros(4, 4, dtype=torch.float64)}),
+            r"the saved 'gg' of layer '0' has shape \(4, 4\), the layer needs \(6, 6\)",
+        ),
+    ],
+    ids=["earlier-format", "wrong-shape"],
+)
+def test_a_state_the_builders_cannot_continue_is_refused(edit, message):
+    model = _model()
+    opt = _optimizer("kfac", model, 1, 2)
+    _run(opt, model, _batches(count=2))
+    state = opt.state_dict()
+    edit(state["fisherlab"]["layers"]["0"])
+    again = _optimizer("kfac", copy.deepcopy(model), 1, 2)
+    with pytest.raises(fl.FisherlabError, match=message):
+        again.load_state_dict(state)
+    assert again.steps == 0 and again.layer_state["0"] == {}

@@ -68,6 +68,8 @@ class EKFAC(KFAC):
             spread_eigen=spread_eigen, running_average=bool(running_average), **loop,
         )  # fmt: skip
 
+    kept_entries: ClassVar[tuple[str, ...]] = ()
+
     def _builder_options(self, group: dict) -> dict:
         return {"kfac_approx": group["kfac_approx"]}
 

@@ -239,10 +239,49 @@ class KFAC(CurvatureOptimizer):
         state.update({BUILDER + k: v for k, v in mirror.items()})
         self._mirrors[name] = mirror
 
+    #: Per-layer entries kept besides the builder's (``builder.<entry>``).
+    kept_entries: ClassVar[tuple[str, ...]] = ("eig_gamma", "eig_omega", "inverses")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the builders' states are checked first.
+
+        Raises:
+            FisherlabError: as :meth:`CurvatureOptimizer.load_state_dict`, and for per-layer
+                entries this optimizer does not keep (e.g. a state of an earlier format) or
+                builder states that do not fit the layers.
+        """
+        extra = state_dict.get("fisherlab") if isinstance(state_dict, dict) else None
+        if isinstance(extra, dict) and extra.get("optimizer") == type(self).__name__:
+            shapes = extra.get("shapes", {})
+            for name, saved in extra.get("layers", {}).items():
+                here = self.layers.get(name)  # other layers or shapes: the base class says so
+                if here is not None and shapes.get(name) == list(here.weight.shape):
+                    self._check_saved(name, saved)
         super().load_state_dict(state_dict)
         self.builders.clear()  # rebuilt from the loaded state at the next step
         self._mirrors.clear()
+
+    def _check_saved(self, name: str, saved: dict[str, Any]) -> None:
+        """Refuse a saved layer state that this optimizer's builders cannot continue."""
+        unknown = sorted(
+            k for k in saved if not k.startswith(BUILDER) and k not in self.kept_entries
+        )
+        if unknown:
+            raise FisherlabError(
+                f"the state of layer {name!r} holds entries {unknown} that "
+                f"{type(self).__name__} does not keep (a state of another fisherlab version?); "
+                f"it keeps its builder's state (builder.<entry>) and {list(self.kept_entries)}"
+            )
+        entries = {k[len(BUILDER) :]: v for k, v in saved.items() if k.startswith(BUILDER)}
+        if not entries:
+            return
+        layer = self.layers[name]
+        aa = entries.get("aa", entries.get("factors.aa"))
+        if layer.has_bias and aa is not None and aa.shape[0] == layer.d_in:  # bias frozen
+            layer = layer.without_bias()
+        options = self._builder_options(self.param_groups[self._group_index[name]])
+        probe = make_builder(self.method, layer, self.fisher_type, normalise="batch", **options)
+        probe.load_state_dict(entries)
 
     # ------------------------------------------------------------------ the step
     def _add(self, name: str, held: BlockBuilder, stats: LayerStats, group: dict) -> None:
