@@ -20,7 +20,7 @@ from fisherlab.blocks.base import BuildContext, LayerStats
 from fisherlab.blocks.factors import gradient_factor, input_factor
 from fisherlab.blocks.kronecker import KroneckerEigenbasis, factored_shifts
 from fisherlab.capture import captures
-from fisherlab.optim.kfac import update_average
+from fisherlab.optim.skfac import update_average
 
 #: A running average against the optimizers' ``lerp`` (another rounding of the same sums).
 AVERAGE = 1e-12

@@ -234,7 +234,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.check_gradients_every = 50
         #: ``τ ≥ λ_max`` of each layer's curvature at the last check (see :meth:`_probe`).
         self.curvature_scale: dict[str, float] = {}
-        self._recorder = Recorder(model, {}, loss, self.stat_dtype, training=True, output=output)
+        self._recorder = _StepRecorder(
+            model, {}, loss, self.stat_dtype, training=True, output=output
+        )
         # the first step checks that a cross-entropy's gradient fits the assumed ν
         self._recorder.watch_output = loss is None or loss.kind == "cross_entropy"
         try:
@@ -309,6 +311,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, layer in layers.items():
             self.layer_state.setdefault(name, {})
             self._recorder.add_layer(name, layer)
+        self._recorder.idle = not self._statistics_expected()  # new layers need statistics
         message = "; ".join(plain)
         if message and message not in self._warned:
             self._warned.add(message)
@@ -334,8 +337,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- the loop
     def mc_backward(self) -> None:
-        """The extra backward of ``fisher_type="mc"``: after the forward, before ``backward()``."""
-        self._recorder.sample_backward()
+        """The extra backward of ``fisher_type="mc"``: after the forward, before ``backward()``.
+
+        Nothing between statistics steps (``stat_every``).
+        """
+        if not self._recorder.idle:
+            self._recorder.sample_backward()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients (``torch.optim``) and drop the statistics recorded with them."""
@@ -425,6 +432,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         p.grad = p.grad * inverse.to(p.grad.device)
                     else:
                         p.grad.mul_(inverse.to(p.grad.device))
+
+    def _statistics_due(self) -> bool:
+        """Whether this step uses the statistics recorded since the last one.
+
+        Default: every step. Otherwise (``stat_every`` of KFAC and EKFAC) the recorded
+        statistics are dropped, and ``_prepare`` and ``_direction`` get ``A = G = None``.
+        """
+        return True
+
+    def _statistics_expected(self) -> bool:
+        """Whether the next step may use statistics: if not, the recorder records nothing.
+
+        Default: every step.
+        """
+        return True
 
     def _prepare(self, jobs: dict[str, tuple[Tensor, Tensor, dict]], normaliser: float) -> None:
         """Work for all layers at once before their directions, ``{name: (A, G, group)}``.
@@ -658,9 +680,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss
         if grad_scale is not None:
             self._unscale(grad_scale)
-        stats, normaliser = self._take_statistics(stat_scale)
-        if self.gather_samples and distributed():
-            stats, normaliser = gather_samples(stats, normaliser)
+        due = self._statistics_due()
+        if due:
+            stats, normaliser = self._take_statistics(stat_scale)
+            if self.gather_samples and distributed():
+                stats, normaliser = gather_samples(stats, normaliser)
+        else:  # a step between statistics steps (``stat_every``): what was recorded is not used
+            self._recorder.clear()
+            stats, normaliser = {}, 1.0
         # statistics are replaced, never mutated, so references suffice to roll back
         saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
                  for n, s in self.layer_state.items()}  # fmt: skip
@@ -670,12 +697,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if trained is None:
                 continue
             layer, params = trained
-            if name not in stats:
+            if not due:
+                A = G = None
+            elif name not in stats:
                 missing.append(name)
                 continue
-            A, G = stats[name]
-            if A.shape[-1] != layer.d_in + layer.has_bias:  # frozen bias: drop the 1 column
-                A = A[..., : layer.d_in]
+            else:
+                A, G = stats[name]
+                if A.shape[-1] != layer.d_in + layer.has_bias:  # frozen bias: drop the 1 column
+                    A = A[..., : layer.d_in]
             group = self.param_groups[self._group_index[name]]
             grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
             jobs[name] = (layer, params, A, G, grad, group)
@@ -751,6 +781,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     update = state["momentum_buffer"]
                 p.add_(update, alpha=-lr)
         self.steps += 1
+        self._recorder.idle = not self._statistics_expected()
         return loss
 
     # ------------------------------------------------------------ sync-free steps
@@ -914,11 +945,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
         device = next(iter(self.layers.values())).weight.device if self.layers else None
         self.steps = extra["steps"]
+        self._recorder.idle = not self._statistics_expected()
         self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
         # as torch.optim casts its state to the parameters': statistics to the statistics' dtype
         self.layer_state = {
             name: _clone(s, device, self.stat_dtype) for name, s in extra["layers"].items()
         }
+
+
+class _StepRecorder(Recorder):
+    """The optimizer's recorder: while ``idle`` (between statistics steps) it records nothing."""
+
+    idle = False
+
+    def _ignoring(self) -> bool:
+        return self.idle or super()._ignoring()
 
 
 def _outside_span(g: Tensor, span: list[Tensor]) -> Tensor:

@@ -1,19 +1,28 @@
-"""EKFAC and EKFAC-ra (George et al. 2018): KFAC's eigenbasis with refreshed scalings."""
+"""EKFAC and EKFAC-ra (George et al. 2018): KFAC's eigenbasis with refreshed scalings.
+
+Each layer holds one ``ekfac`` builder (``normalise="batch"``, see :mod:`fisherlab.optim.kfac`):
+its factors (:meth:`~fisherlab.blocks.ekfac.EKFACBuilder.add_factors`) are KFAC's running
+average, its basis is renewed from them every ``basis_update_freq`` steps (the scalings restart
+there), and its scalings (:meth:`~fisherlab.blocks.ekfac.EKFACBuilder.add_scalings`) are the
+batch's own (EKFAC) or their running average (EKFAC-ra).
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings, pool_null_spaces
+from fisherlab.blocks.base import BlockBuilder, LayerStats, WeightedSum
+from fisherlab.blocks.ekfac import EKFACBlock, pool_null_spaces
 from fisherlab.conventions import check_positive_int
 from fisherlab.layers import Layer
-from fisherlab.optim.distributed import all_reduce_mean
-from fisherlab.optim.kfac import KFAC, update_average
+from fisherlab.optim.kfac import BUILDER, KFAC, running_average_weights
 
 
 class EKFAC(KFAC):
-    """EKFAC: KFAC's eigenbasis with scalings refreshed every step.
+    """EKFAC: KFAC's eigenbasis with scalings refreshed at every statistics step.
 
     The basis of the running-average KFAC factors is recomputed every ``basis_update_freq``
     steps; the scalings ``s`` come from every batch (``running_average=False``) or are a running
@@ -23,13 +32,19 @@ class EKFAC(KFAC):
     arbitrary basis of the null space.
 
     Args:
-        basis_update_freq: Steps between eigen-decompositions of the factors.
+        stat_every: Steps between statistics steps (factors and scalings); the scalings of
+            the last one are used in between.
+        basis_update_freq: Steps between eigen-decompositions of the factors (a multiple of
+            ``stat_every``).
         running_average: EKFAC-ra.
         Other arguments: as :class:`~fisherlab.optim.KFAC` (without ``damping_mode`` and
             ``kl_clip``: damping is ``1/(s + λ)`` in the basis).
     """
 
     hyper_parameters = (*KFAC.hyper_parameters, "running_average")
+    method = "ekfac"
+    interval_name = "basis_update_freq"
+    reduced: ClassVar[dict[str, str]] = {"factors.gg": "normaliser", "factors.aa": "samples"}
 
     def __init__(
         self,
@@ -39,7 +54,7 @@ class EKFAC(KFAC):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         stat_decay: float = 0.95,
-        factor_update_freq: int = 1,
+        stat_every: int = 1,
         basis_update_freq: int = 10,
         running_average: bool = False,
         kfac_approx: str = "expand",
@@ -51,24 +66,60 @@ class EKFAC(KFAC):
     ):
         check_positive_int("basis_update_freq", basis_update_freq)
         super().__init__(
-            model, lr, damping, momentum, weight_decay, stat_decay, factor_update_freq,
+            model, lr, damping, momentum, weight_decay, stat_decay, stat_every,
             inv_update_freq=basis_update_freq, kfac_approx=kfac_approx,
             fisher_type=fisher_type, loss_fn=loss_fn, eigen_dtype=eigen_dtype,
             spread_eigen=spread_eigen, running_average=bool(running_average), **loop,
         )  # fmt: skip
 
+    #: The basis's factor eigenvalues (the scalings are pooled over their null spaces).
+    kept_entries: ClassVar[tuple[str, ...]] = ("basis_values_gamma", "basis_values_omega")
+
+    def _builder_options(self, group: dict) -> dict:
+        return {"kfac_approx": group["kfac_approx"]}
+
+    def _input_width(self, name: str) -> int | None:
+        aa = self.layer_state[name].get(BUILDER + "factors.aa")
+        return None if aa is None else aa.shape[0]
+
+    def _basis_key(self, group: dict) -> str:
+        return BUILDER + "u_omega"
+
+    def _basis_source(self, held: BlockBuilder) -> BlockBuilder:
+        return held.factors  # the KFAC builder inside
+
+    def _add(self, name: str, held: BlockBuilder, stats: LayerStats, group: dict) -> None:
+        first = self._input_width(name) is None
+        held.add_factors(stats, *running_average_weights(first, group["stat_decay"]))
+        self._reduce(held, stats, self.reduced)
+
+    def _new_basis(self, name: str, damping: float | None, tensors: tuple[Tensor, ...]) -> None:
+        """The builder's basis (as its ``update_basis()``, computed once across ranks)."""
+        held = self.builders[name]
+        l_gamma, u_gamma, l_omega, u_omega = tensors
+        held.basis, held.squares = (u_gamma, u_omega), WeightedSum()
+        state = self.layer_state[name]
+        state["basis_values_gamma"], state["basis_values_omega"] = l_gamma, l_omega
+        self._mirror(name, held)
+
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
         group: dict,
     ) -> Tensor:  # fmt: skip
-        state = self.layer_state[name]
-        u_gamma, u_omega = state["eig_gamma"][1], state["eig_omega"][1]
-        s = all_reduce_mean(kfe_scalings(A, G, u_gamma, u_omega, normaliser), normaliser)
-        s = pool_null_spaces(s, state["eig_gamma"][0], state["eig_omega"][0])
-        new_basis = name in self._new_bases
-        decay = 0.0 if new_basis or not group["running_average"] else group["stat_decay"]
-        s = update_average(state, "scalings", s, decay)
-        block = EKFACBlock(layer, u_gamma, u_omega, s, self.fisher_type, {})
+        held = self.builders[name]
+        if name in self._updated:
+            new_basis = name in self._new_bases
+            decay = group["stat_decay"] if group["running_average"] else 0.0
+            stats = LayerStats(A, G, normaliser)
+            held.add_scalings(stats, *running_average_weights(new_basis, decay))
+            self._reduce(held, stats, {"squares": "normaliser"})
+            self._mirror(name, held)
+        block = held.block()
+        state = self.layer_state[name]  # the basis's eigenvalues: scalings pooled over null spaces
+        s = pool_null_spaces(
+            block.scalings, state["basis_values_gamma"], state["basis_values_omega"]
+        )
+        block = EKFACBlock(layer, block.u_gamma, block.u_omega, s, self.fisher_type, {})
         return block.solve(grad, group["damping"])
 
 

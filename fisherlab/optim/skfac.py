@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fisherlab.blocks.kfac import DAMPING_MODES
@@ -9,7 +10,20 @@ from fisherlab.blocks.skfac import CONV_REDUCTIONS, SKFACBlock, skfac_rows
 from fisherlab.conventions import check_choice, check_positive_int, check_range
 from fisherlab.layers import Layer
 from fisherlab.optim.base import CurvatureOptimizer
-from fisherlab.optim.kfac import update_average
+
+
+def update_average(state: dict, key: str, value: Tensor, decay: float) -> Tensor:
+    """``state[key] ← decay·state[key] + (1 − decay)·value`` (set on first use or shape change).
+
+    The paper's moving average of the factor *rows* (the ``skfac`` builder averages their
+    Grams instead, holding every batch's rows).
+    """
+    old = state.get(key)
+    if old is None or old.shape != value.shape or decay == 0:
+        state[key] = value.clone()
+    else:  # a new tensor (the old one is kept for a rollback), in one pass
+        state[key] = torch.lerp(value, old, decay)
+    return state[key]
 
 
 class SKFAC(CurvatureOptimizer):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
+from fisherlab.blocks import builder as make_builder
+from fisherlab.blocks.base import LayerStats
 from fisherlab.blocks.woodbury import WoodburyBlock
 from fisherlab.layers import Layer
 from fisherlab.optim.base import CurvatureOptimizer
@@ -13,8 +17,9 @@ from fisherlab.optim.base import CurvatureOptimizer
 class TENGraD(CurvatureOptimizer):
     """``(F_b + λI)⁻¹ g`` per layer with ``F_b`` the exact block of the step's samples.
 
-    The block is :class:`~fisherlab.blocks.woodbury.WoodburyBlock` built from the ``Ã`` and
-    ``G`` recorded during the step's own forward/backward passes (no extra pass), and ``g`` is
+    The block is :class:`~fisherlab.blocks.woodbury.WoodburyBlock` built (by a ``woodbury``
+    builder given the step's batch alone) from the ``Ã`` and ``G`` recorded during the step's
+    own forward/backward passes (no extra pass), and ``g`` is
     ``p.grad`` as the loop left it. The step is the ``N×N`` Gram ``K``, one Cholesky factor of
     ``νλI + K`` and two products with the per-sample gradients,
     ``(g − Jᵀ(νλI + K)⁻¹Jg)/λ`` (:meth:`~fisherlab.blocks.woodbury.WoodburyBlock.solve_once`).
@@ -55,7 +60,19 @@ class TENGraD(CurvatureOptimizer):
         super().__init__(model, lr, damping, momentum, weight_decay, fisher_type, loss_fn, **loop)
 
     def _block(self, layer: Layer, A: Tensor, G: Tensor, normaliser: float) -> WoodburyBlock:
-        return WoodburyBlock(layer, A, G, normaliser, self.fisher_type, {"gram_route": "auto"})
+        """The step's block from a ``woodbury`` builder given the step's batch alone.
+
+        ``normalise="data"`` with weights ``(0, 1)`` and ``block(ν_b)``: the rows as captured,
+        which the shortcut ``Jᵀ(νλI + K)⁻¹1`` of FNGD needs (see
+        :class:`~fisherlab.blocks.woodbury.WoodburyBuilder`). A step is not held to a memory
+        budget (the builder's is lifted): the batch is the loop's choice.
+        """
+        held = make_builder(
+            "woodbury", layer, self.fisher_type, normalise="data", max_bytes=sys.maxsize,
+            gram_route="auto",
+        )  # fmt: skip
+        held.add(LayerStats(A, G, normaliser), 0.0, 1.0)
+        return held.block(normaliser)
 
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
