@@ -36,8 +36,7 @@ from torch import Tensor, nn
 from fisherlab.analysis.setup import _layer_info
 from fisherlab.analysis.table import FigureData
 from fisherlab.analysis.trajectory import Trajectory, reference_problem
-from fisherlab.blocks import build, curvature
-from fisherlab.blocks.ekfac import EKFACBlock, kfe_scalings
+from fisherlab.blocks import LayerStats, build, builder, curvature
 from fisherlab.capture import capture
 from fisherlab.metrics import scale_controls, spectrum, spectrum_distance
 
@@ -81,7 +80,7 @@ def ekfac_protocol(
     wanted = set(steps)
     rows: list[dict[str, Any]] = []
     frozen: dict[str, Any] = {}
-    average: dict[str, Tensor] = {}
+    average: dict[str, Any] = {}  # EKFAC-ra's builders, per layer
     layers: list[dict[str, Any]] = []
     first_norm: dict[str, float] = {}
     basis_step = 0
@@ -121,11 +120,8 @@ def ekfac_protocol(
                     tau * dense["kfac"],
                     tau * values["kfac"],
                 )
-                if average:
-                    old = frozen["ekfac"][name]
-                    ra = EKFACBlock(
-                        old.layer, old.u_gamma, old.u_omega, average[name], fisher_type, {}
-                    )
+                if name in average:
+                    ra = average[name].block()
                     dense["ekfac-ra"], values["ekfac-ra"] = ra.to_dense(), spectrum(ra)
                 for method in EKFAC_SERIES:
                     if method not in dense:
@@ -152,11 +148,15 @@ def ekfac_protocol(
         if replay and step < last:  # the batch of update `step`, at the parameters it started from
             index = trajectory.batches[step]
             cap = capture(model, loss_fn, x_ref[index], y_ref[index], fisher_type=fisher_type)
-            for name, lc in cap.items():
-                old = frozen["ekfac"][name]
-                s = kfe_scalings(lc.A, lc.G, old.u_gamma, old.u_omega, cap.normaliser)
-                a = average.get(name)
-                average[name] = s if a is None else decay * a + (1 - decay) * s
+            for name, lc in cap.items():  # EKFAC-ra: a running-average builder in the fixed basis
+                first = name not in average
+                if first:
+                    basis = {name: frozen["ekfac"][name].basis}
+                    average[name] = builder(
+                        "ekfac", lc.layer, fisher_type, normalise="batch", basis=basis
+                    )
+                weights = (0.0, 1.0) if first else (decay, 1.0 - decay)
+                average[name].add(LayerStats(lc.A, lc.G, cap.normaliser), *weights)
     meta = {
         "fisher_type": fisher_type,
         "reference": f"training set ({len(x_ref)} samples)",
