@@ -12,14 +12,30 @@ from torch import nn
 import fisherlab as fl
 from fisherlab.blocks import build
 from fisherlab.blocks.woodbury import WoodburyBlock
+from fisherlab.layers import find_layers
 from fisherlab.losses import LossSpec
 
 LR, DAMPING = 0.1, 1e-2
 
 
+class _Attention(nn.Module):
+    """Self-attention over 3 tokens of width 4, mean-pooled, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
 def _problem(kind="mlp", n=12, seed=0, loss="ce"):
     torch.manual_seed(seed)
-    if kind == "mlp":
+    if kind == "attn":
+        model = _Attention()
+        x = torch.randn(n, 3, 4, dtype=torch.float64)
+    elif kind == "mlp":
         model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
         x = torch.randn(n, 5, dtype=torch.float64)
     else:
@@ -44,19 +60,19 @@ def _step(opt, model, loss_fn, x, y, mc=False):
     return before, grads
 
 
-def _layer_vector(tensors, name):
-    return torch.cat([tensors[f"{name}.weight"].flatten(), tensors[f"{name}.bias"].flatten()])
-
-
 def _check_step(model, before, grads, direction_of):
     after = dict(model.named_parameters())
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    for name in layers:
-        expected = _layer_vector(before, name) - LR * direction_of(name, _layer_vector(grads, name))
-        assert rel_err(_layer_vector(after, name).detach(), expected) <= EXACT, name
+    for name, layer in find_layers(model).items():
+        keys = [f"{name}.{p}" for p in layer.parameter_names()]
+
+        def vector(tensors, keys=keys):
+            return torch.cat([tensors[k].detach().flatten() for k in keys])
+
+        expected = vector(before) - LR * direction_of(name, vector(grads))
+        assert rel_err(vector(after), expected) <= EXACT, name
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "attn"])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_tengrad_step_is_the_exact_damped_natural_gradient(kind, loss):
     model, loss_fn, x, y = _problem(kind, loss=loss)
@@ -114,7 +130,7 @@ def test_tengrad_with_the_mc_fisher_uses_the_sampled_block():
     ],
     ids=["kfac", "kfac-factored", "ekfac", "ekfac-ra", "skfac"],
 )
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "attn"])
 def test_first_step_equals_the_blocks_damped_solve(make, method, options, kind):
     model, loss_fn, x, y = _problem(kind)
     blocks = build(method, fl.capture(model, loss_fn, x, y, fisher_type="empirical"), **options)

@@ -39,8 +39,8 @@ layers.
 
 Shared behaviour:
 
-* Trainable parameters the optimizer has no block for (today: outside ``Linear`` and
-  ``Conv2d`` layers, e.g. BatchNorm, LayerNorm, Embedding, attention) are refused at
+* Trainable parameters the optimizer has no block for (today: outside ``Linear``,
+  ``Conv2d`` and attention's projections, e.g. BatchNorm, LayerNorm, Embedding) are refused at
   construction, naming the modules; with ``unsupported="sgd"`` they get the plain gradient
   step (with the group's lr, momentum and weight decay), and a one-time warning names them.
   A layer whose bias is frozen is preconditioned on its weight alone.
@@ -147,7 +147,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     gather_samples: bool = True
     #: Layer kinds (:attr:`fisherlab.layers.LayerAdapter.kind`) the optimizer preconditions.
-    layer_kinds: tuple[str, ...] = ("linear", "conv2d")
+    layer_kinds: tuple[str, ...] = ("linear", "conv2d", "mha_in_proj")
     #: The method's own per-group hyper-parameters (anything else is refused by name).
     hyper_parameters: tuple[str, ...] = ()
     #: ``GradScaler.step`` passes ``grad_scale`` and ``found_inf`` instead of unscaling itself.
