@@ -118,3 +118,15 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     for n, g in before["grads"].items():
         g2 = after["grads"][n]
         assert (g is None and g2 is None) or torch.equal(g, g2), n
+
+
+class PooledAttention(nn.Module):
+    """Self-attention over tokens of width 4 (2 heads), mean-pooled, a Linear head to 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import (
     EXACT,
+    PooledAttention,
     assert_unchanged,
     brute_force_ggn,
     model_snapshot,
@@ -409,20 +410,10 @@ def test_unbatched_attention_inputs_are_refused():
         fl.capture(model, nn.CrossEntropyLoss(), x, y)
 
 
-class _PooledAttention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
-
-
 def test_backpack_backend_is_refused_naming_the_attention():
     with pytest.raises(fl.FisherlabError, match=r"'attn' \(MultiheadAttention\) is not supported"):
         fl.exact_blocks(
-            _PooledAttention().double(),
+            PooledAttention().double(),
             nn.CrossEntropyLoss(),
             torch.randn(2, 3, 4, dtype=torch.float64),
             torch.tensor([0, 2]),

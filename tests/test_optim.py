@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import EXACT, rel_err
+from helpers import EXACT, PooledAttention, rel_err
 from torch import nn
 
 import fisherlab as fl
@@ -18,22 +18,10 @@ from fisherlab.losses import LossSpec
 LR, DAMPING = 0.1, 1e-2
 
 
-class _Attention(nn.Module):
-    """Self-attention over 3 tokens of width 4, mean-pooled, a Linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
-
-
 def _problem(kind="mlp", n=12, seed=0, loss="ce"):
     torch.manual_seed(seed)
     if kind == "attn":
-        model = _Attention()
+        model = PooledAttention()
         x = torch.randn(n, 3, 4, dtype=torch.float64)
     elif kind == "mlp":
         model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
