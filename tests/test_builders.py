@@ -2,7 +2,7 @@
 
 A builder's ``add(stats, old_weight, new_weight)`` is one call for a sum over a data set
 (weights ``(1, 1)``: the engine's blocks, bit for bit) and for a running average (``(0, 1)``
-then ``(decay, 1 − decay)`` over per-batch estimates: the optimizers' ``update_average``).
+then ``(decay, 1 − decay)`` over per-batch estimates: the optimizers' running averages).
 """
 
 import functools
@@ -19,8 +19,8 @@ from fisherlab.blocks.assemble import block_class
 from fisherlab.blocks.base import BuildContext, LayerStats
 from fisherlab.blocks.factors import gradient_factor, input_factor
 from fisherlab.blocks.kronecker import KroneckerEigenbasis, factored_shifts
+from fisherlab.blocks.skfac import skfac_rows
 from fisherlab.capture import captures
-from fisherlab.optim.skfac import update_average
 
 #: A running average against the optimizers' ``lerp`` (another rounding of the same sums).
 AVERAGE = 1e-12
@@ -87,11 +87,11 @@ def test_a_builder_with_unit_weights_is_the_data_sets_block_bit_for_bit(case_nam
 
 # --------------------------------------------------------------------------- running averages
 def _average(values):
-    """The optimizers' running average: set on first use, then ``lerp`` with ``DECAY``."""
-    state = {}
+    """The optimizers' former running average: set on first use, then ``lerp`` with ``DECAY``."""
+    average = None
     for value in values:
-        update_average(state, "x", value, DECAY)
-    return state["x"]
+        average = value.clone() if average is None else torch.lerp(value, average, DECAY)
+    return average
 
 
 def _weights(k):
@@ -144,6 +144,113 @@ def test_skfac_running_average_weights_the_factors_grams(case_name):
         gamma, omega = builder.block().factors()
         assert rel_err(gamma, _average(g for g, _ in batch)) <= AVERAGE
         assert rel_err(omega, _average(o for _, o in batch)) <= AVERAGE
+
+
+@functools.cache
+def _equal_batches(case_name, count=4, size=6):
+    """Captures of ``count`` batches of one size (the rows averaged must have one shape)."""
+    model, loss_fn, x, y = BY_NAME[case_name].build(count * size)
+    batches = [(x[k * size : (k + 1) * size], y[k * size : (k + 1) * size]) for k in range(count)]
+    problem = fl.Problem(model, loss_fn, batches, fisher_type="empirical")
+    return list(captures(problem, quiet=True))
+
+
+ROW_SPECS = {
+    "sum": "skfac:average=rows",
+    "subsample": "skfac:average=rows,conv_reduction=subsample,spatial_samples=3,seed=5",
+}
+
+
+@pytest.mark.parametrize("case_name", CASE_NAMES)
+@pytest.mark.parametrize("reduction", list(ROW_SPECS))
+def test_skfac_row_average_is_the_moving_average_of_the_raw_rows(case_name, reduction):
+    """``average="rows"`` with the optimizers' weights against the former SKFAC optimizer's
+    recursion, written out: ``X ← lerp(X_b, X, decay)`` on the raw rows (set on first use),
+    ``Γ = YᵀY/ν``, ``Ω = XᵀX/S``, and the block's dense ``Γ ⊗ Ω``."""
+    caps = _equal_batches(case_name)
+    spec = ROW_SPECS[reduction]
+    options = parse_options("skfac", parse_method(spec)[1])
+    for name in caps[0]:
+        builder = _builder(spec, caps[0][name].layer, "batch", fisher_type="empirical")
+        generator = torch.Generator().manual_seed(options.seed)
+        rows_x = rows_y = None
+        for k, cap in enumerate(caps):
+            builder.add(LayerStats.of(cap, name), *_weights(k))
+            X, Y = skfac_rows(
+                cap[name].A, cap[name].G, options.conv_reduction, options.spatial_samples,
+                generator,
+            )  # fmt: skip
+            rows_x = X.clone() if rows_x is None else torch.lerp(X, rows_x, DECAY)
+            rows_y = Y.clone() if rows_y is None else torch.lerp(Y, rows_y, DECAY)
+        gamma = rows_y.T @ rows_y / caps[-1].normaliser
+        omega = rows_x.T @ rows_x / rows_x.shape[0]
+        block = builder.block()
+        got_gamma, got_omega = block.factors()
+        assert rel_err(got_gamma, gamma) <= AVERAGE, name
+        assert rel_err(got_omega, omega) <= AVERAGE, name
+        assert rel_err(block.to_dense(), _kron_dense(block.layer, gamma, omega)) <= AVERAGE
+        assert builder.state_dict()["mass"] == 1.0  # exactly: (0, 1), then (d, 1 - d)
+
+
+def test_skfac_row_average_from_the_start_is_bias_corrected():
+    """Weights ``(decay, 1 − decay)`` from the first call: the rows' weighted mean ``X̄/W``."""
+    caps = _equal_batches("mlp-tanh-bias-ce")
+    name = "2"
+    builder = _builder("skfac:average=rows", caps[0][name].layer, "batch", "empirical")
+    weights, rows = [], []
+    for cap in caps:
+        builder.add(LayerStats.of(cap, name), DECAY, 1 - DECAY)
+        weights = [w * DECAY for w in weights] + [1 - DECAY]
+        X, Y = skfac_rows(cap[name].A, cap[name].G, "sum", None, 0)
+        rows.append((X / X.shape[0] ** 0.5, Y / cap.normaliser**0.5))
+    mean_x = sum(w * x for w, (x, _) in zip(weights, rows)) / sum(weights)
+    mean_y = sum(w * y for w, (_, y) in zip(weights, rows)) / sum(weights)
+    gamma, omega = builder.block().factors()
+    assert rel_err(gamma, mean_y.T @ mean_y) <= AVERAGE
+    assert rel_err(omega, mean_x.T @ mean_x) <= AVERAGE
+
+
+def test_skfac_row_average_needs_rows_of_one_shape_and_restarts_on_zero_old_weight():
+    _, caps = _problem("mlp-tanh-bias-ce")  # batches of 7, 7 and 3 samples
+    name = "0"
+    builder = _builder("skfac:average=rows", caps[0][name].layer, "batch")
+    first, short = LayerStats.of(caps[1], name), LayerStats.of(caps[2], name)
+    assert not builder.rows_fit(first)  # nothing held
+    builder.add(LayerStats.of(caps[0], name), 0.0, 1.0)
+    assert builder.rows_fit(first) and not builder.rows_fit(short)
+    with pytest.raises(fl.FisherlabError, match=r"averages rows .* the batch gives 3 rows"):
+        builder.add(short, DECAY, 1 - DECAY)
+    builder.add(short, 0.0, 1.0)  # a new average: the short batch's own rows
+    alone = _builder("skfac:average=rows", caps[0][name].layer, "batch")
+    alone.add(short, 0.0, 1.0)
+    assert torch.equal(builder.block().to_dense(), alone.block().to_dense())
+
+
+def test_skfac_row_average_is_refused_over_a_data_set():
+    _, caps = _problem("mlp-tanh-bias-ce")
+    with pytest.raises(fl.FisherlabError, match=r"average='rows' .* needs normalise='batch'"):
+        _builder("skfac:average=rows", caps[0]["0"].layer, "data")
+
+
+def test_skfac_row_average_state_round_trips_and_keeps_its_mode():
+    caps = _equal_batches("cnn-stride-pad-ce")
+    spec = ROW_SPECS["subsample"]
+    for name in caps[0]:
+        layer = caps[0][name].layer
+        builder = _builder(spec, layer, "batch", "empirical")
+        for k, cap in enumerate(caps[:2]):
+            builder.add(LayerStats.of(cap, name), *_weights(k))
+        buffer = io.BytesIO()
+        torch.save(builder.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        restored = _builder(spec, layer, "batch", "empirical")
+        restored.load_state_dict(state)
+        for b in (builder, restored):
+            b.add(LayerStats.of(caps[2], name), *_weights(1))
+        assert torch.equal(restored.block().to_dense(), builder.block().to_dense()), name
+        with pytest.raises(fl.FisherlabError, match=r"saved with average='rows', this builder"):
+            _builder("skfac", layer, "batch", "empirical").load_state_dict(state)
 
 
 @pytest.mark.parametrize("case_name", CASE_NAMES)

@@ -1,6 +1,8 @@
-"""Optimizers hold builders: KFAC/EKFAC steps against the builders driven by hand, stat_every."""
+"""Optimizers hold builders: KFAC/EKFAC steps against the builders driven by hand, SKFAC against
+the dense damped solve of its averaged rows, stat_every."""
 
 import copy
+import functools
 import io
 
 import pytest
@@ -12,6 +14,7 @@ import fisherlab as fl
 from fisherlab.blocks import LayerStats, builder
 from fisherlab.blocks.ekfac import EKFACBuilder
 from fisherlab.blocks.kfac import KFACBuilder
+from fisherlab.blocks.skfac import SKFACBuilder, skfac_rows
 
 LR, DAMPING, DECAY = 0.1, 1e-2, 0.8
 LAYERS = ("0", "2")
@@ -101,6 +104,8 @@ def _by_hand(method, kind, batches, stat_every, interval, mode="eigen"):
 
 def _optimizer(method, model, stat_every, interval, mode="eigen", **kw):
     common = dict(lr=LR, damping=DAMPING, stat_decay=DECAY, stat_every=stat_every, **kw)
+    if method == "skfac":  # no inverse interval: the rows' eigenpairs at each statistics step
+        return fl.optim.SKFAC(model, damping_mode=mode, **common)
     if method == "kfac":
         return fl.optim.KFAC(model, inv_update_freq=interval, damping_mode=mode, **common)
     ekfac = fl.optim.EKFACra if method == "ekfac-ra" else fl.optim.EKFAC
@@ -141,14 +146,100 @@ def test_steps_equal_the_builders_driven_by_hand(case, kind):
     opt.close()
 
 
-def test_statistics_between_statistics_steps_are_not_used():
+def _dense_damped_solve(layer, gamma, omega, grad, mode):
+    """``(Γ ⊗ Ω + λI)⁻¹ g`` (``"eigen"``) or ``((Γ + √λ/π I) ⊗ (Ω + π√λ I))⁻¹ g``, dense."""
+    eye = functools.partial(torch.eye, dtype=torch.float64)
+    if mode == "factored":
+        d_out, d = len(gamma), len(omega)
+        pi = ((omega.trace() / d) / (gamma.trace() / d_out)).sqrt()
+        root = DAMPING**0.5
+        matrix = torch.kron(gamma + root / pi * eye(d_out), omega + pi * root * eye(d))
+    else:
+        matrix = torch.kron(gamma, omega) + DAMPING * eye(len(gamma) * len(omega))
+    index = layer.kron_to_param_index()
+    return torch.linalg.solve(matrix[index][:, index], grad)
+
+
+def _skfac_by_hand(kind, batches, stat_every, mode="eigen", reduction="sum", micro=1):
+    """SKFAC written out: raw factor rows at statistics steps, ``X ← lerp(X_b, X, decay)`` (set
+    at the first one and when the batch size changes), ``Γ = YᵀY/ν``, ``Ω = XᵀX/S``, and each
+    step the dense damped solve of ``Γ ⊗ Ω`` (``micro`` micro-batches per step, losses
+    divided: the statistics are the whole batch's)."""
+    model, loss_fn = _model(kind), nn.CrossEntropyLoss()
+    rows, factors = {}, {}
+    layers = LAYERS if kind == "mlp" else CNN_LAYERS
+    for step, (x, y) in enumerate(batches):
+        if step % stat_every == 0:
+            cap = fl.capture(model, loss_fn, x, y, fisher_type="empirical")
+            for name in layers:
+                X, Y = skfac_rows(cap[name].A, cap[name].G, reduction, 3, step)
+                if name in rows and rows[name][0].shape == X.shape:
+                    X, Y = (torch.lerp(new, old, DECAY) for new, old in zip((X, Y), rows[name]))
+                rows[name] = (X, Y)
+                factors[name] = (Y.T @ Y / cap.normaliser, X.T @ X / X.shape[0])
+        model.zero_grad()
+        for part in torch.arange(len(x)).chunk(micro):
+            (loss_fn(model(x[part]), y[part]) / micro).backward()
+        with torch.no_grad():
+            for name in layers:
+                params = _layer_params(model, name)
+                grad = torch.cat([p.grad.flatten() for p in params])
+                layer = cap[name].layer
+                direction = _dense_damped_solve(layer, *factors[name], grad, mode)
+                offset = 0
+                for p in params:
+                    p -= LR * direction[offset : offset + p.numel()].view_as(p)
+                    offset += p.numel()
+    return model
+
+
+def _uneven(kind):
+    """Batches of 4 samples (MLP: fewer than the layers' inputs, low-rank factors) and one of 3
+    at step 2 (the average restarts), CNN: of 40 and 20."""
+    batches = _batches(kind, count=6)
+    size, short = (4, 3) if kind == "mlp" else (40, 20)
+    return [(x[: short if k == 2 else size], y[: short if k == 2 else size])
+            for k, (x, y) in enumerate(batches)]  # fmt: skip
+
+
+SKFAC_CASES = {
+    "every-step": (1, "eigen", "sum"),
+    "every-2": (2, "eigen", "sum"),
+    "factored-every-3": (3, "factored", "sum"),
+    "subsample-every-2": (2, "eigen", "subsample"),
+}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("case", list(SKFAC_CASES.values()), ids=list(SKFAC_CASES))
+def test_skfac_steps_are_the_dense_damped_solves_of_the_averaged_rows(case, kind):
+    stat_every, mode, reduction = case
+    batches = _uneven(kind)
+    reference = _skfac_by_hand(kind, batches, stat_every, mode, reduction)
+    model = _model(kind)
+    extra = {"conv_reduction": "subsample", "spatial_samples": 3} if reduction != "sum" else {}
+    opt = _optimizer("skfac", model, stat_every, None, mode, **extra)
+    _run(opt, model, batches)
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.detach(), q.detach()) <= EXACT, n
+    layers = LAYERS if kind == "mlp" else CNN_LAYERS
+    assert all(isinstance(opt.builders[n], SKFACBuilder) for n in layers)
+    assert opt.skipped_steps == 0
+    opt.close()
+
+
+@pytest.mark.parametrize(
+    "method, entries",
+    [("kfac", {"builder.gg", "builder.aa"}), ("skfac", {"builder.X", "builder.Y"})],
+)
+def test_statistics_between_statistics_steps_are_not_used(method, entries):
     """Between statistics steps the factors stay the same tensors and nothing is recorded."""
     model = _model()
-    opt = _optimizer("kfac", model, 3, 3)
+    opt = _optimizer(method, model, 3, 3)
     batches = _batches(count=3)
     _run(opt, model, batches[:1])
     held = {k: v for k, v in opt.layer_state["0"].items() if k.startswith("builder.")}
-    assert set(held) >= {"builder.gg", "builder.aa"}
+    assert set(held) >= entries
     for x, y in batches[1:]:
         opt.zero_grad()
         nn.CrossEntropyLoss()(model(x), y).backward()
@@ -158,7 +249,7 @@ def test_statistics_between_statistics_steps_are_not_used():
     opt.close()
 
 
-@pytest.mark.parametrize("method", ["kfac", "ekfac", "ekfac-ra"])
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "ekfac-ra", "skfac"])
 def test_resume_in_the_middle_of_an_interval_is_bit_identical(method):
     batches = _batches(count=7)
     model = _model()
@@ -182,7 +273,7 @@ def test_resume_in_the_middle_of_an_interval_is_bit_identical(method):
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "skfac"])
 def test_state_dict_holds_the_builders_state_and_round_trips(method):
     model = _model()
     opt = _optimizer(method, model, 1, 2)
@@ -193,7 +284,8 @@ def test_state_dict_holds_the_builders_state_and_round_trips(method):
         live = opt.builders[name].state_dict()
         mirrored = {k.removeprefix("builder."): v for k, v in layers[name].items()
                     if k.startswith("builder.")}  # fmt: skip
-        assert mirrored.keys() == live.keys() - {"pass_index", "per_batch"}
+        constants = {"pass_index", "per_batch", "generator", "average_rows"}  # (SKFAC's last two)
+        assert mirrored.keys() == live.keys() - constants
         assert all(torch.equal(mirrored[k], live[k]) for k in mirrored)
     twin = copy.deepcopy(model)
     again = _optimizer(method, twin, 1, 2)
@@ -220,9 +312,10 @@ def test_state_dict_holds_the_builders_state_and_round_trips(method):
             r"basis_update_freq=6 must be a multiple of stat_every=4",
         ),
         (lambda m: fl.optim.KFAC(m, stat_every=0), r"stat_every must be a positive integer"),
+        (lambda m: fl.optim.SKFAC(m, stat_every=1.5), r"stat_every must be a positive integer"),
         (lambda m: fl.optim.KFAC(m, factor_update_freq=2), r"has no argument\(s\)"),
     ],
-    ids=["kfac-interval", "ekfac-interval", "zero", "old-name"],
+    ids=["kfac-interval", "ekfac-interval", "zero", "skfac-fraction", "old-name"],
 )
 def test_bad_statistics_intervals_are_refused(make, message):
     with pytest.raises(fl.FisherlabError, match=message):
@@ -239,11 +332,14 @@ def test_a_changed_interval_is_refused_at_the_step():
     opt.close()
 
 
-@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "skfac"])
 def test_accumulated_micro_batches_with_stat_every_equal_the_whole_batches(method):
     """Two halves per step, losses halved: the step of the whole batch (by hand)."""
     batches = _batches(count=5)
-    reference = _by_hand(method, "mlp", batches, 2, 2)
+    if method == "skfac":
+        reference = _skfac_by_hand("mlp", batches, 2)
+    else:
+        reference = _by_hand(method, "mlp", batches, 2, 2)
     model, loss_fn = _model(), nn.CrossEntropyLoss()
     opt = _optimizer(method, model, 2, 2)
     for x, y in batches:
@@ -256,11 +352,12 @@ def test_accumulated_micro_batches_with_stat_every_equal_the_whole_batches(metho
     opt.close()
 
 
-def test_grad_scaler_with_stat_every_takes_the_unscaled_steps():
+@pytest.mark.parametrize("method", ["kfac", "skfac"])
+def test_grad_scaler_with_stat_every_takes_the_unscaled_steps(method):
     batches = [(x.float(), y) for x, y in _batches(count=5)]
     loss_fn = nn.CrossEntropyLoss()
     models = [_model().float(), _model().float()]
-    opts = [_optimizer("kfac", m, 2, 4) for m in models]
+    opts = [_optimizer(method, m, 2, 4) for m in models]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for x, y in batches:
         for model, opt, scaled in zip(models, opts, (False, True)):
@@ -312,6 +409,7 @@ def test_a_layer_added_between_statistics_steps_takes_statistics_at_once():
 # ------------------------------------------------------------------ torch.distributed
 DDP_MAKERS = {
     "kfac": lambda m: fl.optim.KFAC(m, lr=0.1, damping=0.1, stat_every=2, inv_update_freq=2),
+    "skfac": lambda m: fl.optim.SKFAC(m, lr=0.1, damping=0.1, stat_every=2),
     "ekfac-ra": lambda m: fl.optim.EKFACra(
         m, lr=0.1, damping=0.1, stat_every=2, basis_update_freq=2
     ),
@@ -401,5 +499,21 @@ def test_a_state_the_builders_cannot_continue_is_refused(edit, message):
     edit(state["fisherlab"]["layers"]["0"])
     again = _optimizer("kfac", copy.deepcopy(model), 1, 2)
     with pytest.raises(fl.FisherlabError, match=message):
+        again.load_state_dict(state)
+    assert again.steps == 0 and again.layer_state["0"] == {}
+
+
+def test_an_skfac_state_of_the_former_format_is_refused_by_name():
+    """The former SKFAC kept its raw average rows as ``X``, ``Y``: without the batches' ``ν``
+    they cannot be converted into the builder's normalised rows."""
+    model = _model()
+    opt = _optimizer("skfac", model, 1, None)
+    _run(opt, model, _batches(count=2))
+    state = opt.state_dict()
+    for layer in state["fisherlab"]["layers"].values():
+        rows = {k.removeprefix("builder."): layer.pop(k) for k in list(layer)}
+        layer.update(X=rows["X"], Y=rows["Y"])
+    again = _optimizer("skfac", copy.deepcopy(model), 1, None)
+    with pytest.raises(fl.FisherlabError, match=r"holds entries \['X', 'Y'\] that SKFAC does not"):
         again.load_state_dict(state)
     assert again.steps == 0 and again.layer_state["0"] == {}

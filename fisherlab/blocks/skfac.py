@@ -22,6 +22,12 @@ set split into batches draws what the concatenated batch draws.
 **Over a data set** the block holds the factor rows of every sample (``N·s'`` rows of ``Ã`` and
 ``R·N·s'`` rows of ``G``): memory grows with ``N``; it is estimated before the rows are kept and
 refused beyond ``max_bytes``. The dense factors (``kfac``) have the same matrix in ``d²``.
+
+**Two running averages** (the builder, ``normalise="batch"``): ``average="grams"`` weights the
+batches' factors (it holds every batch's rows, times ``√w_k``); ``average="rows"`` averages the
+rows themselves, ``X̄ ← αX̄ + βX_b/√S_b``, ``Ȳ ← αȲ + βY_b/√ν_b`` (the paper's moving average,
+the optimizer :class:`fisherlab.optim.SKFAC`): one batch's rows are held whatever the number of
+batches, and the batches averaged must give rows of one shape.
 """
 
 from __future__ import annotations
@@ -35,13 +41,22 @@ import torch
 from torch import Tensor
 
 from fisherlab.blocks.assemble import SCALE_SHIFT_BLOCKS
-from fisherlab.blocks.base import BlockBuilder, CurvatureBlock, LayerStats, Options, tensor_bytes
+from fisherlab.blocks.base import (
+    BlockBuilder,
+    CurvatureBlock,
+    LayerStats,
+    Options,
+    WeightedSum,
+    tensor_bytes,
+)
 from fisherlab.blocks.kfac import DAMPING_MODES, kron_inner_with_rows
 from fisherlab.blocks.kronecker import KroneckerEigenbasis, damped_factor_solve, factored_shifts
 from fisherlab.conventions import FisherlabError, check_int, check_positive_int
 from fisherlab.linalg import symmetric_eigh
 
 CONV_REDUCTIONS = ("sum", "subsample")
+#: What a running average of the builder averages (:class:`SKFACBuilder`).
+AVERAGES = ("grams", "rows")
 
 
 def skfac_rows(
@@ -108,18 +123,23 @@ class SKFACOptions(Options):
         damping_mode: ``"eigen"`` (KFAC's damped inverse) or ``"factored"`` (as in the paper).
         scale_shift: The block of a scale-and-shift layer (BatchNorm, LayerNorm,
             GroupNorm): ``"diagonal"`` or ``"full"`` (:mod:`fisherlab.blocks.scale_shift`).
+        average: What the builder's weights act on: ``"grams"`` (the factors; every batch's
+            rows held) or ``"rows"`` (the rows themselves, the SKFAC optimizer's moving
+            average; ``normalise="batch"`` only; :class:`SKFACBuilder`).
     """
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "conv_reduction": CONV_REDUCTIONS,
         "damping_mode": DAMPING_MODES,
         "scale_shift": SCALE_SHIFT_BLOCKS,
+        "average": AVERAGES,
     }
     conv_reduction: str = "sum"
     spatial_samples: int | None = None
     seed: int = 0
     damping_mode: str = "eigen"
     scale_shift: str = "diagonal"
+    average: str = "grams"
 
     def validate(self) -> None:
         if self.spatial_samples is not None:
@@ -128,32 +148,102 @@ class SKFACOptions(Options):
 
 
 class SKFACBuilder(BlockBuilder):
-    r"""Holds the factor rows of every batch (memory checked before each batch is kept).
+    r"""The factor rows under weighted updates: every batch's (``"grams"``) or their average.
 
-    The weights act on the rows: after ``S ← α S + β x_b`` the rows of batch ``k`` are held
-    times ``√w_k``, so that ``Γ = Σ_k w_k Y_kᵀY_k / ν`` and ``Ω = Σ_k w_k X_kᵀX_k / Σ_k w_k S_k``
-    (``S_k`` rows of ``X_k``); per batch (``normalise="batch"``) the rows are first divided by
-    ``√ν_b`` and ``√S_b`` and both factors by the mass ``Σ_k w_k``. ``old_weight = 0`` drops the
-    rows held. (The paper's optimizer averages the rows themselves instead; its step is
-    :class:`fisherlab.optim.SKFAC`.)
+    **``average="grams"``** (default; holds every batch's rows, memory checked before each
+    batch is kept). The weights act on the factors: after ``S ← α S + β x_b`` the rows of batch
+    ``k`` are held times ``√w_k``, so that ``Γ = Σ_k w_k Y_kᵀY_k / ν`` and
+    ``Ω = Σ_k w_k X_kᵀX_k / Σ_k w_k S_k`` (``S_k`` rows of ``X_k``); per batch
+    (``normalise="batch"``) the rows are first divided by ``√ν_b`` and ``√S_b`` and both factors
+    by the mass ``Σ_k w_k``. ``old_weight = 0`` drops the rows held.
+
+    **``average="rows"``** (``normalise="batch"`` only; the paper's moving average, the
+    optimizer :class:`fisherlab.optim.SKFAC`). The weights act on the rows themselves:
+
+    .. math::
+        \bar X ← α \bar X + β X_b/\sqrt{S_b}, \qquad \bar Y ← α \bar Y + β Y_b/\sqrt{ν_b},
+        \qquad W ← α W + β,
+
+    and the block is ``Γ = ȲᵀȲ/W²``, ``Ω = X̄ᵀX̄/W²`` (the factors of the average rows
+    ``Ȳ/W``, ``X̄/W``). With weights ``(0, 1)`` then ``(decay, 1 − decay)``, ``W = 1`` and
+    ``X̄ ← decay·X̄ + (1 − decay)·X_b/√S_b``: for batches of one size (one ``ν_b`` and ``S_b``)
+    this is the moving average of the raw rows, ``Ω = X̄_rawᵀX̄_raw/S`` and
+    ``Γ = Ȳ_rawᵀȲ_raw/ν``. One batch's rows are held (no memory check: the batch is the
+    caller's); a batch whose rows have another shape than those held can only start a new
+    average (``old_weight = 0``, see :meth:`rows_fit`), else it is refused. (Weights
+    ``(decay, 1 − decay)`` from the first call give the bias-corrected average ``X̄/W``.)
+
+    Subsampled positions are drawn from the builder's generator (seeded by the ``seed`` option,
+    saved in the state); :meth:`seed_positions` reseeds it.
     """
 
-    state_names = ("X", "Y", "input_count", "mass", "held", "generator")
+    state_names = ("X", "Y", "input_count", "mass", "held", "generator", "average_rows")
 
     def __init__(self, layer, options: SKFACOptions, context, normalise: str = "data"):
         super().__init__(layer, options, context, normalise)
+        self.average_rows = options.average == "rows"
+        if self.average_rows and not self.per_batch:
+            raise FisherlabError(
+                f"the skfac builder of layer {layer.name!r}: average='rows' averages the rows of "
+                "equally sized batches (the SKFAC optimizer's moving average) and needs "
+                "normalise='batch'; a data set's block is average='grams'"
+            )
         self.generator = torch.Generator().manual_seed(options.seed)
         self.parts: list[tuple[Tensor, Tensor]] = []
+        #: ``average="rows"``: ``X̄`` (with the mass ``W``) and ``Ȳ``.
+        self.rows_x, self.rows_y = WeightedSum(), WeightedSum()
         self.held = 0
         #: ``Σ_k w_k S_k`` (or the mass per batch) and ``Σ_k w_k``; ``None`` while unweighted.
         self.input_count: float | None = None
         self.mass = 0.0
 
+    def seed_positions(self, seed: int) -> None:
+        """Draw the next subsampled positions from a generator seeded with ``seed``.
+
+        (The SKFAC optimizer seeds each statistics step's draw with its step count, so that a
+        run resumed from its state draws the same positions.)
+        """
+        self.generator.manual_seed(check_int("seed", seed))
+
+    def _expected_rows(self, stats: LayerStats) -> tuple[int, int]:
+        """The number of rows ``(S_x, S_y)`` a batch gives (nothing is drawn)."""
+        n, t = stats.A.shape[:2]
+        o = self.options
+        per = o.spatial_samples if t > 1 and o.conv_reduction == "subsample" else 1
+        return n * (per or 1), stats.G.shape[0] * n * (per or 1)
+
+    def rows_fit(self, stats: LayerStats) -> bool:
+        """``average="rows"``: whether a batch's rows can be averaged with those held.
+
+        False while nothing is held, or when the batch gives another number of rows (another
+        batch size) or width (a bias frozen or unfrozen): then only ``old_weight = 0`` (a new
+        average) is accepted.
+        """
+        held = self.rows_x.value
+        if held is None:
+            return False
+        s_x, s_y = self._expected_rows(stats)
+        width = self.layer.d_in + self.layer.has_bias
+        return tuple(held.shape) == (s_x, width) and self.rows_y.value.shape[0] == s_y
+
     def _add(self, stats: LayerStats, old_weight: float, new_weight: float) -> None:
         o = self.options
         A, G = self.layer.kron_inputs(stats.A), stats.G
+        held = self.rows_x.value
+        if self.average_rows and old_weight != 0 and held is not None and not self.rows_fit(stats):
+            raise FisherlabError(
+                f"the skfac builder of layer {self.layer.name!r} averages rows (average='rows'): "
+                f"the batch gives {self._expected_rows(stats)[0]} rows of width {A.shape[-1]}, "
+                f"the rows held are {tuple(held.shape)}; start a new average with old_weight=0"
+            )
         X, Y = skfac_rows(A, G, o.conv_reduction, o.spatial_samples, self.generator)
         n = A.shape[0]
+        if self.average_rows:
+            X, Y = X / math.sqrt(X.shape[0]), Y / math.sqrt(float(stats.normaliser))
+            self.rows_x.add(X, old_weight, new_weight)
+            self.rows_y.add(Y, old_weight, new_weight)
+            self.held = n
+            return
         if old_weight == 0:
             self.parts, self.held, self.input_count, self.mass = [], 0, 0.0, 0.0
         weighted = self.per_batch or old_weight != 1 or new_weight != 1
@@ -183,6 +273,9 @@ class SKFACBuilder(BlockBuilder):
         self.held += n
 
     def _rows(self) -> tuple[Tensor, Tensor]:
+        if self.average_rows:
+            self._require(self.rows_x.value is not None)
+            return self.rows_x.value, self.rows_y.value
         self._require(bool(self.parts))
         if len(self.parts) > 1:  # kept as one part from now on
             self.parts = [
@@ -192,6 +285,12 @@ class SKFACBuilder(BlockBuilder):
 
     def block(self, normaliser: float | None = None) -> SKFACBlock:
         X, Y = self._rows()
+        if self.average_rows:  # the factors of the average rows X̄/W, Ȳ/W
+            square = self.divisor(normaliser, self.rows_x.mass) ** 2
+            return SKFACBlock(
+                self.layer, X, Y, square, self.context.fisher_type, self.options,
+                input_count=square,
+            )  # fmt: skip
         X, Y = self.context.all_gather(X, 0), self.context.all_gather(Y, 0)
         count = self.input_count
         if count is not None and not self.per_batch:
@@ -208,30 +307,52 @@ class SKFACBuilder(BlockBuilder):
 
     def finish(self, normaliser: float, num_samples: int) -> SKFACBlock:
         block = self.block(normaliser)
-        self.parts = []
+        self.parts, self.rows_x, self.rows_y = [], WeightedSum(), WeightedSum()
         return block
 
     def _state(self) -> dict[str, Tensor | None]:
-        X, Y = self._rows() if self.parts else (None, None)
+        held = self.rows_x.value is not None if self.average_rows else bool(self.parts)
+        X, Y = self._rows() if held else (None, None)
         count = (
             None
             if self.input_count is None
             else torch.tensor(self.input_count, dtype=torch.float64)
         )
+        mass = self.rows_x.mass if self.average_rows else self.mass
         return {
             "X": X,
             "Y": Y,
             "input_count": count,
-            "mass": torch.tensor(self.mass, dtype=torch.float64),
+            "mass": torch.tensor(mass, dtype=torch.float64),
             "held": torch.tensor(self.held),
             "generator": self.generator.get_state(),
+            "average_rows": torch.tensor(self.average_rows),
         }
 
     def _load(self, state) -> None:
-        self.parts = [(state["X"], state["Y"])] if state.get("X") is not None else []
+        saved_rows = state.get("average_rows")
+        if saved_rows is not None and bool(saved_rows) != self.average_rows:
+            modes = {True: "'rows'", False: "'grams'"}
+            raise FisherlabError(
+                f"the skfac state of layer {self.layer.name!r} was saved with average="
+                f"{modes[bool(saved_rows)]}, this builder has average={modes[self.average_rows]}"
+            )
+        X, Y = state.get("X"), state.get("Y")
+        width = self.layer.d_in + self.layer.has_bias
+        if X is not None:
+            self._check_shape("X", X, (X.shape[0], width))
+        if Y is not None:
+            self._check_shape("Y", Y, (Y.shape[0], self.layer.d_out))
+        mass = 0.0 if state.get("mass") is None else float(state["mass"])
+        if self.average_rows:
+            self.rows_x, self.rows_y = WeightedSum(), WeightedSum()
+            self.rows_x.value, self.rows_y.value = X, Y
+            self.rows_x.mass = self.rows_y.mass = mass
+        else:
+            self.parts = [(X, Y)] if X is not None else []
+            self.mass = mass
         count = state.get("input_count")
         self.input_count = None if count is None else float(count)
-        self.mass = 0.0 if state.get("mass") is None else float(state["mass"])
         self.held = 0 if state.get("held") is None else int(state["held"])
         if state.get("generator") is not None:
             self.generator.set_state(state["generator"])

@@ -1,6 +1,6 @@
 """EKFAC and EKFAC-ra (George et al. 2018): KFAC's eigenbasis with refreshed scalings.
 
-Each layer holds one ``ekfac`` builder (``normalise="batch"``, see :mod:`fisherlab.optim.kfac`):
+Each layer holds one ``ekfac`` builder (``normalise="batch"``, see :mod:`fisherlab.optim.builders`):
 its factors (:meth:`~fisherlab.blocks.ekfac.EKFACBuilder.add_factors`) are KFAC's running
 average, its basis is renewed from them every ``basis_update_freq`` steps (the scalings restart
 there), and its scalings (:meth:`~fisherlab.blocks.ekfac.EKFACBuilder.add_scalings`) are the
@@ -18,7 +18,8 @@ from fisherlab.blocks.base import BlockBuilder, LayerStats, WeightedSum
 from fisherlab.blocks.ekfac import EKFACBlock, pool_null_spaces
 from fisherlab.conventions import check_positive_int
 from fisherlab.layers import Layer
-from fisherlab.optim.kfac import BUILDER, KFAC, running_average_weights
+from fisherlab.optim.builders import BUILDER, running_average_weights
+from fisherlab.optim.kfac import KFAC
 
 
 class EKFAC(KFAC):
@@ -45,6 +46,7 @@ class EKFAC(KFAC):
     method = "ekfac"
     interval_name = "basis_update_freq"
     reduced: ClassVar[dict[str, str]] = {"factors.gg": "normaliser", "factors.aa": "samples"}
+    width_entry = ("factors.aa", 0)
 
     def __init__(
         self,
@@ -77,10 +79,6 @@ class EKFAC(KFAC):
 
     def _builder_options(self, group: dict) -> dict:
         return {"kfac_approx": group["kfac_approx"]}
-
-    def _input_width(self, name: str) -> int | None:
-        aa = self.layer_state[name].get(BUILDER + "factors.aa")
-        return None if aa is None else aa.shape[0]
 
     def _basis_key(self, group: dict) -> str:
         return BUILDER + "u_omega"
