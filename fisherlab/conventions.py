@@ -33,6 +33,11 @@ FISHER_TYPES: tuple[str, ...] = ("true", "mc", "empirical")
 #: Default memory budget for dense matrices built by fisherlab (bytes).
 DEFAULT_MAX_BYTES: int = 2 * 2**30
 
+#: Default size of a :class:`~fisherlab.problem.Problem`'s capture cache (bytes, 256 MiB): the
+#: captures of one pass over the data are kept up to this size and replayed by later passes of
+#: the same call (the README states it once; a test compares the two).
+DEFAULT_CACHE_BYTES: int = 2**28
+
 
 class FisherlabError(ValueError):
     """Base class for errors raised on bad input to fisherlab."""

@@ -33,7 +33,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fisherlab.conventions import FisherlabError, check_fisher_type, check_int, check_max_bytes
+from fisherlab.conventions import (
+    DEFAULT_CACHE_BYTES,
+    FisherlabError,
+    check_fisher_type,
+    check_int,
+    check_max_bytes,
+)
 from fisherlab.layers import Layer, find_layers
 from fisherlab.losses import LossSpec, keyed_draws
 
@@ -124,7 +130,8 @@ class Problem:
         cache_bytes: Computations that pass over the data more than once (EKFAC, several
             methods, ``compare``) keep the captures of a pass in memory up to this size and
             replay them instead of running the model again; beyond it they capture again, so
-            memory stays bounded whatever ``N``. ``0`` never keeps them.
+            memory stays bounded whatever ``N``. ``0`` never keeps them. Default
+            :data:`~fisherlab.conventions.DEFAULT_CACHE_BYTES` (256 MiB).
 
     Attributes:
         loss: What fisherlab read from ``loss_fn`` (kind and reduction).
@@ -149,7 +156,7 @@ class Problem:
         skip_unsupported: bool = False,
         sharded: bool | None = None,
         progress: bool | None = None,
-        cache_bytes: int = 2**28,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         if not isinstance(model, nn.Module):
             raise FisherlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")

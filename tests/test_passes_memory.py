@@ -115,6 +115,62 @@ def test_a_reshuffled_loader_is_still_refused_for_monte_carlo():
         fl.exact_blocks(problem)
 
 
+class _RecordingShuffle(torch.utils.data.Sampler):
+    """A fresh random order on every pass (as ``shuffle=True``), remembering each pass's."""
+
+    def __init__(self, n):
+        self.n, self.orders = n, []
+        self.generator = torch.Generator().manual_seed(5)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        self.orders.append(torch.randperm(self.n, generator=self.generator))
+        return iter(self.orders[-1].tolist())
+
+
+def _mc_shuffled(**kwargs):
+    x, y = _data()
+    sampler = _RecordingShuffle(len(x))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=4, sampler=sampler
+    )
+    return fl.Problem(_mlp(), nn.CrossEntropyLoss(), loader, fisher_type="mc", **kwargs), sampler
+
+
+def test_one_monte_carlo_ekfac_call_on_a_reshuffled_loader_with_the_default_cache_is_exact():
+    """The README's "when": one call whose captures fit the default ``cache_bytes`` replays its
+    first pass, so its two passes see the same batches: the EKFAC of that pass's order."""
+    problem, sampler = _mc_shuffled()
+    assert problem.cache_bytes == fl.conventions.DEFAULT_CACHE_BYTES
+    ekfac = fl.curvature("ekfac", problem)
+    assert len(sampler.orders) == 1  # the second pass replayed the first
+    x, y = _data()
+    order = sampler.orders[0]
+    batches = [(x[order[i : i + 4]], y[order[i : i + 4]]) for i in range(0, len(x), 4)]
+    same = fl.curvature("ekfac", fl.Problem(_mlp(), nn.CrossEntropyLoss(), batches, "mc"))
+    for name in ekfac:
+        assert rel_err(ekfac[name].to_dense(), same[name].to_dense()) <= 1e-12, name
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"cache_bytes": 0}, {"cache_bytes": 512}], ids=["no-cache", "cache-too-small"]
+)
+def test_one_monte_carlo_ekfac_call_on_a_reshuffled_loader_without_replay_is_refused(kwargs):
+    problem, sampler = _mc_shuffled(**kwargs)
+    with pytest.raises(fl.FisherlabError, match=r"same batches in the same order.*cache_bytes"):
+        fl.curvature("ekfac", problem)
+    assert len(sampler.orders) == 2
+
+
+def test_a_second_monte_carlo_call_on_a_reshuffled_loader_is_refused_whatever_the_cache():
+    problem, _ = _mc_shuffled()
+    fl.curvature("ekfac", problem)
+    with pytest.raises(fl.FisherlabError, match=r"same batches in the same order"):
+        fl.curvature("kfac", problem)
+
+
 def test_checksums_see_a_swap_of_targets_between_samples():
     """The same inputs and the same labels, paired differently, are other samples."""
     x, y = _data(6)

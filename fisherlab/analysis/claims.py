@@ -476,6 +476,66 @@ def kfe_correlation_claims(data: FigureData, stem: str) -> list[Claim]:
     ]
 
 
+def spatial_claims(data: FigureData, stem: str) -> list[Claim]:
+    """SKFAC on convolutions: subsampled positions ``s′`` against reduce-sum and expand.
+
+    From the reference set (one draw of the positions): the errors per ``s′`` and whether each
+    doubling of ``s′`` lowers the error. From the batches: the range of every variant's error,
+    and whether the variants' spread within a batch is below their spread from all the data.
+    """
+    rows = data.rows("sweep")
+    if not rows or not {"source", "spatial_samples", "rel_frobenius"} <= rows[0].keys():
+        return []
+    layers = _layers(rows)
+    samples = sorted({r["spatial_samples"] for r in rows if r["spatial_samples"] > 0})
+
+    def error(source: str, layer: str, count: int, repeat: int = 0) -> float:
+        (row,) = _one(rows, source=source, layer=layer, spatial_samples=count, repeat=repeat)
+        return row["rel_frobenius"]
+
+    def spread(source: str, layer: str, repeat: int = 0) -> float:
+        values = [r["rel_frobenius"] for r in _one(rows, source=source, layer=layer, repeat=repeat)]
+        return max(values) - min(values)
+
+    curve = {la: [error("reference", la, s) for s in samples] for la in layers}
+    falls = [b < a for la in layers for a, b in zip(curve[la], curve[la][1:])]
+    per_layer = "; ".join(f"layer {la}: {', '.join(_n(v) for v in curve[la])}" for la in layers)
+    reference = data.meta.get("reference", "the reference set")
+    out = [
+        Claim(
+            stem,
+            f"From all the data ({reference}; one run, one draw of the positions), SKFAC's error "
+            f"with s′ = {', '.join(map(str, samples))} subsampled positions per image is "
+            f"{per_layer}; reduce-sum {_slash(error('reference', la, 0) for la in layers)}, KFAC "
+            f"expand {_slash(error('reference', la, -1) for la in layers)} (layers "
+            f"{', '.join(layers)}); each doubling of s′ lowers the error",
+            sum(falls),
+            len(falls),
+            "(layer, doubling) steps",
+        )
+    ]
+    batches = _one(rows, source="batch")
+    if batches:
+        repeats = sorted({r["repeat"] for r in batches})
+        values = [r["rel_frobenius"] for r in batches]
+        within = [spread("batch", la, r) for la in layers for r in repeats]
+        ref_spread = {la: spread("reference", la) for la in layers}
+        out.append(
+            Claim(
+                stem,
+                f"From one batch of {data.meta.get('batch_size', '?')} ({len(repeats)} batches) "
+                f"every variant's error is {_n(min(values))}–{_n(max(values))}: the variants lie "
+                f"within {_n(max(within))} of each other, against "
+                f"{_slash(ref_spread[la] for la in layers)} from all the data — the batch's "
+                "estimation error hides the choice of s′",
+                sum(spread("batch", la, r) < ref_spread[la] for la in layers for r in repeats),
+                len(within),
+                "(batch, layer) pairs",
+            )
+        )
+    return out
+
+
 CLAIMS: dict[str, Callable[[FigureData, str], list[Claim]]] = {
     "ekfac_protocol": ekfac_protocol_claims,
     "heatmaps": heatmaps_claims,
@@ -485,6 +545,7 @@ CLAIMS: dict[str, Callable[[FigureData, str], list[Claim]]] = {
     "directions": directions_claims,
     "batch_size": batch_size_claims,
     "fisher_types": fisher_types_claims,
+    "spatial": spatial_claims,
     "spectra": spectra_claims,
     "sample_correlation": sample_correlation_claims,
     "kfe_correlation": kfe_correlation_claims,
@@ -524,6 +585,7 @@ TITLES = {
     "directions": "Direction quality against the plain gradient",
     "batch_size": "Batch size: the exact batch block vs EKFAC",
     "fisher_types": "True vs Monte-Carlo vs empirical Fisher, same checkpoints",
+    "spatial": "SKFAC: spatial samples s′ vs reduce-sum vs expand (convolutions)",
     "spectra": "Eigenspectra (one run)",
     "sample_correlation": "Sample correlations, FNGD Fig. 3 (one run)",
     "kfe_correlation": "Decorrelation in the KFE, EKFAC Fig. 3 left (one run)",

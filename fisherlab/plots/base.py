@@ -152,16 +152,46 @@ def _log_ticks(ax: Any) -> None:
 def symlog_ticks(linear: float, top: float) -> list[float]:
     """Colour-bar ticks of a ``SymLogNorm``: ``0`` and ``±10^k`` from the linear threshold up.
 
-    At most four decades per side (every other one beyond), so that labels never collide
-    (no tick inside the linear region but 0).
+    At most four decades per side (every other one beyond, the top one kept), so that labels
+    never collide: no tick inside the linear region but 0. Where no power of ten lies between
+    ``linear`` and ``top`` (both in one decade), ``±top`` rounded down to one significant digit,
+    which is at least ``top/2 ≥ linear/2`` and so half a linear range away from 0.
     """
     first = math.ceil(math.log10(linear)) if linear > 0 else math.floor(math.log10(top))
     last = math.floor(math.log10(top))
-    decades = list(range(first, last + 1)) or [last]
-    step = max(1, math.ceil(len(decades) / 4))
-    decades = decades[::-1][::step][::-1]
-    positive = [10.0**k for k in decades]
+    decades = list(range(first, last + 1))
+    if decades:
+        step = max(1, math.ceil(len(decades) / 4))
+        positive = [10.0**k for k in decades[::-1][::step][::-1]]
+    else:
+        digit = math.floor(top / 10.0**last * (1 + 1e-12))
+        positive = [min(digit * 10.0**last, top)]
     return [-v for v in positive[::-1]] + [0.0] + positive
+
+
+def _symlog_label(value: float, _pos: Any = None) -> str:
+    """``0``, ``±10^k`` or ``±m×10^k`` in mathtext (the tick labels of :func:`symlog_ticks`)."""
+    if value == 0:
+        return "$\\mathdefault{0}$"
+    k = math.floor(math.log10(abs(value)) + 1e-9)
+    digit = round(abs(value) / 10.0**k, 6)
+    body = f"10^{{{k}}}" if digit == 1 else f"{digit:g}\\times10^{{{k}}}"
+    return f"$\\mathdefault{{{'-' if value < 0 else ''}{body}}}$"
+
+
+def symlog_colorbar(
+    fig: Figure, image: Any, ax: Any, label: str, linear: float, top: float, **kw: Any
+) -> Any:
+    """A colour bar of an image drawn with ``SymLogNorm(linear, vmin=-top, vmax=top)``.
+
+    Ticks from :func:`symlog_ticks` (at least three labelled: ``0`` and ``±v``), labels that do
+    not overlap, and no minor ticks: inside the linear range they would sit on top of the ``0``
+    tick (drawn as "≡").
+    """
+    bar = fig.colorbar(image, ax=ax, label=label, ticks=symlog_ticks(linear, top), **kw)
+    bar.ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(_symlog_label))
+    bar.minorticks_off()
+    return bar
 
 
 def save_figure(

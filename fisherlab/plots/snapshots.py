@@ -23,7 +23,7 @@ from fisherlab.plots.base import (
     linestyle,
     marker,
     style,
-    symlog_ticks,
+    symlog_colorbar,
 )
 
 
@@ -117,14 +117,10 @@ def plot_block_heatmaps(data: FigureData, quantile: float = 0.5) -> Figure:
             ax.set_xlabel("parameter index")
         axes[0, 0].set_xlabel("parameter index")
         axes[0, 0].xaxis.set_tick_params(labelbottom=True)
-        fig.colorbar(
-            image, ax=axes[0], shrink=0.9, label="entry [param²/nats], symlog",
-            ticks=symlog_ticks(vlin, vmax),
-        )  # fmt: skip
-        fig.colorbar(
-            diff_image, ax=axes[1], shrink=0.9, label="difference [param²/nats], symlog",
-            ticks=symlog_ticks(dlin, dmax),
-        )  # fmt: skip
+        symlog_colorbar(fig, image, axes[0], "entry [param²/nats], symlog", vlin, vmax,
+                        shrink=0.9)  # fmt: skip
+        symlog_colorbar(fig, diff_image, axes[1], "difference [param²/nats], symlog", dlin, dmax,
+                        shrink=0.9)  # fmt: skip
         shown = meta["shown"]
         crop = "" if shown == meta["P"] else f", leading {shown}×{shown} sub-block"
         _suptitle(
