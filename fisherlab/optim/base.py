@@ -81,6 +81,14 @@ from fisherlab.layers import Layer, find_layers
 from fisherlab.linalg import deferred_checks
 from fisherlab.losses import LossSpec
 from fisherlab.optim.distributed import distributed, gather_samples
+from fisherlab.optim.state import (
+    LayerState,
+    LayerStates,
+    clone,
+    map_tensors,
+    same_structure,
+    tensors,
+)
 
 OPTIM_FISHER_TYPES = ("empirical", "mc")
 #: What an optimizer does with parameters it has no block for.
@@ -90,17 +98,6 @@ UNSUPPORTED_CHOICES = ("raise", "sgd")
 def _finite(t: Tensor) -> Tensor:
     """Whether all entries are finite, as a 0-dim tensor (sparse tensors: their values)."""
     return torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    """The tensors in a statistic (a tensor, a tuple of them, a dict of them)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 def _total(t: Tensor) -> Tensor:
@@ -221,7 +218,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             torch.float64 if any(p.dtype == torch.float64 for p in owned) else torch.float32
         )
         self.layers: dict[str, Layer] = {}
-        self.layer_state: dict[str, dict[str, Any]] = {}
+        #: ``{layer: LayerState}``: what each layer keeps between steps (saved by state_dict).
+        self.layer_state: dict[str, LayerState] = LayerStates()
         self.sync_free = any(p.is_cuda for p in owned) if sync_free is None else bool(sync_free)
         self.steps = 0
         self._skipped = 0
@@ -689,8 +687,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._recorder.clear()
             stats, normaliser = {}, 1.0
         # statistics are replaced, never mutated, so references suffice to roll back
-        saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
-                 for n, s in self.layer_state.items()}  # fmt: skip
+        saved = LayerStates(
+            {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
+             for n, s in self.layer_state.items()}
+        )  # fmt: skip
         jobs, missing = {}, []
         for name in self.layers:
             trained = self._trained(name)
@@ -805,25 +805,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         False at a layer's first step, when a shape or the damping changes, with sparse
         gradients or new momentum buffers: those steps synchronise once, as usual.
         """
-
-        def matches(new: Any, old: Any) -> bool:
-            if isinstance(new, Tensor):
-                return isinstance(old, Tensor) and old.shape == new.shape
-            if isinstance(new, tuple):
-                return (
-                    isinstance(old, tuple)
-                    and len(old) == len(new)
-                    and all(matches(a, b) for a, b in zip(new, old))
-                )
-            if isinstance(new, dict):
-                return (
-                    isinstance(old, dict)
-                    and new.keys() == old.keys()
-                    and all(matches(new[k], old[k]) for k in new)
-                )
-            return new == old
-
-        if not all(matches(new, old) for _, _, new, old in changed):
+        if not all(same_structure(new, old) for _, _, new, old in changed):
             return False
         for group in self.param_groups:
             for p in group["params"]:
@@ -836,26 +818,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _finite_flag(self, changed: list, directions: dict[str, Tensor]) -> Tensor:
         """Whether every gradient, replaced statistic and direction is finite (on the device)."""
-        tensors = list(directions.values())
+        leaves = list(directions.values())
         for _, _, new, _ in changed:
-            tensors += _tensors(new)
-        tensors += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return torch.isfinite(torch.stack([_total(t) for t in tensors])).all()
+            leaves += tensors(new)
+        leaves += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return torch.isfinite(torch.stack([_total(t) for t in leaves])).all()
 
     def _keep_where(self, ok: Tensor, changed: list) -> None:
         """Each replaced statistic becomes ``where(ok, new, old)``."""
-
-        def choose(new: Any, old: Any) -> Any:
-            if isinstance(new, Tensor):
-                return torch.where(ok, new, old)
-            if isinstance(new, tuple):
-                return tuple(choose(a, b) for a, b in zip(new, old))
-            if isinstance(new, dict):
-                return {k: choose(new[k], old[k]) for k in new}
-            return new
-
         for name, key, new, old in changed:
-            self.layer_state[name][key] = choose(new, old)
+            self.layer_state[name][key] = map_tensors(lambda n, o: torch.where(ok, n, o), new, old)
 
     def _update_where(
         self, ok: Tensor, p: Tensor, update: Tensor, lr: float, mom: float, wd: float
@@ -882,7 +854,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if bool(self._finite_flag(changed, directions)):
             return None
         named = [(n, d) for n, d in directions.items()]
-        named += [(name, t) for name, _, new, _ in changed for t in _tensors(new)]
+        named += [(name, t) for name, _, new, _ in changed for t in tensors(new)]
         return sorted({name for name, t in named if not bool(_finite(t))})
 
     # --------------------------------------------------------------- lifecycle
@@ -902,7 +874,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "optimizer": type(self).__name__,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
-            "layers": _clone(self.layer_state),
+            "layers": clone(self.layer_state),  # plain dicts
             "shapes": {n: list(layer.weight.shape) for n, layer in self.layers.items()},
         }
         return state
@@ -939,18 +911,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"the state was saved for layer {name!r} with weight shape {tuple(shape)}, "
                     f"but the model's is {tuple(here)}"
                 )
+        device = next(iter(self.layers.values())).weight.device if self.layers else None
+        try:  # as torch.optim casts its state to the parameters': to the statistics' dtype
+            layer_state = LayerStates(
+                {name: clone(s, device, self.stat_dtype) for name, s in extra["layers"].items()}
+            )
+        except (TypeError, FisherlabError) as err:
+            raise FisherlabError(f"the state's per-layer statistics do not fit: {err}") from None
         try:
             super().load_state_dict(state_dict)
         except ValueError as err:
             raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
-        device = next(iter(self.layers.values())).weight.device if self.layers else None
-        self.steps = extra["steps"]
-        self._recorder.idle = not self._statistics_expected()
+        self.steps, self.layer_state = extra["steps"], layer_state
+        self._recorder.idle = not self._statistics_expected()  # from the loaded state
         self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
-        # as torch.optim casts its state to the parameters': statistics to the statistics' dtype
-        self.layer_state = {
-            name: _clone(s, device, self.stat_dtype) for name, s in extra["layers"].items()
-        }
 
 
 class _StepRecorder(Recorder):
@@ -978,20 +952,6 @@ def _outside_span(g: Tensor, span: list[Tensor]) -> Tensor:
         for q in basis:
             r = r - q * torch.dot(q, r)
     return r.norm()
-
-
-def _clone(value: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-    """A detached copy of a statistic, on ``device`` and, if floating, in ``dtype`` if given."""
-    if isinstance(value, Tensor):
-        value = value.detach().clone()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        return value.to(device) if device is not None else value
-    if isinstance(value, dict):
-        return {k: _clone(v, device, dtype) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_clone(v, device, dtype) for v in value)
-    return value
 
 
 __all__ = ["CurvatureOptimizer"]
