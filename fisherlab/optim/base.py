@@ -80,29 +80,14 @@ from fisherlab.conventions import FisherlabError, check_choice, check_range
 from fisherlab.layers import Layer, find_layers
 from fisherlab.linalg import deferred_checks
 from fisherlab.losses import LossSpec
+from fisherlab.optim import rollback
 from fisherlab.optim.distributed import distributed, gather_samples
-from fisherlab.optim.state import (
-    LayerState,
-    LayerStates,
-    clone,
-    map_tensors,
-    same_structure,
-    tensors,
-)
+from fisherlab.optim.rollback import SkippedSteps, finite
+from fisherlab.optim.state import LayerState, LayerStates, clone, tensors
 
 OPTIM_FISHER_TYPES = ("empirical", "mc")
 #: What an optimizer does with parameters it has no block for.
 UNSUPPORTED_CHOICES = ("raise", "sgd")
-
-
-def _finite(t: Tensor) -> Tensor:
-    """Whether all entries are finite, as a 0-dim tensor (sparse tensors: their values)."""
-    return torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()
-
-
-def _total(t: Tensor) -> Tensor:
-    """The sum of a tensor's entries: non-finite if any entry is (or if the sum overflows)."""
-    return (t._values() if t.is_sparse else t).sum().float()
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -222,8 +207,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.layer_state: dict[str, LayerState] = LayerStates()
         self.sync_free = any(p.is_cuda for p in owned) if sync_free is None else bool(sync_free)
         self.steps = 0
-        self._skipped = 0
-        self._skipped_unread: Tensor | None = None  # sync-free steps: counted on the device
+        self._skipped = SkippedSteps()
         self.track_direction_cosine = False
         self._cosines: tuple[Tensor, Tensor] | None = None  # (sum, count) on the device
         self._warned: set[str] = set()
@@ -474,13 +458,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _diagnosis(self, stats: dict[str, tuple[Tensor, Tensor]]) -> str | None:
         """Which statistics and gradients hold NaN/Inf (only on the failure path: it syncs)."""
-        bad = [n for n, pair in stats.items() if not all(bool(_finite(t)) for t in pair)]
+        bad = [n for n, pair in stats.items() if not all(bool(finite(t)) for t in pair)]
         names = {id(p): n for n, p in self.model.named_parameters()}
         bad_grads = [
             names.get(id(p), "?")
             for g in self.param_groups
             for p in g["params"]
-            if p.grad is not None and not bool(_finite(p.grad))
+            if p.grad is not None and not bool(finite(p.grad))
         ]
         if bad or bad_grads:
             return f"non-finite statistics in layers {bad} and non-finite gradients of {bad_grads}"
@@ -492,8 +476,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Reading it waits for the count of sync-free steps, kept on the device.
         """
-        unread = 0 if self._skipped_unread is None else int(self._skipped_unread)
-        return self._skipped + unread
+        return int(self._skipped)
 
     def _add_cosine(
         self,
@@ -524,11 +507,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._cosines = None
         return total / count if count else None
 
-    def _skip(self, reason: str, saved: dict | None = None) -> None:
+    def _skip(self, reason: str, saved: LayerStates | None = None) -> None:
         """Count a skipped step, roll the statistics back, say why."""
         if saved is not None:
             self.layer_state = saved
-        self._skipped += 1
+        self._skipped.add()
         warnings.warn(
             f"step {self.steps} skipped: {reason}; parameters and statistics are unchanged",
             RuntimeWarning,
@@ -674,7 +657,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grad_scale, stat_scale, found_inf = self._loss_scale()
         if found_inf is not None and not self.sync_free and bool(found_inf):
             self._recorder.clear()  # GradScaler: an overflow, skipped quietly
-            self._skipped += 1
+            self._skipped.add()
             return loss
         if grad_scale is not None:
             self._unscale(grad_scale)
@@ -687,10 +670,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._recorder.clear()
             stats, normaliser = {}, 1.0
         # statistics are replaced, never mutated, so references suffice to roll back
-        saved = LayerStates(
-            {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
-             for n, s in self.layer_state.items()}
-        )  # fmt: skip
+        saved = rollback.snapshot(self.layer_state)
         jobs, missing = {}, []
         for name in self.layers:
             trained = self._trained(name)
@@ -727,21 +707,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         groups = {n: job[5] for n, job in jobs.items()}
         params_of = {n: job[1] for n, job in jobs.items()}
         directions = self._revise(directions, grads)
-        changed = self._changed(saved)
+        changed = rollback.changes(self.layer_state, saved)
         ok = None
         if self.sync_free and self._can_keep_on_device(changed):
             ok = self._finite_flag(changed, directions)
             if found_inf is not None:
                 ok = ok & (found_inf == 0)
-            self._keep_where(ok, changed)
-            skipped = (~ok).long()
-            self._skipped_unread = (
-                skipped if self._skipped_unread is None else self._skipped_unread + skipped
-            )
+            rollback.keep_where(ok, self.layer_state, changed)
+            self._skipped.add_unless(ok)
         else:
             if found_inf is not None and bool(found_inf):  # GradScaler: quietly, rolled back
                 self.layer_state = saved
-                self._skipped += 1
+                self._skipped.add()
                 return loss
             bad = self._non_finite(changed, directions)
             if bad is not None:
@@ -785,27 +762,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------ sync-free steps
-    def _changed(self, saved: dict) -> list[tuple[str, str, Any, Any]]:
-        """``(layer, key, new, old)`` of every statistic this step replaced."""
-        changed = []
-        for name, state in self.layer_state.items():
-            before = saved.get(name, {})
-            for key, value in state.items():
-                old = before.get(key)
-                if isinstance(value, dict) and isinstance(old, dict):
-                    if any(old.get(k) is not v for k, v in value.items()) or len(old) != len(value):
-                        changed.append((name, key, value, old))
-                elif value is not old:
-                    changed.append((name, key, value, old))
-        return changed
-
-    def _can_keep_on_device(self, changed: list) -> bool:
+    def _can_keep_on_device(self, changed: list[rollback.Change]) -> bool:
         """Whether every replaced statistic has an old value to fall back to on the device.
 
         False at a layer's first step, when a shape or the damping changes, with sparse
         gradients or new momentum buffers: those steps synchronise once, as usual.
         """
-        if not all(same_structure(new, old) for _, _, new, old in changed):
+        if not rollback.restorable(changed):
             return False
         for group in self.param_groups:
             for p in group["params"]:
@@ -816,18 +779,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     return False
         return True
 
-    def _finite_flag(self, changed: list, directions: dict[str, Tensor]) -> Tensor:
+    def _finite_flag(self, changed: list[rollback.Change], directions: dict[str, Tensor]) -> Tensor:
         """Whether every gradient, replaced statistic and direction is finite (on the device)."""
-        leaves = list(directions.values())
-        for _, _, new, _ in changed:
-            leaves += tensors(new)
-        leaves += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return torch.isfinite(torch.stack([_total(t) for t in leaves])).all()
-
-    def _keep_where(self, ok: Tensor, changed: list) -> None:
-        """Each replaced statistic becomes ``where(ok, new, old)``."""
-        for name, key, new, old in changed:
-            self.layer_state[name][key] = map_tensors(lambda n, o: torch.where(ok, n, o), new, old)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return rollback.all_finite(
+            [*directions.values(), *rollback.changed_tensors(changed), *grads]
+        )
 
     def _update_where(
         self, ok: Tensor, p: Tensor, update: Tensor, lr: float, mom: float, wd: float
@@ -845,7 +802,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Last changes to the directions once all are computed (FNGD's fallback)."""
         return directions
 
-    def _non_finite(self, changed: list, directions: dict[str, Tensor]) -> list[str] | None:
+    def _non_finite(
+        self, changed: list[rollback.Change], directions: dict[str, Tensor]
+    ) -> list[str] | None:
         """``None`` if every gradient, replaced statistic and direction is finite, else layers.
 
         One host synchronisation; the layers holding non-finite values are found only when the
@@ -853,9 +812,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         if bool(self._finite_flag(changed, directions)):
             return None
-        named = [(n, d) for n, d in directions.items()]
-        named += [(name, t) for name, _, new, _ in changed for t in tensors(new)]
-        return sorted({name for name, t in named if not bool(_finite(t))})
+        named = [*directions.items()]
+        named += [(c.layer, t) for c in changed for t in tensors(c.new)]
+        return rollback.non_finite(named)
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -924,7 +883,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
         self.steps, self.layer_state = extra["steps"], layer_state
         self._recorder.idle = not self._statistics_expected()  # from the loaded state
-        self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
+        self._skipped = SkippedSteps(extra.get("skipped_steps", 0))
 
 
 class _StepRecorder(Recorder):
