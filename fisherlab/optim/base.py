@@ -1,5 +1,11 @@
 """The shared machinery of fisherlab's optimizers: the ``torch.optim`` contract, safety, state.
 
+:class:`CurvatureOptimizer` wires the parts: its ``step()`` computes the preconditioned
+directions (the subclasses' hooks ``_prepare``, ``_direction``, ``_revise``), settles whether
+the step is taken (:mod:`~fisherlab.optim.rollback`) and applies the directions
+(``_scale``, then :mod:`~fisherlab.optim.update`); ``GradScaler`` is read by
+:mod:`~fisherlab.optim.amp`, and the per-layer state is :mod:`~fisherlab.optim.state`'s.
+
 Every optimizer is a ``torch.optim.Optimizer`` built from the model (its layers are needed)::
 
     opt = fl.optim.KFAC(model, lr=0.01, damping=1e-3)
@@ -70,7 +76,7 @@ Shared behaviour:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -80,14 +86,31 @@ from fisherlab.conventions import FisherlabError, check_choice, check_range
 from fisherlab.layers import Layer, find_layers
 from fisherlab.linalg import deferred_checks
 from fisherlab.losses import LossSpec
-from fisherlab.optim import rollback
+from fisherlab.optim import amp, rollback
 from fisherlab.optim.distributed import distributed, gather_samples
 from fisherlab.optim.rollback import SkippedSteps, finite
 from fisherlab.optim.state import LayerState, LayerStates, clone, tensors
+from fisherlab.optim.update import apply_updates, parameter_updates, steps_on_device
 
 OPTIM_FISHER_TYPES = ("empirical", "mc")
 #: What an optimizer does with parameters it has no block for.
 UNSUPPORTED_CHOICES = ("raise", "sgd")
+
+
+class LayerJob(NamedTuple):
+    """What one layer's direction is computed from at a step."""
+
+    #: The layer as trained this step (without its bias when the bias has no gradient).
+    layer: Layer
+    #: Its parameters with gradients, in the order of the direction's entries.
+    params: list[nn.Parameter]
+    #: ``Ã`` and ``G`` recorded since the last step (``None`` between statistics steps).
+    A: Tensor | None
+    G: Tensor | None
+    #: ``p.grad`` of ``params``, concatenated, ``[P]`` in the statistics' dtype.
+    grad: Tensor
+    #: The param group holding the layer.
+    group: dict[str, Any]
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -386,35 +409,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 )
                 return
 
-    def _loss_scale(self) -> tuple[Tensor | None, Tensor | float | None, Tensor | None]:
-        """``(gradient scale, statistics scale, found_inf)`` from ``GradScaler.step``.
-
-        ``(None, None, None)`` outside ``GradScaler.step``.
-        """
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is None:
-            return None, None, None
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            return grad_scale, grad_scale, found_inf
-        if self.grad_scaler is None:
-            raise FisherlabError(
-                "GradScaler.unscale_(optimizer) ran before scaler.step(optimizer): the gradients "
-                "are unscaled but fisherlab's statistics are not and it cannot read the scale; "
-                "pass grad_scaler=scaler when making the optimizer"
-            )
-        return None, self.grad_scaler.get_scale(), found_inf
-
-    def _unscale(self, scale: Tensor) -> None:
-        inverse = scale.double().reciprocal().float()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        p.grad = p.grad * inverse.to(p.grad.device)
-                    else:
-                        p.grad.mul_(inverse.to(p.grad.device))
-
     def _statistics_due(self) -> bool:
         """Whether this step uses the statistics recorded since the last one.
 
@@ -522,7 +516,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         every = self.check_gradients_every
         return bool(every) and self.steps % every == 0
 
-    def _probe(self, jobs: dict[str, tuple], normaliser: float) -> None:
+    def _probe(self, jobs: dict[str, LayerJob], normaliser: float) -> None:
         r"""Check ``p.grad`` against the statistics, and the damping against the curvature.
 
         **Gradients** (``fisher_type="empirical"``, not under ``torch.distributed``, where
@@ -600,14 +594,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "p.grad on purpose, set optimizer.check_gradients_every = 0)"
         )
 
-    def _check_damping(self, jobs: dict[str, tuple], layers: list[str]) -> None:
+    def _check_damping(self, jobs: dict[str, LayerJob], layers: list[str]) -> None:
         """Warn once when a layer's ``λ`` is below what the statistics' dtype resolves."""
         eps = torch.finfo(self.stat_dtype).eps
         small = [
-            f"{name!r} (λ = {jobs[name][5]['damping']:g}, curvature scale "
+            f"{name!r} (λ = {jobs[name].group['damping']:g}, curvature scale "
             f"{self.curvature_scale[name]:.3g})"
             for name in layers
-            if jobs[name][5]["damping"] < eps * self.curvature_scale[name]
+            if jobs[name].group["damping"] < eps * self.curvature_scale[name]
         ]
         if small and "damping" not in self._warned:
             self._warned.add("damping")
@@ -643,7 +637,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of all parameters (see the module docstring)."""
+        """One update of all parameters (see the module docstring).
+
+        The preconditioned directions of the layers (:meth:`_directions`), then, unless the
+        step is bad and rolled back (:meth:`_settle`), applying them (:meth:`_apply`).
+        """
         if not self._recorder.attached:
             raise FisherlabError(
                 "step() on a closed optimizer: close() removed its hooks, so it records no "
@@ -654,30 +652,60 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
-        grad_scale, stat_scale, found_inf = self._loss_scale()
+        grad_scale, stat_scale, found_inf = amp.loss_scale(self, self.grad_scaler)
         if found_inf is not None and not self.sync_free and bool(found_inf):
             self._recorder.clear()  # GradScaler: an overflow, skipped quietly
             self._skipped.add()
             return loss
         if grad_scale is not None:
-            self._unscale(grad_scale)
-        due = self._statistics_due()
-        if due:
-            stats, normaliser = self._take_statistics(stat_scale)
-            if self.gather_samples and distributed():
-                stats, normaliser = gather_samples(stats, normaliser)
-        else:  # a step between statistics steps (``stat_every``): what was recorded is not used
-            self._recorder.clear()
-            stats, normaliser = {}, 1.0
+            amp.unscale(self.param_groups, grad_scale)
+        stats, normaliser = self._statistics(stat_scale)
+        jobs = self._jobs(stats)
+        stats = stats or {}
         # statistics are replaced, never mutated, so references suffice to roll back
         saved = rollback.snapshot(self.layer_state)
+        if self._probe_due():
+            self._probe(jobs, normaliser)
+        try:
+            directions = self._directions(jobs, normaliser)
+        except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
+            reason = f"the curvature could not be inverted ({err})"
+            self._skip(self._diagnosis(stats) or reason, saved)
+            return loss
+        directions = self._revise(directions, {n: job.grad for n, job in jobs.items()})
+        taken, ok = self._settle(saved, directions, stats, found_inf)
+        if taken:
+            self._apply(jobs, directions, ok)
+            self.steps += 1
+            self._recorder.idle = not self._statistics_expected()
+        return loss
+
+    def _statistics(
+        self, scale: Tensor | float | None
+    ) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, float]:
+        """``({name: (A, G)}, ν)`` of this step; ``(None, 1)`` between statistics steps."""
+        if not self._statistics_due():  # what was recorded is not used (``stat_every``)
+            self._recorder.clear()
+            return None, 1.0
+        stats, normaliser = self._take_statistics(scale)
+        if self.gather_samples and distributed():
+            stats, normaliser = gather_samples(stats, normaliser)
+        return stats, normaliser
+
+    def _jobs(self, stats: dict[str, tuple[Tensor, Tensor]] | None) -> dict[str, LayerJob]:
+        """What each layer with a gradient computes its direction from.
+
+        Between statistics steps (``stats`` is None) its ``A = G = None``. Layers with
+        gradients but no statistics in a statistics step are left out (they get the plain
+        step; refused when no layer has statistics: :meth:`_no_statistics`).
+        """
         jobs, missing = {}, []
         for name in self.layers:
             trained = self._trained(name)
             if trained is None:
                 continue
             layer, params = trained
-            if not due:
+            if stats is None:
                 A = G = None
             elif name not in stats:
                 missing.append(name)
@@ -688,78 +716,71 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     A = A[..., : layer.d_in]
             group = self.param_groups[self._group_index[name]]
             grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
-            jobs[name] = (layer, params, A, G, grad, group)
+            jobs[name] = LayerJob(layer, params, A, G, grad, group)
         if missing:
             self._no_statistics(missing, bool(jobs))
-        if self._probe_due():
-            self._probe(jobs, normaliser)
+        return jobs
+
+    def _directions(self, jobs: dict[str, LayerJob], normaliser: float) -> dict[str, Tensor]:
+        """``{layer: d}``, the preconditioned gradients (:meth:`_prepare`, :meth:`_direction`).
+
+        The finiteness checks of the linear algebra are deferred to one, in :meth:`_settle`.
+        """
         directions = {}
-        try:
-            with deferred_checks():  # one finiteness check of everything, below
-                self._prepare({n: (j[2], j[3], j[5]) for n, j in jobs.items()}, normaliser)
-                for name, (layer, _, A, G, grad, group) in jobs.items():
-                    directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
-        except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
-            reason = f"the curvature could not be inverted ({err})"
-            self._skip(self._diagnosis(stats) or reason, saved)
-            return loss
-        grads = {n: job[4] for n, job in jobs.items()}
-        groups = {n: job[5] for n, job in jobs.items()}
-        params_of = {n: job[1] for n, job in jobs.items()}
-        directions = self._revise(directions, grads)
+        with deferred_checks():
+            self._prepare({n: (j.A, j.G, j.group) for n, j in jobs.items()}, normaliser)
+            for name, (layer, _, A, G, grad, group) in jobs.items():
+                directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
+        return directions
+
+    def _settle(
+        self,
+        saved: LayerStates,
+        directions: dict[str, Tensor],
+        stats: dict[str, tuple[Tensor, Tensor]],
+        found_inf: Tensor | None,
+    ) -> tuple[bool, Tensor | None]:
+        """Whether the step goes on, and the device flag its updates apply under.
+
+        Sync-free (every replaced statistic restorable on the device): statistics become
+        ``where(ok, new, old)`` and the step goes on under ``ok``. Otherwise one host
+        synchronisation: a bad step (a ``GradScaler`` overflow, quietly; non-finite values,
+        with a warning) is rolled back to ``saved`` and counted.
+        """
         changed = rollback.changes(self.layer_state, saved)
-        ok = None
         if self.sync_free and self._can_keep_on_device(changed):
             ok = self._finite_flag(changed, directions)
             if found_inf is not None:
                 ok = ok & (found_inf == 0)
             rollback.keep_where(ok, self.layer_state, changed)
             self._skipped.add_unless(ok)
-        else:
-            if found_inf is not None and bool(found_inf):  # GradScaler: quietly, rolled back
-                self.layer_state = saved
-                self._skipped.add()
-                return loss
-            bad = self._non_finite(changed, directions)
-            if bad is not None:
-                reason = (
-                    f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
-                )
-                self._skip(self._diagnosis(stats) or reason, saved)
-                return loss
+            return True, ok
+        if found_inf is not None and bool(found_inf):  # GradScaler: quietly, rolled back
+            self.layer_state = saved
+            self._skipped.add()
+            return False, None
+        bad = self._non_finite(changed, directions)
+        if bad is not None:
+            reason = f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
+            self._skip(self._diagnosis(stats) or reason, saved)
+            return False, None
+        return True, None
+
+    def _apply(
+        self, jobs: dict[str, LayerJob], directions: dict[str, Tensor], ok: Tensor | None
+    ) -> None:
+        """Step the parameters: :meth:`_scale` (KL clipping), lr, momentum, weight decay.
+
+        See :mod:`fisherlab.optim.update`; parameters without a direction take ``p.grad``.
+        """
+        grads = {n: job.grad for n, job in jobs.items()}
+        groups = {n: job.group for n, job in jobs.items()}
         factors = self._scale(directions, grads, groups)
         if self.track_direction_cosine and directions:
             self._add_cosine(directions, factors, grads, ok)
-        updates: dict[int, Tensor] = {}
-        for name, d in directions.items():
-            factor, offset = factors[name], 0
-            if not (isinstance(factor, float) and factor == 1.0):  # KL clipping: a tensor
-                d = d * factor
-            for p in params_of[name]:
-                updates[id(p)] = d[offset : offset + p.numel()].view_as(p).to(p.dtype)
-                offset += p.numel()
-        for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = updates.get(id(p), p.grad)
-                if ok is not None:  # sync-free: the update applies only where ok
-                    self._update_where(ok, p, update, lr, mom, wd)
-                    continue
-                if wd:
-                    p.mul_(1 - lr * wd)
-                if mom:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = update.clone()
-                    else:
-                        state["momentum_buffer"].mul_(mom).add_(update)
-                    update = state["momentum_buffer"]
-                p.add_(update, alpha=-lr)
-        self.steps += 1
-        self._recorder.idle = not self._statistics_expected()
-        return loss
+        params_of = {n: job.params for n, job in jobs.items()}
+        updates = parameter_updates(directions, factors, params_of)
+        apply_updates(self.param_groups, self.state, updates, ok)
 
     # ------------------------------------------------------------ sync-free steps
     def _can_keep_on_device(self, changed: list[rollback.Change]) -> bool:
@@ -768,16 +789,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         False at a layer's first step, when a shape or the damping changes, with sparse
         gradients or new momentum buffers: those steps synchronise once, as usual.
         """
-        if not rollback.restorable(changed):
-            return False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and (
-                    p.grad.is_sparse
-                    or (group["momentum"] and "momentum_buffer" not in self.state[p])
-                ):
-                    return False
-        return True
+        return rollback.restorable(changed) and steps_on_device(self.param_groups, self.state)
 
     def _finite_flag(self, changed: list[rollback.Change], directions: dict[str, Tensor]) -> Tensor:
         """Whether every gradient, replaced statistic and direction is finite (on the device)."""
@@ -785,18 +797,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return rollback.all_finite(
             [*directions.values(), *rollback.changed_tensors(changed), *grads]
         )
-
-    def _update_where(
-        self, ok: Tensor, p: Tensor, update: Tensor, lr: float, mom: float, wd: float
-    ) -> None:
-        """The plain update of one parameter where ``ok``, nothing otherwise (no sync)."""
-        if wd:
-            p.mul_(torch.where(ok, torch.full((), 1 - lr * wd, dtype=p.dtype, device=p.device), 1))
-        if mom:
-            buffer = self.state[p]["momentum_buffer"]
-            buffer.copy_(torch.where(ok, buffer * mom + update, buffer))
-            update = buffer
-        p.sub_(torch.where(ok, update, 0.0) * lr)
 
     def _revise(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> dict:
         """Last changes to the directions once all are computed (FNGD's fallback)."""
