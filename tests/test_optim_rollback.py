@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fisherlab.optim import rollback
-from fisherlab.optim.state import LayerStates, tensors
+from fisherlab.optim.state import LayerState, LayerStates, tensors
 
 
 def _t(*shape, seed=0, dtype=torch.float64):
@@ -43,6 +43,7 @@ def test_changes_finds_exactly_the_replaced_entry(case):
     states = _states()
     saved = rollback.snapshot(states)
     assert rollback.changes(states, saved) == []
+    assert type(saved) is LayerStates and all(type(s) is LayerState for s in saved.values())
     layer, key = _write(states, case)
     (change,) = rollback.changes(states, saved)
     assert (change.layer, change.key) == (layer, key)

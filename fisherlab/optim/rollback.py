@@ -32,7 +32,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fisherlab.optim.state import Entry, LayerStates, map_tensors, same_structure, tensors
+from fisherlab.optim.state import (
+    Entry,
+    LayerState,
+    LayerStates,
+    map_tensors,
+    same_structure,
+    tensors,
+)
 
 
 class Change(NamedTuple):
@@ -50,9 +57,11 @@ def snapshot(states: LayerStates) -> LayerStates:
     Entries are replaced, never mutated, except that a dict entry may gain keys (FNGD adds its
     weights of a step to its dict): its top level is copied.
     """
-    return LayerStates(
+    return LayerStates.of_checked(
         {
-            name: {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
+            name: LayerState.of_checked(
+                {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
+            )
             for name, state in states.items()
         }
     )

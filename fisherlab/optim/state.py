@@ -121,6 +121,8 @@ def _checked(key: Any, value: Any) -> Any:
     """``value`` if it is an :data:`Entry` under a string key, else a clear error."""
     if not isinstance(key, str):
         raise FisherlabError(f"optimizer state entries are named by strings, got {key!r}")
+    if isinstance(value, Tensor):  # the common case, checked at the cost of one isinstance
+        return value
     try:
         map_tensors(lambda t: t, value)
     except TypeError as err:
@@ -151,6 +153,13 @@ class LayerState(dict[str, Entry]):
             self[key] = default
         return self[key]
 
+    @classmethod
+    def of_checked(cls, entries: Mapping[str, Entry]) -> LayerState:
+        """A state of entries taken from states already (no second check: every step)."""
+        state = cls.__new__(cls)
+        dict.update(state, entries)
+        return state
+
 
 class LayerStates(dict[str, LayerState]):
     """The optimizer's state of all layers: layer name → :class:`LayerState`.
@@ -174,6 +183,13 @@ class LayerStates(dict[str, LayerState]):
     def update(self, states: Mapping[str, Mapping[str, Entry]] | Iterable = (), **named) -> None:  # type: ignore[override]
         for name, state in dict(states, **named).items():
             self[name] = state
+
+    @classmethod
+    def of_checked(cls, states: Mapping[str, LayerState]) -> LayerStates:
+        """The states of layers given as :class:`LayerState` s already (no second check)."""
+        held = cls.__new__(cls)
+        dict.update(held, states)
+        return held
 
 
 __all__ = [
