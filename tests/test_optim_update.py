@@ -1,5 +1,6 @@
 """Applying the directions (``optim/update.py``) and ``GradScaler`` handling (``optim/amp.py``)."""
 
+import copy
 from collections import defaultdict
 
 import pytest
@@ -162,3 +163,42 @@ def test_loss_scale_reads_what_the_grad_scaler_handed_over(grad_scale, scaler, e
         assert grads is stats is opt.grad_scale and found_inf is opt.found_inf
     else:
         assert grads is None and float(stats) == 4.0
+
+
+class _Plain(fl.optim.CurvatureOptimizer):
+    """The identity preconditioner: what ``step()`` applies is ``p.grad`` itself."""
+
+    def _direction(self, name, layer, A, G, normaliser, grad, group):
+        return grad
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["synchronised", "sync-free"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain", "momentum"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01], ids=["no-decay", "decay"])
+def test_step_applies_directions_as_torch_sgd_with_decoupled_weight_decay(
+    sync_free, momentum, weight_decay
+):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    reference = copy.deepcopy(model)
+    lr = 0.1
+    opt = _Plain(model, lr, 1e-3, momentum, weight_decay, sync_free=sync_free)
+    sgd = torch.optim.SGD(reference.parameters(), lr=lr, momentum=momentum, foreach=False)
+    for seed in range(4):
+        x, y = _t(6, 4, seed=seed), torch.tensor([0, 1, 2, 0, 1, 2])
+        for net, step in ((model, opt), (reference, sgd)):
+            step.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.mul_(1 - lr * weight_decay)
+        sgd.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            if sync_free:  # where(ok, u, 0)·lr subtracted instead of add_(u, alpha=−lr)
+                torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)
+            else:
+                assert torch.equal(p, q)
+    assert opt.skipped_steps == 0
+    opt.close()
