@@ -164,11 +164,11 @@ def test_state_dict_holds_plain_dicts_that_load_with_weights_only(name):
 def test_a_saved_state_with_an_entry_of_another_kind_is_refused_and_nothing_changes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3)).double()
-    opt = fl.optim.SKFAC(model)
+    opt = fl.optim.FNGD(model, steps_per_epoch=2)
     nn.functional.cross_entropy(model(_t(6, 4)), torch.tensor([0, 1, 2, 0, 1, 2])).backward()
     opt.step()
     saved = opt.state_dict()
-    saved["fisherlab"]["layers"]["0"]["X"] = nn.Linear(2, 2)
+    saved["fisherlab"]["layers"]["0"]["weights"][0] = nn.Linear(2, 2)
     before = dict(opt.layer_state["0"])
     with pytest.raises(fl.FisherlabError, match=r"per-layer statistics do not fit.*Linear"):
         opt.load_state_dict(saved)
