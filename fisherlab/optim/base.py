@@ -1,5 +1,11 @@
 """The shared machinery of fisherlab's optimizers: the ``torch.optim`` contract, safety, state.
 
+:class:`CurvatureOptimizer` wires the parts: its ``step()`` computes the preconditioned
+directions (the subclasses' hooks ``_prepare``, ``_direction``, ``_revise``), settles whether
+the step is taken (:mod:`~fisherlab.optim.rollback`) and applies the directions
+(``_scale``, then :mod:`~fisherlab.optim.update`); ``GradScaler`` is read by
+:mod:`~fisherlab.optim.amp`, and the per-layer state is :mod:`~fisherlab.optim.state`'s.
+
 Every optimizer is a ``torch.optim.Optimizer`` built from the model (its layers are needed)::
 
     opt = fl.optim.KFAC(model, lr=0.01, damping=1e-3)
@@ -70,7 +76,7 @@ Shared behaviour:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -80,32 +86,31 @@ from fisherlab.conventions import FisherlabError, check_choice, check_range
 from fisherlab.layers import Layer, find_layers
 from fisherlab.linalg import deferred_checks
 from fisherlab.losses import LossSpec
+from fisherlab.optim import amp, rollback
 from fisherlab.optim.distributed import distributed, gather_samples
+from fisherlab.optim.rollback import SkippedSteps, finite
+from fisherlab.optim.state import LayerState, LayerStates, clone, tensors
+from fisherlab.optim.update import apply_updates, parameter_updates, steps_on_device
 
 OPTIM_FISHER_TYPES = ("empirical", "mc")
 #: What an optimizer does with parameters it has no block for.
 UNSUPPORTED_CHOICES = ("raise", "sgd")
 
 
-def _finite(t: Tensor) -> Tensor:
-    """Whether all entries are finite, as a 0-dim tensor (sparse tensors: their values)."""
-    return torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()
+class LayerJob(NamedTuple):
+    """What one layer's direction is computed from at a step."""
 
-
-def _tensors(value: Any) -> list[Tensor]:
-    """The tensors in a statistic (a tensor, a tuple of them, a dict of them)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
-def _total(t: Tensor) -> Tensor:
-    """The sum of a tensor's entries: non-finite if any entry is (or if the sum overflows)."""
-    return (t._values() if t.is_sparse else t).sum().float()
+    #: The layer as trained this step (without its bias when the bias has no gradient).
+    layer: Layer
+    #: Its parameters with gradients, in the order of the direction's entries.
+    params: list[nn.Parameter]
+    #: ``Ã`` and ``G`` recorded since the last step (``None`` between statistics steps).
+    A: Tensor | None
+    G: Tensor | None
+    #: ``p.grad`` of ``params``, concatenated, ``[P]`` in the statistics' dtype.
+    grad: Tensor
+    #: The param group holding the layer.
+    group: dict[str, Any]
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -221,11 +226,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             torch.float64 if any(p.dtype == torch.float64 for p in owned) else torch.float32
         )
         self.layers: dict[str, Layer] = {}
-        self.layer_state: dict[str, dict[str, Any]] = {}
+        #: ``{layer: LayerState}``: what each layer keeps between steps (saved by state_dict).
+        self.layer_state: dict[str, LayerState] = LayerStates()
         self.sync_free = any(p.is_cuda for p in owned) if sync_free is None else bool(sync_free)
         self.steps = 0
-        self._skipped = 0
-        self._skipped_unread: Tensor | None = None  # sync-free steps: counted on the device
+        self._skipped = SkippedSteps()
         self.track_direction_cosine = False
         self._cosines: tuple[Tensor, Tensor] | None = None  # (sum, count) on the device
         self._warned: set[str] = set()
@@ -404,35 +409,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 )
                 return
 
-    def _loss_scale(self) -> tuple[Tensor | None, Tensor | float | None, Tensor | None]:
-        """``(gradient scale, statistics scale, found_inf)`` from ``GradScaler.step``.
-
-        ``(None, None, None)`` outside ``GradScaler.step``.
-        """
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is None:
-            return None, None, None
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            return grad_scale, grad_scale, found_inf
-        if self.grad_scaler is None:
-            raise FisherlabError(
-                "GradScaler.unscale_(optimizer) ran before scaler.step(optimizer): the gradients "
-                "are unscaled but fisherlab's statistics are not and it cannot read the scale; "
-                "pass grad_scaler=scaler when making the optimizer"
-            )
-        return None, self.grad_scaler.get_scale(), found_inf
-
-    def _unscale(self, scale: Tensor) -> None:
-        inverse = scale.double().reciprocal().float()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        p.grad = p.grad * inverse.to(p.grad.device)
-                    else:
-                        p.grad.mul_(inverse.to(p.grad.device))
-
     def _statistics_due(self) -> bool:
         """Whether this step uses the statistics recorded since the last one.
 
@@ -476,13 +452,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _diagnosis(self, stats: dict[str, tuple[Tensor, Tensor]]) -> str | None:
         """Which statistics and gradients hold NaN/Inf (only on the failure path: it syncs)."""
-        bad = [n for n, pair in stats.items() if not all(bool(_finite(t)) for t in pair)]
+        bad = [n for n, pair in stats.items() if not all(bool(finite(t)) for t in pair)]
         names = {id(p): n for n, p in self.model.named_parameters()}
         bad_grads = [
             names.get(id(p), "?")
             for g in self.param_groups
             for p in g["params"]
-            if p.grad is not None and not bool(_finite(p.grad))
+            if p.grad is not None and not bool(finite(p.grad))
         ]
         if bad or bad_grads:
             return f"non-finite statistics in layers {bad} and non-finite gradients of {bad_grads}"
@@ -494,8 +470,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Reading it waits for the count of sync-free steps, kept on the device.
         """
-        unread = 0 if self._skipped_unread is None else int(self._skipped_unread)
-        return self._skipped + unread
+        return int(self._skipped)
 
     def _add_cosine(
         self,
@@ -526,11 +501,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._cosines = None
         return total / count if count else None
 
-    def _skip(self, reason: str, saved: dict | None = None) -> None:
+    def _skip(self, reason: str, saved: LayerStates | None = None) -> None:
         """Count a skipped step, roll the statistics back, say why."""
         if saved is not None:
             self.layer_state = saved
-        self._skipped += 1
+        self._skipped.add()
         warnings.warn(
             f"step {self.steps} skipped: {reason}; parameters and statistics are unchanged",
             RuntimeWarning,
@@ -541,7 +516,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         every = self.check_gradients_every
         return bool(every) and self.steps % every == 0
 
-    def _probe(self, jobs: dict[str, tuple], normaliser: float) -> None:
+    def _probe(self, jobs: dict[str, LayerJob], normaliser: float) -> None:
         r"""Check ``p.grad`` against the statistics, and the damping against the curvature.
 
         **Gradients** (``fisher_type="empirical"``, not under ``torch.distributed``, where
@@ -619,14 +594,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "p.grad on purpose, set optimizer.check_gradients_every = 0)"
         )
 
-    def _check_damping(self, jobs: dict[str, tuple], layers: list[str]) -> None:
+    def _check_damping(self, jobs: dict[str, LayerJob], layers: list[str]) -> None:
         """Warn once when a layer's ``λ`` is below what the statistics' dtype resolves."""
         eps = torch.finfo(self.stat_dtype).eps
         small = [
-            f"{name!r} (λ = {jobs[name][5]['damping']:g}, curvature scale "
+            f"{name!r} (λ = {jobs[name].group['damping']:g}, curvature scale "
             f"{self.curvature_scale[name]:.3g})"
             for name in layers
-            if jobs[name][5]["damping"] < eps * self.curvature_scale[name]
+            if jobs[name].group["damping"] < eps * self.curvature_scale[name]
         ]
         if small and "damping" not in self._warned:
             self._warned.add("damping")
@@ -662,7 +637,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of all parameters (see the module docstring)."""
+        """One update of all parameters (see the module docstring).
+
+        The preconditioned directions of the layers (:meth:`_directions`), then, unless the
+        step is bad and rolled back (:meth:`_settle`), applying them (:meth:`_apply`).
+        """
         if not self._recorder.attached:
             raise FisherlabError(
                 "step() on a closed optimizer: close() removed its hooks, so it records no "
@@ -673,31 +652,60 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
-        grad_scale, stat_scale, found_inf = self._loss_scale()
+        grad_scale, stat_scale, found_inf = amp.loss_scale(self, self.grad_scaler)
         if found_inf is not None and not self.sync_free and bool(found_inf):
             self._recorder.clear()  # GradScaler: an overflow, skipped quietly
-            self._skipped += 1
+            self._skipped.add()
             return loss
         if grad_scale is not None:
-            self._unscale(grad_scale)
-        due = self._statistics_due()
-        if due:
-            stats, normaliser = self._take_statistics(stat_scale)
-            if self.gather_samples and distributed():
-                stats, normaliser = gather_samples(stats, normaliser)
-        else:  # a step between statistics steps (``stat_every``): what was recorded is not used
-            self._recorder.clear()
-            stats, normaliser = {}, 1.0
+            amp.unscale(self.param_groups, grad_scale)
+        stats, normaliser = self._statistics(stat_scale)
+        jobs = self._jobs(stats)
+        stats = stats or {}
         # statistics are replaced, never mutated, so references suffice to roll back
-        saved = {n: {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
-                 for n, s in self.layer_state.items()}  # fmt: skip
+        saved = rollback.snapshot(self.layer_state)
+        if self._probe_due():
+            self._probe(jobs, normaliser)
+        try:
+            directions = self._directions(jobs, normaliser)
+        except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
+            reason = f"the curvature could not be inverted ({err})"
+            self._skip(self._diagnosis(stats) or reason, saved)
+            return loss
+        directions = self._revise(directions, {n: job.grad for n, job in jobs.items()})
+        taken, ok = self._settle(saved, directions, stats, found_inf)
+        if taken:
+            self._apply(jobs, directions, ok)
+            self.steps += 1
+            self._recorder.idle = not self._statistics_expected()
+        return loss
+
+    def _statistics(
+        self, scale: Tensor | float | None
+    ) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, float]:
+        """``({name: (A, G)}, ν)`` of this step; ``(None, 1)`` between statistics steps."""
+        if not self._statistics_due():  # what was recorded is not used (``stat_every``)
+            self._recorder.clear()
+            return None, 1.0
+        stats, normaliser = self._take_statistics(scale)
+        if self.gather_samples and distributed():
+            stats, normaliser = gather_samples(stats, normaliser)
+        return stats, normaliser
+
+    def _jobs(self, stats: dict[str, tuple[Tensor, Tensor]] | None) -> dict[str, LayerJob]:
+        """What each layer with a gradient computes its direction from.
+
+        Between statistics steps (``stats`` is None) its ``A = G = None``. Layers with
+        gradients but no statistics in a statistics step are left out (they get the plain
+        step; refused when no layer has statistics: :meth:`_no_statistics`).
+        """
         jobs, missing = {}, []
         for name in self.layers:
             trained = self._trained(name)
             if trained is None:
                 continue
             layer, params = trained
-            if not due:
+            if stats is None:
                 A = G = None
             elif name not in stats:
                 missing.append(name)
@@ -708,172 +716,95 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     A = A[..., : layer.d_in]
             group = self.param_groups[self._group_index[name]]
             grad = torch.cat([p.grad.reshape(-1) for p in params]).to(self.stat_dtype)
-            jobs[name] = (layer, params, A, G, grad, group)
+            jobs[name] = LayerJob(layer, params, A, G, grad, group)
         if missing:
             self._no_statistics(missing, bool(jobs))
-        if self._probe_due():
-            self._probe(jobs, normaliser)
+        return jobs
+
+    def _directions(self, jobs: dict[str, LayerJob], normaliser: float) -> dict[str, Tensor]:
+        """``{layer: d}``, the preconditioned gradients (:meth:`_prepare`, :meth:`_direction`).
+
+        The finiteness checks of the linear algebra are deferred to one, in :meth:`_settle`.
+        """
         directions = {}
-        try:
-            with deferred_checks():  # one finiteness check of everything, below
-                self._prepare({n: (j[2], j[3], j[5]) for n, j in jobs.items()}, normaliser)
-                for name, (layer, _, A, G, grad, group) in jobs.items():
-                    directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
-        except (FisherlabError, RuntimeError) as err:  # e.g. overflowing factors
-            reason = f"the curvature could not be inverted ({err})"
-            self._skip(self._diagnosis(stats) or reason, saved)
-            return loss
-        grads = {n: job[4] for n, job in jobs.items()}
-        groups = {n: job[5] for n, job in jobs.items()}
-        params_of = {n: job[1] for n, job in jobs.items()}
-        directions = self._revise(directions, grads)
-        changed = self._changed(saved)
-        ok = None
+        with deferred_checks():
+            self._prepare({n: (j.A, j.G, j.group) for n, j in jobs.items()}, normaliser)
+            for name, (layer, _, A, G, grad, group) in jobs.items():
+                directions[name] = self._direction(name, layer, A, G, normaliser, grad, group)
+        return directions
+
+    def _settle(
+        self,
+        saved: LayerStates,
+        directions: dict[str, Tensor],
+        stats: dict[str, tuple[Tensor, Tensor]],
+        found_inf: Tensor | None,
+    ) -> tuple[bool, Tensor | None]:
+        """Whether the step goes on, and the device flag its updates apply under.
+
+        Sync-free (every replaced statistic restorable on the device): statistics become
+        ``where(ok, new, old)`` and the step goes on under ``ok``. Otherwise one host
+        synchronisation: a bad step (a ``GradScaler`` overflow, quietly; non-finite values,
+        with a warning) is rolled back to ``saved`` and counted.
+        """
+        changed = rollback.changes(self.layer_state, saved)
         if self.sync_free and self._can_keep_on_device(changed):
             ok = self._finite_flag(changed, directions)
             if found_inf is not None:
                 ok = ok & (found_inf == 0)
-            self._keep_where(ok, changed)
-            skipped = (~ok).long()
-            self._skipped_unread = (
-                skipped if self._skipped_unread is None else self._skipped_unread + skipped
-            )
-        else:
-            if found_inf is not None and bool(found_inf):  # GradScaler: quietly, rolled back
-                self.layer_state = saved
-                self._skipped += 1
-                return loss
-            bad = self._non_finite(changed, directions)
-            if bad is not None:
-                reason = (
-                    f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
-                )
-                self._skip(self._diagnosis(stats) or reason, saved)
-                return loss
+            rollback.keep_where(ok, self.layer_state, changed)
+            self._skipped.add_unless(ok)
+            return True, ok
+        if found_inf is not None and bool(found_inf):  # GradScaler: quietly, rolled back
+            self.layer_state = saved
+            self._skipped.add()
+            return False, None
+        bad = self._non_finite(changed, directions)
+        if bad is not None:
+            reason = f"the curvature of layers {bad} overflowed (non-finite factors or directions)"
+            self._skip(self._diagnosis(stats) or reason, saved)
+            return False, None
+        return True, None
+
+    def _apply(
+        self, jobs: dict[str, LayerJob], directions: dict[str, Tensor], ok: Tensor | None
+    ) -> None:
+        """Step the parameters: :meth:`_scale` (KL clipping), lr, momentum, weight decay.
+
+        See :mod:`fisherlab.optim.update`; parameters without a direction take ``p.grad``.
+        """
+        grads = {n: job.grad for n, job in jobs.items()}
+        groups = {n: job.group for n, job in jobs.items()}
         factors = self._scale(directions, grads, groups)
         if self.track_direction_cosine and directions:
             self._add_cosine(directions, factors, grads, ok)
-        updates: dict[int, Tensor] = {}
-        for name, d in directions.items():
-            factor, offset = factors[name], 0
-            if not (isinstance(factor, float) and factor == 1.0):  # KL clipping: a tensor
-                d = d * factor
-            for p in params_of[name]:
-                updates[id(p)] = d[offset : offset + p.numel()].view_as(p).to(p.dtype)
-                offset += p.numel()
-        for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = updates.get(id(p), p.grad)
-                if ok is not None:  # sync-free: the update applies only where ok
-                    self._update_where(ok, p, update, lr, mom, wd)
-                    continue
-                if wd:
-                    p.mul_(1 - lr * wd)
-                if mom:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = update.clone()
-                    else:
-                        state["momentum_buffer"].mul_(mom).add_(update)
-                    update = state["momentum_buffer"]
-                p.add_(update, alpha=-lr)
-        self.steps += 1
-        self._recorder.idle = not self._statistics_expected()
-        return loss
+        params_of = {n: job.params for n, job in jobs.items()}
+        updates = parameter_updates(directions, factors, params_of)
+        apply_updates(self.param_groups, self.state, updates, ok)
 
     # ------------------------------------------------------------ sync-free steps
-    def _changed(self, saved: dict) -> list[tuple[str, str, Any, Any]]:
-        """``(layer, key, new, old)`` of every statistic this step replaced."""
-        changed = []
-        for name, state in self.layer_state.items():
-            before = saved.get(name, {})
-            for key, value in state.items():
-                old = before.get(key)
-                if isinstance(value, dict) and isinstance(old, dict):
-                    if any(old.get(k) is not v for k, v in value.items()) or len(old) != len(value):
-                        changed.append((name, key, value, old))
-                elif value is not old:
-                    changed.append((name, key, value, old))
-        return changed
-
-    def _can_keep_on_device(self, changed: list) -> bool:
+    def _can_keep_on_device(self, changed: list[rollback.Change]) -> bool:
         """Whether every replaced statistic has an old value to fall back to on the device.
 
         False at a layer's first step, when a shape or the damping changes, with sparse
         gradients or new momentum buffers: those steps synchronise once, as usual.
         """
+        return rollback.restorable(changed) and steps_on_device(self.param_groups, self.state)
 
-        def matches(new: Any, old: Any) -> bool:
-            if isinstance(new, Tensor):
-                return isinstance(old, Tensor) and old.shape == new.shape
-            if isinstance(new, tuple):
-                return (
-                    isinstance(old, tuple)
-                    and len(old) == len(new)
-                    and all(matches(a, b) for a, b in zip(new, old))
-                )
-            if isinstance(new, dict):
-                return (
-                    isinstance(old, dict)
-                    and new.keys() == old.keys()
-                    and all(matches(new[k], old[k]) for k in new)
-                )
-            return new == old
-
-        if not all(matches(new, old) for _, _, new, old in changed):
-            return False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and (
-                    p.grad.is_sparse
-                    or (group["momentum"] and "momentum_buffer" not in self.state[p])
-                ):
-                    return False
-        return True
-
-    def _finite_flag(self, changed: list, directions: dict[str, Tensor]) -> Tensor:
+    def _finite_flag(self, changed: list[rollback.Change], directions: dict[str, Tensor]) -> Tensor:
         """Whether every gradient, replaced statistic and direction is finite (on the device)."""
-        tensors = list(directions.values())
-        for _, _, new, _ in changed:
-            tensors += _tensors(new)
-        tensors += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return torch.isfinite(torch.stack([_total(t) for t in tensors])).all()
-
-    def _keep_where(self, ok: Tensor, changed: list) -> None:
-        """Each replaced statistic becomes ``where(ok, new, old)``."""
-
-        def choose(new: Any, old: Any) -> Any:
-            if isinstance(new, Tensor):
-                return torch.where(ok, new, old)
-            if isinstance(new, tuple):
-                return tuple(choose(a, b) for a, b in zip(new, old))
-            if isinstance(new, dict):
-                return {k: choose(new[k], old[k]) for k in new}
-            return new
-
-        for name, key, new, old in changed:
-            self.layer_state[name][key] = choose(new, old)
-
-    def _update_where(
-        self, ok: Tensor, p: Tensor, update: Tensor, lr: float, mom: float, wd: float
-    ) -> None:
-        """The plain update of one parameter where ``ok``, nothing otherwise (no sync)."""
-        if wd:
-            p.mul_(torch.where(ok, torch.full((), 1 - lr * wd, dtype=p.dtype, device=p.device), 1))
-        if mom:
-            buffer = self.state[p]["momentum_buffer"]
-            buffer.copy_(torch.where(ok, buffer * mom + update, buffer))
-            update = buffer
-        p.sub_(torch.where(ok, update, 0.0) * lr)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return rollback.all_finite(
+            [*directions.values(), *rollback.changed_tensors(changed), *grads]
+        )
 
     def _revise(self, directions: dict[str, Tensor], grads: dict[str, Tensor]) -> dict:
         """Last changes to the directions once all are computed (FNGD's fallback)."""
         return directions
 
-    def _non_finite(self, changed: list, directions: dict[str, Tensor]) -> list[str] | None:
+    def _non_finite(
+        self, changed: list[rollback.Change], directions: dict[str, Tensor]
+    ) -> list[str] | None:
         """``None`` if every gradient, replaced statistic and direction is finite, else layers.
 
         One host synchronisation; the layers holding non-finite values are found only when the
@@ -881,9 +812,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         if bool(self._finite_flag(changed, directions)):
             return None
-        named = [(n, d) for n, d in directions.items()]
-        named += [(name, t) for name, _, new, _ in changed for t in _tensors(new)]
-        return sorted({name for name, t in named if not bool(_finite(t))})
+        named = [*directions.items()]
+        named += [(c.layer, t) for c in changed for t in tensors(c.new)]
+        return rollback.non_finite(named)
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -902,7 +833,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "optimizer": type(self).__name__,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
-            "layers": _clone(self.layer_state),
+            "layers": clone(self.layer_state),  # plain dicts
             "shapes": {n: list(layer.weight.shape) for n, layer in self.layers.items()},
         }
         return state
@@ -939,18 +870,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"the state was saved for layer {name!r} with weight shape {tuple(shape)}, "
                     f"but the model's is {tuple(here)}"
                 )
+        device = next(iter(self.layers.values())).weight.device if self.layers else None
+        try:  # as torch.optim casts its state to the parameters': to the statistics' dtype
+            layer_state = LayerStates(
+                {name: clone(s, device, self.stat_dtype) for name, s in extra["layers"].items()}
+            )
+        except (TypeError, FisherlabError) as err:
+            raise FisherlabError(f"the state's per-layer statistics do not fit: {err}") from None
         try:
             super().load_state_dict(state_dict)
         except ValueError as err:
             raise FisherlabError(f"the state does not fit this optimizer: {err}") from None
-        device = next(iter(self.layers.values())).weight.device if self.layers else None
-        self.steps = extra["steps"]
-        self._recorder.idle = not self._statistics_expected()
-        self._skipped, self._skipped_unread = extra.get("skipped_steps", 0), None
-        # as torch.optim casts its state to the parameters': statistics to the statistics' dtype
-        self.layer_state = {
-            name: _clone(s, device, self.stat_dtype) for name, s in extra["layers"].items()
-        }
+        self.steps, self.layer_state = extra["steps"], layer_state
+        self._recorder.idle = not self._statistics_expected()  # from the loaded state
+        self._skipped = SkippedSteps(extra.get("skipped_steps", 0))
 
 
 class _StepRecorder(Recorder):
@@ -978,20 +911,6 @@ def _outside_span(g: Tensor, span: list[Tensor]) -> Tensor:
         for q in basis:
             r = r - q * torch.dot(q, r)
     return r.norm()
-
-
-def _clone(value: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-    """A detached copy of a statistic, on ``device`` and, if floating, in ``dtype`` if given."""
-    if isinstance(value, Tensor):
-        value = value.detach().clone()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        return value.to(device) if device is not None else value
-    if isinstance(value, dict):
-        return {k: _clone(v, device, dtype) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_clone(v, device, dtype) for v in value)
-    return value
 
 
 __all__ = ["CurvatureOptimizer"]

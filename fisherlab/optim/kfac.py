@@ -19,6 +19,7 @@ from fisherlab.conventions import FisherlabError, check_choice, check_positive_i
 from fisherlab.layers import Layer
 from fisherlab.optim.builders import BuilderOptimizer, running_average_weights
 from fisherlab.optim.distributed import all_reduce_mean, computed_once, distributed
+from fisherlab.optim.update import kl_clip_factors
 
 
 class KFAC(BuilderOptimizer):
@@ -215,20 +216,7 @@ class KFAC(BuilderOptimizer):
         self, directions: dict[str, Tensor], grads: dict[str, Tensor], groups: dict[str, dict]
     ) -> dict[str, Tensor | float]:
         """KL clipping, per param group: ``lr²·Σ dᵀg ≤ kl_clip`` over the group's layers."""
-        sums: dict[int, Tensor] = {}
-        for n in directions:
-            if groups[n]["kl_clip"] is not None:
-                vg = (directions[n] * grads[n]).sum() * groups[n]["lr"] ** 2
-                sums[id(groups[n])] = sums.get(id(groups[n]), 0) + vg
-        factors: dict[str, Tensor | float] = {}
-        for n in directions:
-            clip = groups[n]["kl_clip"]
-            if clip is None:
-                factors[n] = 1.0
-            else:  # no host synchronisation: the factor stays a tensor
-                vg = sums[id(groups[n])]
-                factors[n] = torch.clamp(torch.sqrt(clip / vg.abs().clamp_min(1e-30)), max=1.0)
-        return factors
+        return kl_clip_factors(directions, grads, groups)
 
 
 def _basis_tensors(basis: KroneckerEigenbasis) -> tuple[Tensor, Tensor, Tensor, Tensor]:
