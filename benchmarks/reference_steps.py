@@ -121,7 +121,8 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 def damped_inverse(matrix: Tensor, shift: Tensor) -> Tensor:
     """``(M + cI)⁻¹`` by Cholesky, in float64 for float32."""
     work = matrix.to(_work_dtype(matrix))
-    work = (work + work.T) / 2 + shift.to(work.dtype) * torch.eye(len(work), dtype=work.dtype)
+    eye = torch.eye(len(work), dtype=work.dtype, device=work.device)
+    work = (work + work.T) / 2 + shift.to(work.dtype) * eye
     return torch.cholesky_inverse(torch.linalg.cholesky(work)).to(matrix.dtype)
 
 
@@ -287,7 +288,7 @@ class TENGraDReference(ReferenceStep):
 
     def coefficients(self, chol: Tensor, dtype: torch.dtype) -> Tensor:
         """``w = (νλI + K)⁻¹1``."""
-        ones = torch.ones(len(chol), 1, dtype=chol.dtype)
+        ones = torch.ones(len(chol), 1, dtype=chol.dtype, device=chol.device)
         self.decomposition_flops += 2 * len(chol) ** 2
         return torch.cholesky_solve(ones, chol).squeeze(1).to(dtype)
 
