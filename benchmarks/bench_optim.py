@@ -127,12 +127,40 @@ def tiny_cnn() -> nn.Module:
     )  # fmt: skip
 
 
+class _Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (a 1×1 projection where the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+        )  # fmt: skip
+        self.skip = (
+            nn.Identity() if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet() -> nn.Module:
+    """A ResNet-style net (BatchNorm: its parameters take the plain step in every contender)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        _Residual(16, 16, 1), _Residual(16, 32, 2), _Residual(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
 #: name → (builder, input shape, batch, label).
 MODELS = {
     "mlp": (mlp, (1, 28, 28), 128, "MLP 784-512-256-10"),
     "3c1f": (three_conv_one_fc, (1, 28, 28), 128, "3C1F"),
     "tiny": (tiny_mlp, (32,), 32, "tiny MLP 32-32-10"),
     "tinycnn": (tiny_cnn, (1, 8, 8), 16, "tiny CNN"),
+    "resnet": (resnet, (3, 32, 32), 128, "ResNet-style, BatchNorm"),
 }
 ALIASES = {"cnn": "3c1f"}
 
@@ -218,8 +246,8 @@ class Contender:
         return getattr(self.optimizer, "decomposition_flops", 0.0)
 
 
-def contenders(model_name: str, device: str, quick: bool) -> list[Contender]:
-    build, shape, batch, _ = MODELS[model_name]
+def contenders(model_name: str, batch: int, device: str) -> list[Contender]:
+    build, shape, _, _ = MODELS[model_name]
     torch.manual_seed(0)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -273,6 +301,12 @@ def contenders(model_name: str, device: str, quick: bool) -> list[Contender]:
             maker.forward_and_backward()
             sgd.step()
 
+        try:  # ASDL may not take the model (a layer type it does not know)
+            with quiet():
+                step()
+        except Exception as err:
+            print(f"{name} skipped: {type(err).__name__}: {err}")
+            continue
         out.append(Contender(name, "asdl", name, 1, step, maker))
     return out
 
@@ -331,10 +365,12 @@ def cpu_share(start_wall: float, start_cpu: float, threads: int) -> float:
     return (time.process_time() - start_cpu) / (wall * threads)
 
 
-def bench_model(model_name: str, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    _, _, batch, label = MODELS[model_name]
+def bench_model(
+    model_name: str, batch: int, args: argparse.Namespace
+) -> tuple[list[dict], list[dict]]:
+    label = MODELS[model_name][3]
     with quiet():
-        cs = contenders(model_name, args.device, args.quick)
+        cs = contenders(model_name, batch, args.device)
         for c in cs:
             with counting_syncs() as syncs:
                 c.step()
@@ -458,8 +494,8 @@ def markdown(rows: list[dict], profiles: list[dict], machine: dict) -> str:
         f"{machine['asdl'] or 'not installed'}.",
         "",
     ]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        part = [r for r in rows if r["model"] == model]
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        part = [r for r in rows if r["model"] == model and r["batch"] == batch]
         sgd = next(r for r in part if r["contender"] == "sgd")
         plain = {r["contender"][len("plain:") :]: r for r in part if r["kind"] == "plain"}
         out += [
@@ -565,6 +601,9 @@ def main(argv: list[str] | None = None) -> None:
         "--models", nargs="+", default=["mlp", "3c1f", "tiny"], choices=[*MODELS, *ALIASES]
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="default: each model's own"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--warmup", type=int, default=INTERVAL, help="steps before timing")
     parser.add_argument("--block", type=int, default=INTERVAL, help="steps per timed block")
@@ -585,7 +624,21 @@ def main(argv: list[str] | None = None) -> None:
         default="a shared 2-core VM, loaded by other jobs during the run.",
         help="what to say about the machine",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="only re-render the markdown and the README section from a results JSON",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        section = markdown(saved["rows"], saved["meta"].get("profiles", []), saved["meta"])
+        write_text(args.render.with_suffix(".md"), section)
+        print(section)
+        if args.readme is not None and not update_readme(args.readme, section):
+            print(f"{args.readme} has no {START} … {END} markers: not updated")
+        return
     if args.quick:
         args.models, args.rounds, args.block, args.warmup = ["tiny", "tinycnn"], 2, 2, 2
         args.profile_limit = 1
@@ -596,8 +649,8 @@ def main(argv: list[str] | None = None) -> None:
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     rows, profiles = [], []
-    for model in models:
-        model_rows, model_profiles = bench_model(model, args)
+    for model, batch in [(m, b) for m in models for b in args.batch_sizes or [MODELS[m][2]]]:
+        model_rows, model_profiles = bench_model(model, batch, args)
         rows += model_rows
         profiles += model_profiles
         print(
@@ -664,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
     write_text(md, section)
     paths.append(md)
     print(section)
-    if not args.quick and args.readme is not None:
+    if not args.quick and args.device == "cpu" and args.readme is not None:
         if update_readme(args.readme, section):
             paths.append(args.readme)
         else:
