@@ -595,7 +595,13 @@ def update_readme(path: Path, section: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> None:
+SUMMARY_KEYS = (
+    "model", "contender", "step_ms", "ratio_sgd", "floor_ratio", "over_floor", "ratio_plain",
+    "ratio_asdl",
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--models", nargs="+", default=["mlp", "3c1f", "tiny"], choices=[*MODELS, *ALIASES]
@@ -613,24 +619,52 @@ def main(argv: list[str] | None = None) -> None:
         "--profile-limit", type=int, default=None, help="profiled contenders per model at most"
     )
     parser.add_argument(
-        "--quick",
-        action="store_true",
+        "--quick", action="store_true",
         help="smoke test: tiny models, 2 rounds, results *_quick, README untouched",
-    )
+    )  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--readme", type=Path, default=README, help="README to update")
+    parser.add_argument("--out", default=None, help="results name (default bench_optim_DEVICE)")
     parser.add_argument(
-        "--note",
-        default="a shared 2-core VM, loaded by other jobs during the run.",
+        "--readme", type=lambda text: Path(text) if text else None, default=README,
+        help="README whose section to replace ('' for none; never with --quick or on CUDA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--note", default="a shared 2-core VM, loaded by other jobs during the run.",
         help="what to say about the machine",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--render",
-        type=Path,
-        default=None,
+        "--render", type=Path, default=None,
         help="only re-render the markdown and the README section from a results JSON",
-    )
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.rounds, args.block, args.warmup = ["tiny", "tinycnn"], 2, 2, 2
+        args.profile_limit = 1
+    elif args.profile_limit is None:
+        args.profile_limit = len(METHODS) + len(STAT_EVERY_10)
+    if args.quick or args.device != "cpu":
+        args.readme = None
+    default = f"bench_optim_{'cuda' if args.device == 'cuda' else 'cpu'}"
+    args.out = args.out or default + ("_quick" if args.quick else "")
+    return args
+
+
+def write_results(rows: list[dict], machine: dict, args: argparse.Namespace) -> list[Path]:
+    """CSV, JSON and the markdown section; the README's section when ``args.readme``."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    paths = save_table(rows, args.out_dir / args.out, machine)
+    section = markdown(rows, machine["profiles"], machine)
+    paths.append(write_text(args.out_dir / f"{args.out}.md", section))
+    if args.readme is not None:
+        if update_readme(args.readme, section):
+            paths.append(args.readme)
+        else:
+            print(f"{args.readme} has no {START} … {END} markers: not updated")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.render is not None:
         saved = json.loads(args.render.read_text())
         section = markdown(saved["rows"], saved["meta"].get("profiles", []), saved["meta"])
@@ -639,47 +673,38 @@ def main(argv: list[str] | None = None) -> None:
         if args.readme is not None and not update_readme(args.readme, section):
             print(f"{args.readme} has no {START} … {END} markers: not updated")
         return
-    if args.quick:
-        args.models, args.rounds, args.block, args.warmup = ["tiny", "tinycnn"], 2, 2, 2
-        args.profile_limit = 1
-    elif args.profile_limit is None:
-        args.profile_limit = len(METHODS) + len(STAT_EVERY_10)
-    models = [ALIASES.get(m, m) for m in args.models]
     torch.set_num_threads(args.threads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     rows, profiles = [], []
-    for model, batch in [(m, b) for m in models for b in args.batch_sizes or [MODELS[m][2]]]:
+    models = [ALIASES.get(m, m) for m in args.models]
+    runs = [(m, b) for m in models for b in args.batch_sizes or [MODELS[m][2]]]
+    for index, (model, batch) in enumerate(runs):
         model_rows, model_profiles = bench_model(model, batch, args)
         rows += model_rows
         profiles += model_profiles
-        print(
-            format_table(
-                [
-                    {
-                        k: r[k]
-                        for k in (
-                            "model",
-                            "contender",
-                            "step_ms",
-                            "ratio_sgd",
-                            "floor_ratio",
-                            "over_floor",
-                            "ratio_plain",
-                            "ratio_asdl",
-                        )
-                    }
-                    for r in model_rows
-                ]
-            )
-        )
+        print(format_table([{k: r[k] for k in SUMMARY_KEYS} for r in model_rows]))
+        machine = _machine(args, load_before, start_wall, start_cpu, profiles)
+        if index < len(runs) - 1:  # kept if a later model fails or the run is stopped
+            save_table(rows, args.out_dir / args.out, {**machine, "partial": True})
+    paths = write_results(rows, machine, args)
+    print(markdown(rows, profiles, machine))
+    print(json.dumps({"saved": [str(p) for p in paths]}))
+
+
+def _machine(
+    args: argparse.Namespace, load_before: str, start_wall: float, start_cpu: float,
+    profiles: list[dict],
+) -> dict:  # fmt: skip
+    """The run's machine, settings and profiles (the JSON's ``meta``)."""
     try:
         from importlib.metadata import version
 
         asdl = f"asdfghjkl {version('asdfghjkl')}" if asdl_makers(8) else None
     except Exception:
         asdl = None
-    machine = {
+    return {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "processor": _processor(),
         "threads": torch.get_num_threads(),
@@ -694,35 +719,15 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": args.warmup,
         "asdl": asdl,
         "settings": {
-            "lr": LR,
-            "damping": DAMPING,
-            "momentum": MOMENTUM,
-            "stat_decay": DECAY,
-            "interval": INTERVAL,
-            "fisher_type": "empirical",
+            "lr": LR, "damping": DAMPING, "momentum": MOMENTUM, "stat_decay": DECAY,
+            "interval": INTERVAL, "fisher_type": "empirical",
             "asdl_kfac": "KfacGradientMaker(fisher_type='fisher_emp', curvature_upd_interval=1, "
             f"preconditioner_upd_interval={INTERVAL}, ema_decay={1 - DECAY:.2f}, "
             f"damping={DAMPING})",
             "asdl_smw": f"SmwEmpNaturalGradientMaker(damping={DAMPING})",
         },
         "profiles": profiles,
-    }
-    name = f"bench_optim_{'cuda' if args.device == 'cuda' else 'cpu'}" + (
-        "_quick" if args.quick else ""
-    )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    paths = save_table(rows, args.out_dir / name, machine)
-    section = markdown(rows, profiles, machine)
-    md = args.out_dir / f"{name}.md"
-    write_text(md, section)
-    paths.append(md)
-    print(section)
-    if not args.quick and args.device == "cpu" and args.readme is not None:
-        if update_readme(args.readme, section):
-            paths.append(args.readme)
-        else:
-            print(f"{args.readme} has no {START} … {END} markers: not updated")
-    print(json.dumps({"saved": [str(p) for p in paths]}))
+    }  # fmt: skip
 
 
 def _processor() -> str:
