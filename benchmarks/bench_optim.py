@@ -96,7 +96,10 @@ METHODS = {
 #: Methods also run with statistics every 10 steps.
 STAT_EVERY_10 = ("kfac", "kfac-factored", "ekfac")
 #: fisherlab contender → ASDL's same method.
-ASDL_PEER = {"kfac-factored": "asdl-kfac", "tengrad": "asdl-smw"}
+ASDL_PEER = {
+    "kfac-factored": "asdl-kfac", "tengrad": "asdl-smw",
+    "plain:kfac-factored": "asdl-kfac", "plain:tengrad-paper": "asdl-smw",
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- models
@@ -424,6 +427,7 @@ def bench_model(
         else:
             row.update(ratio_asdl=None, ratio_asdl_min=None, ratio_asdl_max=None)
         row["round_ratios_sgd"] = " ".join(f"{r:.3g}" for r in ratio_sgd)
+        row["round_ms"] = " ".join(f"{1e3 * t:.4g}" for t in c.times)
         rows.append(row)
     profiles = []
     if args.profile and (args.quick or model_name not in ("tiny", "tinycnn")):
