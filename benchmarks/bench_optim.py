@@ -506,8 +506,9 @@ def markdown(rows: list[dict], profiles: list[dict], machine: dict) -> str:
             f"**{part[0]['label']}, batch {part[0]['batch']}** (SGD {sgd['step_ms']:.2f} ms "
             f"per step, {sgd['gflop_counted']:.3g} GFLOP counted):",
             "",
-            "| optimizer | ms | ÷ SGD | plain ÷ SGD | floor ÷ SGD | ÷ floor | ÷ plain | ÷ ASDL |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| optimizer | ms | ÷ SGD | plain ÷ SGD | floor ÷ SGD | ÷ floor | ÷ plain | ÷ ASDL "
+            "| products ÷ plain's |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in part:
             if r["kind"] == "plain" and r["method"] != "tengrad-paper":
@@ -519,7 +520,7 @@ def markdown(rows: list[dict], profiles: list[dict], machine: dict) -> str:
                 f"{_cell(p, 'ratio_sgd') if p else '—'} | "
                 f"{'—' if r['floor_ratio'] is None else format(r['floor_ratio'], '.2f')} | "
                 f"{'—' if r['over_floor'] is None else format(r['over_floor'], '.2f')} | "
-                f"{_cell(r, 'ratio_plain')} | {_cell(r, 'ratio_asdl')} |"
+                f"{_cell(r, 'ratio_plain')} | {_cell(r, 'ratio_asdl')} | {_products(r, p)} |"
             )
         out.append("")
     out += _aims(rows)
@@ -540,6 +541,13 @@ def markdown(rows: list[dict], profiles: list[dict], machine: dict) -> str:
                 f"{p['plain_outside_ops_ms']:.1f} ms; {ops}"
             )
     return "\n".join(out).rstrip() + "\n"
+
+
+def _products(row: dict, plain: dict | None) -> str:
+    """fisherlab's counted products (FLOPs) over its plain step's."""
+    if row["kind"] != "fisherlab" or plain is None or not plain["gflop_counted"]:
+        return "—"
+    return f"{row['gflop_counted'] / plain['gflop_counted']:.2f}"
 
 
 def _label(row: dict) -> str:
