@@ -12,5 +12,5 @@ mkdir -p "$results"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$results/gpu_check_device.txt"
 # every test that takes the `device` fixture runs on cpu and cuda
 timeout 240 python -m pytest -q -k "device" tests/ 2>&1 | tee "$results/gpu_check_tests.txt" | tail -3
-timeout 240 python benchmarks/bench_optim.py --device cuda --models mlp 3c1f resnet \
-    --batch-sizes 128 512 --warmup 10 --steps 20 --rounds 1
+timeout 300 python benchmarks/bench_optim.py --device cuda --models mlp 3c1f resnet \
+    --batch-sizes 128 512 --rounds 3 --no-profile
