@@ -291,8 +291,11 @@ class KFAC(CurvatureOptimizer):
         self._reduce(held, stats, self.reduced)
 
     def _kron_block(self, held: BlockBuilder, group: dict, **given: Any) -> KronBlock:
-        """``Γ ⊗ Ω`` of the builder's state (``given``: its eigenbasis or inverses, if kept)."""
-        gamma, omega = held.factors()
+        """``Γ ⊗ Ω`` of the builder's state (``given``: its eigenbasis or inverses, if kept).
+
+        The block shares the builder's sums (no copy): it is used before the next ``add``.
+        """
+        gamma, omega = held.factors(shared=True)
         return KronBlock(
             held.layer, gamma, omega, self.fisher_type,
             {"damping_mode": group.get("damping_mode", "eigen")},
