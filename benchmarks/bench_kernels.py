@@ -7,7 +7,8 @@ identity matrix, full-matrix finiteness test and ``where``; the factor updates t
 allocating passes; the division of the factors by the running average's mass at every step;
 and the float64 copy of the Woodbury Gram shifted through an identity matrix. ``--factor-dtype
 float32`` times the new kernels with the factorisations in float32 (the optimizers'
-``eigen_dtype``) against the earlier ones in float64.
+``eigen_dtype``) against the earlier ones in float64; with ``--baseline float64`` against today's
+kernels in float64 (the speed of float32 factorisations alone).
 
 Models (as ``bench_optim.py``): ``mlp`` 784-512-256-10 and ``3c1f`` (3 conv + 1 FC) on 28×28
 inputs, batch 128, cross-entropy, one thread by default. For each model and optimizer two
@@ -21,6 +22,7 @@ float64 models) and the relative difference of their total parameter change is r
 
     python benchmarks/bench_kernels.py                 # ~10 min on one idle core
     python benchmarks/bench_kernels.py --models mlp --rounds 3 --block 10
+    python benchmarks/bench_kernels.py --kernels      # damped_inverse and the factor update alone
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 import warnings
@@ -177,21 +180,28 @@ def _setup(model_name: str, opt_name: str, dtype: torch.dtype, factor_dtype):
 
 
 def parameter_change(
-    model_name: str, opt_name: str, dtype: torch.dtype, which: str, steps: int, factor_dtype
+    model_name: str, opt_name: str, dtype: torch.dtype, kernels: str, steps: int, factor_dtype
 ) -> Tensor:
     """The parameters' total change over ``steps`` steps from the seeded start."""
-    model, step = _setup(model_name, opt_name, dtype, factor_dtype if which == "new" else None)
+    model, step = _setup(model_name, opt_name, dtype, factor_dtype)
     start = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    with variant(which):
+    with variant(kernels):
         for _ in range(steps):
             step()
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach() - start
 
 
-def relative_difference(model_name: str, opt_name: str, dtype, steps: int, factor_dtype) -> float:
-    old = parameter_change(model_name, opt_name, dtype, "old", steps, None)
+def relative_difference(
+    model_name: str, opt_name: str, dtype, steps: int, factor_dtype, baseline: str
+) -> float:
+    old = parameter_change(model_name, opt_name, dtype, _kernels(baseline), steps, None)
     new = parameter_change(model_name, opt_name, dtype, "new", steps, factor_dtype)
     return float((new - old).norm() / old.norm())
+
+
+def _kernels(baseline: str) -> str:
+    """The kernels of the baseline: the earlier ones, or today's with float64 factorisations."""
+    return "old" if baseline == "legacy" else "new"
 
 
 def time_pair(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
@@ -200,15 +210,16 @@ def time_pair(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
         "old": _setup(model_name, opt_name, torch.float32, None)[1],
         "new": _setup(model_name, opt_name, torch.float32, factor_dtype)[1],
     }
+    kernels = {"old": _kernels(args.baseline), "new": "new"}
     for which, step in steps.items():  # warm-up: one inverse/eigen update each
-        with variant(which):
+        with variant(kernels[which]):
             for _ in range(args.warmup):
                 step()
     ratios, blocks = [], {"old": [], "new": []}
     for r in range(args.rounds):
         order = ("old", "new") if r % 2 == 0 else ("new", "old")
         for which in order:
-            with variant(which):
+            with variant(kernels[which]):
                 start = time.perf_counter()
                 for _ in range(args.block):
                     steps[which]()
@@ -224,6 +235,69 @@ def time_pair(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
     }
 
 
+def kernel_rows(args: argparse.Namespace) -> list[dict]:
+    """The two kernels alone, old and new alternated call by call (float32 inputs).
+
+    ``damped_inverse`` of a ``D×D`` factor (float64 work) and one running-average update of
+    the factor sums from ``M`` rows (``KroneckerSums.add`` with weights ``(0.95, 0.05)``): the
+    sizes of the MLP's and 3C1F's largest factors.
+    """
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for size in (785, 3137):
+        a = torch.randn(2 * size, size, generator=generator)
+        factor = a.T @ a / (2 * size)
+
+        def run(which, factor=factor):
+            with variant(which):
+                return blocks_kfac.damped_inverse(factor, 1e-2)
+
+        rows.append(_alternate(f"damped_inverse D={size}", run, args.kernel_repeats))
+    for m, size in ((128, 785), (128, 3137), (6272, 577)):
+        A = torch.randn(m, 1, size, generator=generator)
+        G = torch.randn(1, m, 1, 64, generator=generator)
+        sums = {w: blocks_factors.KroneckerSums("expand", per_batch=True) for w in ("old", "new")}
+        for which, held in sums.items():
+            with variant(which):
+                held.add(A, G, 0.0, 1.0, normaliser=float(m))
+
+        def run(which, A=A, G=G, m=m, sums=sums):
+            with variant(which):
+                sums[which].add(A, G, 0.95, 0.05, normaliser=float(m))
+                return sums[which].factors(shared=True)
+
+        rows.append(_alternate(f"factor update M={m} D={size}", run, args.kernel_repeats))
+    return rows
+
+
+def _alternate(label: str, run: Callable[[str], object], repeats: int) -> dict:
+    """Median ``new ÷ old`` of ``repeats`` pairs of calls, alternating which goes first."""
+    ratios, times = [], {"old": [], "new": []}
+    out = {}
+    for r in range(repeats + 1):
+        pair = {}
+        for which in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            start = time.perf_counter()
+            out[which] = run(which)
+            pair[which] = time.perf_counter() - start
+        if r:  # the first pair warms up
+            ratios.append(pair["new"] / pair["old"])
+            for which in pair:
+                times[which].append(pair[which])
+    old, new = out["old"], out["new"]
+    old, new = (old, new) if isinstance(old, tuple) else ((old,), (new,))
+    difference = max(float((n - o).norm() / o.norm()) for o, n in zip(old, new, strict=True))
+    return {
+        "kernel": label,
+        "old_ms": 1e3 * statistics.median(times["old"]),
+        "new_ms": 1e3 * statistics.median(times["new"]),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "rel_diff": difference,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -234,25 +308,44 @@ def main() -> None:
     parser.add_argument("--check-steps", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--factor-dtype", choices=["float32", "float64"], default=None)
+    parser.add_argument(
+        "--baseline",
+        choices=["legacy", "float64"],
+        default="legacy",
+        help="old = the earlier kernels, or today's with float64 factorisations",
+    )
     parser.add_argument("--tag", default="", help="suffix of the results file")
+    parser.add_argument(
+        "--kernels", action="store_true", help="time the kernels alone (not the steps)"
+    )
+    parser.add_argument("--kernel-repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     factor_dtype = getattr(torch, args.factor_dtype) if args.factor_dtype else None
+    if args.kernels:
+        rows = kernel_rows(args)
+        print(format_table(rows))
+        RESULTS.mkdir(exist_ok=True)
+        save_table(rows, RESULTS / "bench_kernels_alone", meta={"load_average": os.getloadavg()})
+        return
     rows = []
     for model_name in args.models:
         for opt_name in args.optimizers:
             row = {"model": model_name, "optimizer": opt_name}
             for label, dtype in (("rel_diff_f32", torch.float32), ("rel_diff_f64", torch.float64)):
                 fdt = factor_dtype if dtype == torch.float32 else None
-                row[label] = relative_difference(model_name, opt_name, dtype, args.check_steps, fdt)
+                row[label] = relative_difference(
+                    model_name, opt_name, dtype, args.check_steps, fdt, args.baseline
+                )
             row.update(time_pair(model_name, opt_name, args))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(format_table(rows))
     RESULTS.mkdir(exist_ok=True)
     meta = {"threads": args.threads, "rounds": args.rounds, "block": args.block,
-            "factor_dtype": args.factor_dtype, "torch": torch.__version__}  # fmt: skip
+            "factor_dtype": args.factor_dtype, "baseline": args.baseline,
+            "torch": torch.__version__, "load_average": list(os.getloadavg())}  # fmt: skip
     name = "bench_kernels" + (f"_{args.tag}" if args.tag else "")
     save_table(rows, RESULTS / name, meta=meta)
 
