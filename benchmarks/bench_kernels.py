@@ -5,7 +5,8 @@ in one process, so both variants see the same machine load: ``damped_inverse`` w
 identity matrix, full-matrix finiteness test and ``where``; the factor updates that form
 ``ÃᵀÃ`` and ``GᵀG``, divide them by ``ν`` and blend them into the running average in separate
 allocating passes; the division of the factors by the running average's mass at every step;
-and the float64 copy of the Woodbury Gram shifted through an identity matrix. ``--factor-dtype
+the float64 copy of the Woodbury Gram shifted through an identity matrix; and the optimizers'
+copy of every builder entry after each update (now only the entries that changed). ``--factor-dtype
 float32`` times the new kernels with the factorisations in float32 (the optimizers'
 ``eigen_dtype``) against the earlier ones in float64; with ``--baseline float64`` against today's
 kernels in float64 (the speed of float32 factorisations alone).
@@ -47,6 +48,7 @@ from fisherlab.blocks import ekfac as blocks_ekfac
 from fisherlab.blocks import factors as blocks_factors
 from fisherlab.blocks import kfac as blocks_kfac
 from fisherlab.blocks import woodbury as blocks_woodbury
+from fisherlab.optim import kfac as optim_kfac
 from fisherlab.report import format_table, save_table
 
 RESULTS = Path(__file__).parent / "results"
@@ -132,6 +134,17 @@ def _legacy_gram_factor(self, damping):
     return chol
 
 
+def _legacy_mirror(self, name, held, changed=None):
+    state = self.layer_state[name]
+    for key in [k for k in state if k.startswith(optim_kfac.BUILDER)]:
+        del state[key]
+    mirror = {
+        k: v.clone() for k, v in held.state_dict().items() if k not in optim_kfac._NOT_MIRRORED
+    }
+    state.update({optim_kfac.BUILDER + k: v for k, v in mirror.items()})
+    self._mirrors[name] = mirror
+
+
 #: (owner, attribute, earlier version)
 LEGACY = [
     (blocks_kfac, "damped_inverse", _legacy_damped_inverse),
@@ -140,6 +153,7 @@ LEGACY = [
     (blocks_factors.KroneckerSums, "factors", _legacy_sums_factors),
     (blocks_ekfac, "kfe_squares", _legacy_kfe_squares),
     (blocks_woodbury.WoodburyBlock, "_gram_factor", _legacy_gram_factor),
+    (optim_kfac.KFAC, "_mirror", _legacy_mirror),
 ]
 
 

@@ -45,6 +45,7 @@ class EKFAC(KFAC):
     method = "ekfac"
     interval_name = "basis_update_freq"
     reduced: ClassVar[dict[str, str]] = {"factors.gg": "normaliser", "factors.aa": "samples"}
+    added_entries: ClassVar[tuple[str, ...]] = ("factors.",)
 
     def __init__(
         self,
@@ -100,7 +101,7 @@ class EKFAC(KFAC):
         held.basis, held.squares = (u_gamma, u_omega), WeightedSum()
         state = self.layer_state[name]
         state["basis_values_gamma"], state["basis_values_omega"] = l_gamma, l_omega
-        self._mirror(name, held)
+        self._mirror(name, held, ("u_gamma", "u_omega", "squares"))
 
     def _direction(
         self, name: str, layer: Layer, A: Tensor, G: Tensor, normaliser: float, grad: Tensor,
@@ -113,7 +114,7 @@ class EKFAC(KFAC):
             stats = LayerStats(A, G, normaliser)
             held.add_scalings(stats, *running_average_weights(new_basis, decay))
             self._reduce(held, stats, {"squares": "normaliser"})
-            self._mirror(name, held)
+            self._mirror(name, held, ("squares",))
         block = held.block()
         state = self.layer_state[name]  # the basis's eigenvalues: scalings pooled over null spaces
         s = pool_null_spaces(

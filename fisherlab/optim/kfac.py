@@ -86,6 +86,8 @@ class KFAC(CurvatureOptimizer):
     method = "kfac"
     #: The name of ``inv_update_freq`` in the constructor (messages).
     interval_name = "inv_update_freq"
+    #: Prefixes of the builder entries that :meth:`_add` changes (``None``: all).
+    added_entries: ClassVar[tuple[str, ...] | None] = None
     #: The builder entries averaged across ranks, with the weight of each rank's share.
     reduced: ClassVar[dict[str, str]] = {"gg": "normaliser", "aa": "samples"}
 
@@ -230,12 +232,24 @@ class KFAC(CurvatureOptimizer):
         for entry, share in names.items():
             live[entry].copy_(all_reduce_mean(live[entry], shares[share]))
 
-    def _mirror(self, name: str, held: BlockBuilder) -> None:
-        """Clones of the builder's state into ``layer_state[name]`` (``builder.<entry>``)."""
+    def _mirror(
+        self, name: str, held: BlockBuilder, changed: tuple[str, ...] | None = None
+    ) -> None:
+        """Clones of the builder's state into ``layer_state[name]`` (``builder.<entry>``).
+
+        ``changed``: prefixes of the entries the builder has changed since the last mirror
+        (``None``: all); the others keep their clones (no copy, and no new statistic for the
+        step's finiteness check).
+        """
         state = self.layer_state[name]
         for key in [k for k in state if k.startswith(BUILDER)]:
             del state[key]
-        mirror = {k: v.clone() for k, v in held.state_dict().items() if k not in _NOT_MIRRORED}
+        kept = self._mirrors.get(name) or {}
+        mirror = {
+            k: kept[k] if k in kept and not _among(k, changed) else v.clone()
+            for k, v in held.state_dict().items()
+            if k not in _NOT_MIRRORED
+        }
         state.update({BUILDER + k: v for k, v in mirror.items()})
         self._mirrors[name] = mirror
 
@@ -325,7 +339,7 @@ class KFAC(CurvatureOptimizer):
                 )
             if A is not None and self._statistics_step(name, group):
                 self._add(name, held, LayerStats(A, G, normaliser), group)
-                self._mirror(name, held)
+                self._mirror(name, held, self.added_entries)
                 self._updated.add(name)
             state, width = self.layer_state[name], layer.d_in + layer.has_bias
             key = self._basis_key(group)
@@ -397,6 +411,11 @@ class KFAC(CurvatureOptimizer):
                 vg = sums[id(groups[n])]
                 factors[n] = torch.clamp(torch.sqrt(clip / vg.abs().clamp_min(1e-30)), max=1.0)
         return factors
+
+
+def _among(key: str, prefixes: tuple[str, ...] | None) -> bool:
+    """Whether ``key`` starts with one of ``prefixes`` (every key for ``None``)."""
+    return prefixes is None or key.startswith(prefixes)
 
 
 def _basis_tensors(basis: KroneckerEigenbasis) -> tuple[Tensor, Tensor, Tensor, Tensor]:
