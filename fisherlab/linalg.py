@@ -60,36 +60,45 @@ def damped_inverse(
 ) -> Tensor:
     """``(M + shift·I)⁻¹`` of a symmetric PSD matrix by Cholesky, in ``dtype``.
 
-    Computed in float64 for float32 by default, returned in the matrix's dtype. Where the
-    shifted matrix is not positive definite (non-finite or overflowing entries) the result is
-    NaN, without a host synchronisation.
+    Computed in float64 for float32 by default, returned in the matrix's dtype. ``M`` is
+    symmetrised as ``(M + Mᵀ)/2`` (``M/2 + Mᵀ/2``: exact for float32 in float64) into one working
+    copy, whose diagonal is shifted in place. Where the shifted matrix is not positive definite
+    (non-finite or overflowing entries) the result is NaN, without a host synchronisation: a
+    NaN or infinity in ``M`` either stops the factorisation (``info > 0``) or reaches the
+    factor's diagonal (an infinite diagonal entry factors "fine"), so the ``n`` diagonal
+    entries of the factor are the one finiteness check.
     """
     work_dtype = dtype or (torch.float64 if matrix.dtype == torch.float32 else matrix.dtype)
-    work = matrix.to(work_dtype)
-    work = (work + work.T) / 2
-    shift = torch.as_tensor(shift, dtype=work_dtype, device=work.device)
-    work = work + shift * torch.eye(len(work), dtype=work_dtype, device=work.device)
+    work = torch.empty(matrix.shape, dtype=work_dtype, device=matrix.device)
+    torch.mul(matrix, 0.5, out=work)  # halving is exact: M/2 + Mᵀ/2 rounds as (M + Mᵀ)/2
+    work.add_(matrix.T, alpha=0.5)
+    work.diagonal().add_(torch.as_tensor(shift, dtype=work_dtype, device=work.device))
     chol, info = torch.linalg.cholesky_ex(work)
-    ok = (info == 0) & torch.isfinite(work).all()  # an infinite diagonal factors "fine"
-    inverse = torch.where(ok, torch.cholesky_inverse(chol), torch.nan)
-    return inverse.to(matrix.dtype)
+    del work
+    ok = (info == 0) & torch.isfinite(chol.diagonal()).all()
+    inverse = torch.cholesky_inverse(chol).to(matrix.dtype)
+    return inverse.masked_fill_(~ok, torch.nan)
 
 
-def gram_accumulate(rows: Tensor, out: Tensor, tile: int = 512, alpha: float = 1.0) -> Tensor:
-    """``out += alpha · rowsᵀ rows`` on the upper triangle of ``tile×tile`` blocks only.
+def gram_accumulate(
+    rows: Tensor, out: Tensor, tile: int = 512, alpha: float = 1.0, beta: float = 1.0
+) -> Tensor:
+    """``out ← beta·out + alpha · rowsᵀ rows`` on the upper triangle of ``tile×tile`` blocks only.
 
     Accumulate any number of batches of rows, then call :func:`mirror_upper` once. In place,
     without a ``P×P`` temporary; the product costs about ``(k+1)/(2k)`` of the full one for
-    ``k = ⌈P/tile⌉`` tiles.
+    ``k = ⌈P/tile⌉`` tiles. ``beta = 0`` ignores ``out``'s entries (NaN in an empty tensor
+    included).
 
     Args:
         rows: ``[M, P]``.
         out: ``[P, P]``, accumulated in place.
         tile: Column tile width.
         alpha: Weight of the product.
+        beta: Weight of ``out``'s upper tiles before the product.
     """
     p = rows.shape[1]
-    weight = {} if alpha == 1 else {"alpha": alpha}
+    weight = {} if alpha == 1 and beta == 1 else {"alpha": alpha, "beta": beta}
     if p <= tile:
         return out.addmm_(rows.T, rows, **weight)
     for i in range(0, p, tile):

@@ -49,7 +49,7 @@ from fisherlab.conventions import (
     check_range,
 )
 from fisherlab.layers import Layer
-from fisherlab.linalg import sample_chunks
+from fisherlab.linalg import gram_accumulate, mirror_upper, sample_chunks
 
 #: Every method, by name: filled in by defining a :class:`CurvatureBlock` subclass.
 REGISTRY: dict[str, type[CurvatureBlock]] = {}
@@ -209,17 +209,44 @@ class WeightedSum:
         self.value: Tensor | None = None
         self.mass = 0.0
 
-    def add(self, x: Tensor, old_weight: float = 1.0, new_weight: float = 1.0) -> None:
-        """``S ← α S + β x`` in place; ``x`` is taken over (it must not be used elsewhere)."""
+    def add(
+        self, x: Tensor, old_weight: float = 1.0, new_weight: float = 1.0, scale: float = 1.0
+    ) -> None:
+        """``S ← α S + β·scale·x`` in place; ``x`` is taken over (it must not be used elsewhere).
+
+        ``scale`` multiplies ``x`` in the same pass (a normalisation such as ``1/ν_b``); unlike
+        ``β`` it is not counted in the mass.
+        """
+        weight = new_weight * scale
         if self.value is None or old_weight == 0:
-            self.value = x if new_weight == 1 else x.mul_(new_weight)
+            self.value = x if weight == 1 else x.mul_(weight)
         else:
             if old_weight != 1:
                 self.value.mul_(old_weight)
-            if new_weight == 1:
+            if weight == 1:
                 self.value.add_(x)
             else:
-                self.value.add_(x, alpha=new_weight)
+                self.value.add_(x, alpha=weight)
+        self.mass = old_weight * self.mass + new_weight
+
+    def add_gram(
+        self, rows: Tensor, old_weight: float = 1.0, new_weight: float = 1.0, scale: float = 1.0
+    ) -> None:
+        """``S ← α S + β·scale·rowsᵀrows`` for ``rows: [M, P]``: one pass over ``S``.
+
+        The weights are folded into the products (``addmm``'s ``beta`` and ``alpha``), computed
+        on the upper triangle of tiles and mirrored
+        (:func:`~fisherlab.linalg.gram_accumulate`): no ``P×P`` temporary, about
+        ``(k+1)/(2k)`` of the full product for ``k`` tiles.
+        """
+        weight = new_weight * scale
+        if self.value is None or old_weight == 0:
+            size = rows.shape[1]
+            self.value = rows.new_empty(size, size)
+            gram_accumulate(rows, self.value, alpha=weight, beta=0.0)
+        else:
+            gram_accumulate(rows, self.value, alpha=weight, beta=old_weight)
+        mirror_upper(self.value)
         self.mass = old_weight * self.mass + new_weight
 
     def state(self, prefix: str) -> dict[str, Tensor | None]:

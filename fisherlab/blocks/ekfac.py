@@ -50,7 +50,7 @@ def kfe_squares(A: Tensor, G: Tensor, u_gamma: Tensor, u_omega: Tensor) -> Tenso
     row = G.shape[0] * u_gamma.shape[0] * u_omega.shape[0]
     for chunk in sample_chunks(A.shape[0], row):
         rotated = outer_rows(G_rot[:, chunk], A_rot[chunk])
-        s += (rotated**2).sum(dim=(0, 1))
+        s += rotated.square_().sum(dim=(0, 1))
     return s
 
 
@@ -188,9 +188,7 @@ class EKFACBuilder(BlockBuilder):
         A = self.layer.kron_inputs(stats.A)
         u_gamma, u_omega = (u.to(A) for u in self.basis)
         part = kfe_squares(A, stats.G, u_gamma, u_omega)
-        if self.per_batch:
-            part = part / stats.normaliser
-        self.squares.add(part, old_weight, new_weight)
+        self.squares.add(part, old_weight, new_weight, self.batch_scale(stats))
 
     def update_basis(self, normaliser: float | None = None) -> None:
         """Basis ← the eigenbasis of the current factors' KFAC block; the scalings restart.

@@ -89,25 +89,31 @@ class KroneckerSums:
     ) -> None:
         """Add a batch's ``A [N_b, T, D]`` and ``G [R, N_b, T, d_out]`` (``ν_b = normaliser``)."""
         a, g = _factor_rows(A, G, self.approx)
-        aa, gg = a.T @ a, g.T @ g
         count = a.shape[0]
-        if self.per_batch:
-            aa, gg, count = aa / count, gg / normaliser, 1
-        self.aa.add(aa, old_weight, new_weight)
-        self.gg.add(gg, old_weight, new_weight)
+        scale_a, scale_g = (1.0, 1.0)
+        if self.per_batch:  # folded into the products' weights: one pass over each sum
+            scale_a, scale_g, count = 1.0 / count, 1.0 / normaliser, 1
+        self.aa.add_gram(a, old_weight, new_weight, scale_a)
+        self.gg.add_gram(g, old_weight, new_weight, scale_g)
         self.count = (0.0 if old_weight == 0 else old_weight * self.count) + new_weight * count
 
     def factors(
         self,
         normaliser: float | None = None,
         all_reduce: Callable[[Tensor], Tensor] = lambda t: t,
+        shared: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``(Γ, Ω)`` of the state (sums all-reduced over ranks unless per batch).
 
         Unnormalised: ``Γ = S_gg/ν`` (``ν = normaliser``, the data's) and ``Ω = S_aa/S_c``;
         per batch: ``Γ = S_gg/W`` and ``Ω = S_aa/W``. The sums are left as they are.
+
+        ``shared``: per batch with mass ``W = 1`` (the optimizers' running average), the sums
+        themselves, without a copy; they change with the next :meth:`add`.
         """
         if self.per_batch:
+            if shared and self.count == 1:
+                return self.gg.value, self.aa.value
             return self.gg.value / self.count, self.aa.value / self.count
         count = all_reduce(torch.tensor([float(self.count)], dtype=torch.float64)).item()
         return all_reduce(self.gg.value) / normaliser, all_reduce(self.aa.value) / count

@@ -102,12 +102,18 @@ class KFACBuilder(BlockBuilder):
         A = self.layer.kron_inputs(stats.A)
         self.sums.add(A, stats.G, old_weight, new_weight, stats.normaliser)
 
-    def factors(self, normaliser: float | None = None) -> tuple[Tensor, Tensor]:
-        """``(Γ, Ω)`` of the state (``normaliser``: as :meth:`block`)."""
+    def factors(
+        self, normaliser: float | None = None, shared: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``(Γ, Ω)`` of the state (``normaliser``: as :meth:`block`).
+
+        ``shared``: as :meth:`~fisherlab.blocks.factors.KroneckerSums.factors` (a running
+        average of mass 1 gives its sums, which the next :meth:`add` changes in place).
+        """
         self._require(not self.sums.empty)
         if self.per_batch:
             self.divisor(normaliser, self.sums.count)  # refuses a normaliser
-            return self.sums.factors()
+            return self.sums.factors(shared=shared)
         return self.sums.factors(self.divisor(normaliser, 0.0), self.context.all_reduce)
 
     def block(self, normaliser: float | None = None) -> KronBlock:

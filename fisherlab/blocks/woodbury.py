@@ -414,11 +414,8 @@ class WoodburyBlock(CurvatureBlock):
         cached = self.__dict__.get("_cholesky")
         if cached is not None and cached[0] == damping:
             return cached[1]
-        k = self.gram
-        work = k.double() if k.dtype != torch.float64 else k
-        system = work + self.normaliser * damping * torch.eye(
-            len(work), dtype=work.dtype, device=work.device
-        )
+        system = self.gram.to(torch.float64, copy=True)  # shifted in place: no identity
+        system.diagonal().add_(self.normaliser * damping)
         chol, info = torch.linalg.cholesky_ex(system)
         # λ > 0 makes it positive definite unless the Gram overflowed: then NaN, which every
         # solve carries into its result (no host synchronisation to test ``info``)

@@ -139,7 +139,7 @@ class KFAC(BuilderOptimizer):
 
     def _kron_block(self, held: BlockBuilder, group: dict, **given: Any) -> KronBlock:
         """``Γ ⊗ Ω`` of the builder's state (``given``: its eigenbasis or inverses, if kept)."""
-        gamma, omega = held.factors()
+        gamma, omega = held.factors(shared=True)
         return KronBlock(
             held.layer, gamma, omega, self.fisher_type,
             {"damping_mode": group.get("damping_mode", "eigen")},
